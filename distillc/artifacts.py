@@ -1,0 +1,159 @@
+"""The typed artifacts that flow between passes, and how each is stored in the cache.
+
+Every artifact saves itself into a directory and loads back from one.  Nothing is pickled:
+torch weights go to safetensors next to a JSON recipe that rebuilds the module through the
+student/teacher registries; ONNX models and bundles are files.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from distillc.plugin_manager import Plugins
+
+
+class Artifact(abc.ABC):
+    """Base of every artifact type; ``kind`` is the name shown in plans and errors.
+
+    The cache records the class by import path, so a plugin's own artifact types load back
+    without any registration.
+    """
+
+    kind: ClassVar[str] = "Artifact"
+
+    @abc.abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write the artifact into the (new, empty) cache entry ``directory``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, directory: Path) -> "Artifact":
+        """Read an artifact back from a cache entry written by :meth:`save`."""
+
+    def describe(self) -> dict[str, Any]:
+        """A small JSON-able summary for report.json."""
+        return {"kind": self.kind}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class TorchModel(Artifact):
+    """A PyTorch model as (role, arch, options) + a state dict.
+
+    ``role`` is ``"student"`` or ``"teacher"`` and picks the registry whose builder rebuilds the
+    module: ``builder(**options)``.  ``meta`` carries facts later passes need (image size,
+    embedding width, parameter count).
+    """
+
+    kind: ClassVar[str] = "TorchModel"
+    role: str
+    arch: str
+    options: dict[str, Any]
+    state: dict[str, "torch.Tensor"]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_module(cls, module: "torch.nn.Module", *, role: str, arch: str, options: dict[str, Any],
+                    meta: dict[str, Any] | None = None) -> "TorchModel":
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+        return cls(role=role, arch=arch, options=dict(options), state=state, meta=dict(meta or {}))
+
+    def build(self, plugins: "Plugins") -> "torch.nn.Module":
+        """Rebuild the module (on CPU, eval mode) with this artifact's weights."""
+        registry = plugins.students if self.role == "student" else plugins.teachers
+        module = registry.get(self.arch)(**self.options)
+        module.load_state_dict(self.state, strict=True)
+        return module.eval()
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.state, str(directory / "model.safetensors"))
+        _write_json(directory / "model.json",
+                    {"role": self.role, "arch": self.arch, "options": self.options, "meta": self.meta})
+
+    @classmethod
+    def load(cls, directory: Path) -> "TorchModel":
+        from safetensors.torch import load_file
+
+        info = json.loads((directory / "model.json").read_text())
+        state = load_file(str(directory / "model.safetensors"))
+        return cls(role=info["role"], arch=info["arch"], options=info["options"], state=state,
+                   meta=info.get("meta", {}))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "role": self.role, "arch": self.arch, "options": self.options,
+                "meta": self.meta}
+
+
+@dataclass
+class FileArtifact(Artifact):
+    """An artifact that is one file (``filename`` inside the cache entry) plus JSON metadata."""
+
+    filename: ClassVar[str] = "artifact.bin"
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: Path) -> None:
+        shutil.copyfile(self.path, directory / self.filename)
+        _write_json(directory / "meta.json", self.meta)
+
+    @classmethod
+    def load(cls, directory: Path) -> "FileArtifact":
+        return cls(path=directory / cls.filename, meta=json.loads((directory / "meta.json").read_text()))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "file": self.filename, "meta": self.meta}
+
+
+@dataclass
+class OnnxModel(FileArtifact):
+    """An ONNX model file: float, or QCDQ as Brevitas exports it."""
+
+    kind: ClassVar[str] = "OnnxModel"
+    filename: ClassVar[str] = "model.onnx"
+
+
+@dataclass
+class Bundle(Artifact):
+    """The compiler's product: a directory of C sources, build files and ``manifest.json``."""
+
+    kind: ClassVar[str] = "Bundle"
+    path: Path
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.path / "manifest.json").read_text())
+
+    def save(self, directory: Path) -> None:
+        shutil.copytree(self.path, directory / "bundle")
+
+    @classmethod
+    def load(cls, directory: Path) -> "Bundle":
+        return cls(path=directory / "bundle")
+
+
+def artifact_class_path(cls: type[Artifact]) -> str:
+    """``module:QualName`` of an artifact class, as stored in ``run.json``."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_artifact_class(path: str) -> type[Artifact]:
+    """Inverse of :func:`artifact_class_path`."""
+    module, _, name = path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Artifact)):
+        raise TypeError(f"{path} is not an Artifact class")
+    return cls

@@ -1,0 +1,243 @@
+"""The ``distillc`` command line: one typer app, thin commands over the library API.
+
+Exit status: 0 success, 2 user error (one line per problem), 1 internal error (short report;
+``--debug`` shows the traceback).  Heavy libraries are imported inside the passes, so ``--help``
+and ``validate`` stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distillc import __version__
+from distillc.errors import DistillcError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="distillc: distil frozen teachers into tiny students and compile them to MCU C bundles.")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"distillc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def handled(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn errors into exit statuses: DistillcError -> 2, anything else -> 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except DistillcError as exc:
+            if _state["debug"]:
+                err.print(traceback.format_exc(), markup=False)
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                err.print(f"[bold red]error:[/] {_escape(line)}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]: finished epochs are checkpointed; run the same command to resume")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if _state["debug"]:
+                err.print(traceback.format_exc(), markup=False)
+            else:
+                frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+                where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+                err.print(f"[bold red]internal error:[/] {_escape(str(exc))}{where}")
+                err.print("this is a bug in distillc or a plugin; rerun with --debug for the traceback")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", "\\[")
+
+
+def _load(spec_path: Path) -> tuple[Any, Any]:
+    from distillc.plugin_manager import load_plugins
+    from distillc.spec import load_spec
+
+    plugins = load_plugins()
+    return plugins, load_spec(spec_path, plugins)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+@app.command()
+@handled
+def validate(spec: Path = typer.Argument(..., help="The spec file (spec.toml).")) -> None:
+    """Check a spec without running anything."""
+    _, resolved = _load(spec)
+    out.print(f"{spec}: valid ({len(resolved.passes)} passes, target {resolved.file.target.use!r})")
+
+
+@app.command()
+@handled
+def plan(spec: Path = typer.Argument(..., help="The spec file (spec.toml)."),
+         workdir: Optional[Path] = typer.Option(None, help="Work directory (default build/<name>/ beside the spec).")) -> None:
+    """Print the resolved passes, their artifact types and what is cached."""
+    from distillc.pipeline import build_plan
+
+    plugins, resolved = _load(spec)
+    the_plan = build_plan(resolved, plugins, workdir=workdir)
+    table = Table(title=f"plan for {resolved.name}")
+    for column in ("#", "step", "takes", "makes", "from", "cache"):
+        table.add_column(column)
+    for i, step in enumerate(the_plan.steps):
+        d = step.describe()
+        table.add_row(str(i + 1), d["id"], d["takes"], d["makes"], d["source"],
+                      "[green]cached[/]" if step.cached else "will run")
+    out.print(table)
+    out.print(f"cache: {the_plan.store.root}")
+
+
+@app.command("compile")
+@handled
+def compile_(
+    spec: Path = typer.Argument(..., help="The spec file (spec.toml)."),
+    workdir: Optional[Path] = typer.Option(None, help="Work directory (default build/<name>/ beside the spec)."),
+    force: Optional[str] = typer.Option(None, help="Re-run this step and every step after it."),
+    until: Optional[str] = typer.Option(None, help="Stop after this step."),
+) -> None:
+    """Run the spec's plan; the last line ends with the bundle's path (or the work directory)."""
+    from distillc.pipeline import build_plan, run_plan
+    from distillc.progress import RichProgress
+
+    plugins, resolved = _load(spec)
+    the_plan = build_plan(resolved, plugins, workdir=workdir)
+    result = run_plan(the_plan, plugins, progress=RichProgress(out), force=force, until=until)
+    _print_summary(result.report)
+    label = "bundle" if "bundle" in result.outputs else "workdir"
+    out.print(f"{label}: {result.final_path}")
+
+
+@app.command()
+@handled
+def passes() -> None:
+    """List every registered pass and the plugin it came from."""
+    from distillc.plugin_manager import load_plugins
+
+    plugins = load_plugins()
+    table = Table(title="passes")
+    for column in ("pass", "takes", "makes", "plugin", "description"):
+        table.add_column(column)
+    for entry in plugins.passes:
+        cls = entry.obj
+        table.add_row(entry.name, cls.takes_names(), cls.makes.kind,
+                      f"{entry.plugin} ({plugins.origin(entry.plugin)})", cls.description)
+    out.print(table)
+
+
+@app.command()
+@handled
+def targets() -> None:
+    """List every registered target and the plugin it came from."""
+    from distillc.plugin_manager import load_plugins
+
+    plugins = load_plugins()
+    table = Table(title="targets")
+    for column in ("target", "backend passes", "plugin", "description"):
+        table.add_column(column)
+    for entry in plugins.targets:
+        cls = entry.obj
+        backend = " -> ".join(name for name, _ in cls(cls.Config()).backend_passes())
+        table.add_row(entry.name, backend, f"{entry.plugin} ({plugins.origin(entry.plugin)})", cls.description)
+    out.print(table)
+
+
+@app.command()
+@handled
+def inspect(bundle: Path = typer.Argument(..., help="A bundle directory (with manifest.json).")) -> None:
+    """Show a bundle's manifest as tables: memory, input/output, layers, dims."""
+    manifest_path = bundle / "manifest.json"
+    if not manifest_path.is_file():
+        raise DistillcError(f"{bundle}: not a bundle (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    io = Table(title="input / output")
+    for column in ("tensor", "shape", "dtype", "scale", "zero point"):
+        io.add_column(column)
+    for name in ("input", "output"):
+        t = manifest.get(name, {})
+        io.add_row(name, str(t.get("shape")), str(t.get("dtype")), str(t.get("scale")), str(t.get("zero_point")))
+    out.print(io)
+    memory = Table(title="memory")
+    memory.add_column("item")
+    memory.add_column("bytes", justify="right")
+    for key, value in manifest.get("memory", {}).items():
+        memory.add_row(key, str(value))
+    out.print(memory)
+    layers = manifest.get("layers", [])
+    if layers:
+        table = Table(title=f"layers ({len(layers)})")
+        columns = [c for c in ("name", "op", "input_shape", "output_shape", "macs", "weight_bytes") if c in layers[0]]
+        for column in columns:
+            table.add_column(column)
+        for layer in layers:
+            table.add_row(*(str(layer.get(c, "")) for c in columns))
+        out.print(table)
+    if manifest.get("matryoshka_dims"):
+        out.print(f"Matryoshka dims: {manifest['matryoshka_dims']}")
+
+
+# -- summary ----------------------------------------------------------------------------------
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    table = Table(title=f"distillc compile: {report['name']}")
+    for column in ("step", "status", "seconds", "metrics"):
+        table.add_column(column)
+    for row in report["plan"]:
+        metrics = report["metrics"].get(row["id"], {})
+        table.add_row(row["id"], row["status"], f"{row['seconds']:.1f}", _format_metrics(metrics))
+    out.print(table)
+    for name, path in report["outputs"].items():
+        out.print(f"{name}: {path}")
+    out.print(f"report: {Path(report['workdir']) / 'report.json'}  ({report['total_seconds']:.1f} s)")
+
+
+def _format_metrics(metrics: dict[str, Any], prefix: str = "") -> str:
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            inner = _format_metrics(value, prefix=f"{prefix}{key}.")
+            if inner:
+                parts.append(inner)
+        elif isinstance(value, float):
+            parts.append(f"{prefix}{key}={value:.4g}")
+        elif isinstance(value, (int, str)) and len(str(value)) < 60:
+            parts.append(f"{prefix}{key}={value}")
+    return "  ".join(parts)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="distillc")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

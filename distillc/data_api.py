@@ -1,0 +1,27 @@
+"""What a dataset plugin registers: a loader and a cheap fingerprint of what it would load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A named source of images (``[data] source = "<name>"``).
+
+    ``load(image_size=, val_fraction=, seed=, path=, channels=)`` returns
+    ``distillc.plugins.data.DataSplits``; ``fingerprint`` takes the same keywords and returns a
+    string that changes whenever the loaded data would (it enters cache keys, so it must be cheap:
+    file sizes and modification times, not contents).
+    """
+
+    name: str
+    load: Callable[..., Any]
+    fingerprint: Callable[..., str]
+    needs_path: bool = False
+    description: str = ""
+
+    def describe_path(self, path: Path | None) -> str:
+        return str(path) if path is not None else "(built in)"

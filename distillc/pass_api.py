@@ -1,0 +1,126 @@
+"""The one Pass protocol: every step of a compile, built-in or third-party, is a Pass.
+
+A pass is a small class with a name, a version, a pydantic ``Config`` (its spec keys), the
+artifact type it ``takes`` and the one it ``makes``, and ``run``.  It knows nothing about the
+cache, the CLI or progress rendering: the pipeline hands it a :class:`PassContext`.
+
+Reading order of a pass file: config, then ``run``, then helpers.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from distillc.artifacts import Artifact
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distillc.plugin_manager import Plugins
+    from distillc.progress import ProgressReporter
+    from distillc.spec import Spec
+
+
+class PassConfig(BaseModel):
+    """Base of every pass's config: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: its output artifact and the metrics it measured (JSON-able)."""
+
+    artifact: Artifact
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(abc.ABC):
+    """Base class of every pass.
+
+    Class attributes a pass sets:
+
+    - ``name``: the name a spec uses (``use = "distill.feature"``).
+    - ``version``: bump it when the output for the same input and config changes; it is part of
+      the cache key.
+    - ``Config``: a :class:`PassConfig` subclass describing the pass's spec keys.
+    - ``takes`` / ``makes``: artifact types; ``takes = None`` for a source (first) pass.
+    - ``uses_data``: whether the dataset's fingerprint belongs in the cache key.
+    - ``tools``: distributions whose versions belong in the cache key (e.g. ``("torch",)``).
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    takes: ClassVar[type[Artifact] | tuple[type[Artifact], ...] | None] = None
+    makes: ClassVar[type[Artifact]]
+    uses_data: ClassVar[bool] = False
+    tools: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: PassConfig):
+        self.config = config
+
+    def teachers(self) -> list[str]:
+        """Names of the spec's teachers this pass reads (their artifacts enter its cache key).
+
+        The default reads a ``teacher`` (str) or ``teachers`` (list) config key.
+        """
+        single = getattr(self.config, "teacher", None)
+        many = getattr(self.config, "teachers", None)
+        names = ([single] if isinstance(single, str) else []) + (list(many) if isinstance(many, list) else [])
+        return names
+
+    @abc.abstractmethod
+    def run(self, artifact: Artifact | None, ctx: "PassContext") -> PassResult:
+        """Map the input artifact (None for a source pass) to a :class:`PassResult`."""
+
+    @classmethod
+    def takes_names(cls) -> str:
+        if cls.takes is None:
+            return "-"
+        types = cls.takes if isinstance(cls.takes, tuple) else (cls.takes,)
+        return " | ".join(t.kind for t in types)
+
+    @classmethod
+    def accepts(cls, artifact_type: type[Artifact] | None) -> bool:
+        if cls.takes is None or artifact_type is None:
+            return cls.takes is None and artifact_type is None
+        types = cls.takes if isinstance(cls.takes, tuple) else (cls.takes,)
+        return any(issubclass(artifact_type, t) for t in types)
+
+
+@dataclass
+class PassContext:
+    """Everything a running pass may use besides its input artifact.
+
+    ``teachers`` maps each teacher name the pass asked for to its loaded artifact.  ``scratch`` is
+    an empty directory the pass may write to (files an artifact points at are copied into the
+    cache).  ``checkpoint_dir`` survives an interrupted run so training resumes from the last
+    finished epoch.
+    """
+
+    spec: "Spec"
+    plugins: "Plugins"
+    progress: "ProgressReporter"
+    scratch: Path
+    checkpoint_dir: Path
+    workdir: Path
+    step_id: str
+    load_data: Callable[[], Any]
+    teachers: dict[str, Artifact] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.spec.distillc.seed
+
+    @property
+    def data(self) -> Any:
+        """The dataset splits (loaded on first use and shared by every pass of a compile)."""
+        return self.load_data()
+
+    def log(self, message: str) -> None:
+        self.progress.log(f"[{self.step_id}] {message}")

@@ -1,0 +1,364 @@
+"""Plans and runs: spec -> typed list of steps -> artifacts in the cache -> report.json.
+
+A :class:`Plan` is the resolved list of steps: one per teacher (trained or loaded), the student
+source, the spec's ``[[passes]]``, then the target's backend passes.  Teacher steps are side
+inputs; the rest form the main flow, each step taking the artifact the previous one made.
+Types are checked and cache keys computed when the plan is built, before anything runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distillc import __version__
+from distillc.artifacts import Artifact, Bundle, OnnxModel
+from distillc.cache import ArtifactStore, cache_key
+from distillc.errors import DistillcError, PluginError, SpecError
+from distillc.pass_api import Pass, PassContext, PassResult
+from distillc.plugin_manager import Plugins
+from distillc.progress import ProgressReporter, SilentProgress
+from distillc.spec import Spec
+
+CACHE_ENV = "DISTILLC_CACHE"
+
+
+@dataclass
+class Step:
+    """One planned pass run."""
+
+    id: str
+    pass_: Pass
+    source: str
+    flow: bool
+    input_id: str | None = None
+    teacher_ids: dict[str, str] = field(default_factory=dict)
+    key: str = ""
+    cached: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.pass_.name
+
+    def describe(self) -> dict[str, Any]:
+        cls = type(self.pass_)
+        return {"id": self.id, "pass": cls.name, "version": cls.version, "source": self.source,
+                "takes": cls.takes_names(), "makes": cls.makes.kind, "key": self.key}
+
+
+@dataclass
+class Plan:
+    """The resolved steps of one spec, in execution order."""
+
+    spec: Spec
+    steps: list[Step]
+    workdir: Path
+    store: ArtifactStore
+
+    def step(self, step_id: str, *, option: str) -> Step:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise SpecError(f"{option}: unknown pass {step_id!r} in this plan; valid: "
+                        + ", ".join(s.id for s in self.steps))
+
+    def index(self, step_id: str) -> int:
+        return next(i for i, s in enumerate(self.steps) if s.id == step_id)
+
+
+class InternalPassError(Exception):
+    """A pass raised something other than a DistillcError: a bug, reported with the pass's id."""
+
+    def __init__(self, step_id: str, exc: BaseException):
+        self.step_id = step_id
+        super().__init__(f"pass {step_id!r} crashed: {type(exc).__name__}: {exc}")
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+
+def default_workdir(spec: Spec) -> Path:
+    return spec.root / "build" / spec.name
+
+
+def default_store(spec: Spec) -> ArtifactStore:
+    root = os.environ.get(CACHE_ENV)
+    return ArtifactStore(Path(root) if root else spec.root / ".distillc-cache")
+
+
+def build_plan(spec: Spec, plugins: Plugins, *, workdir: Path | None = None,
+               store: ArtifactStore | None = None) -> Plan:
+    """Resolve the steps, check types, compute cache keys and cache status."""
+    store = store or default_store(spec)
+    steps: list[Step] = []
+    for teacher in spec.teachers:
+        steps.append(_teacher_step(spec, plugins, teacher.name))
+    steps.append(_student_step(spec, plugins))
+    used_ids = {s.id for s in steps}
+    for sp in spec.passes:
+        steps.append(Step(id=_unique(sp.name, used_ids), pass_=sp.cls(sp.config), source=sp.path, flow=True))
+    target = spec.target_cls(spec.target_config)
+    listed = {sp.name for sp in spec.passes}
+    for name, options in target.backend_passes():
+        if name in listed:
+            continue
+        cls = plugins.passes.get(name, path=f"target {target.name!r} backend pass")
+        try:
+            config = cls.Config.model_validate(options)
+        except Exception as exc:
+            raise PluginError(f"target {target.name!r} gives pass {name!r} an invalid config: {exc}") from exc
+        steps.append(Step(id=_unique(name, used_ids), pass_=cls(config), source=f"target {target.name}", flow=True))
+
+    _link_and_check(steps, spec)
+    data_fp = _data_fingerprint_once(spec, plugins)
+    keys: dict[str, str] = {}
+    for step in steps:
+        step.key = cache_key(_key_payload(step, keys, data_fp, spec))
+        keys[step.id] = step.key
+        step.cached = store.has(step.key)
+    return Plan(spec=spec, steps=steps, workdir=Path(workdir) if workdir else default_workdir(spec), store=store)
+
+
+def _unique(name: str, used: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{name}#{n}"
+    used.add(candidate)
+    return candidate
+
+
+def _teacher_step(spec: Spec, plugins: Plugins, name: str) -> Step:
+    teacher = spec.teacher(name)
+    common = {"arch": teacher.arch, "options": spec.teacher_options.get(name, {}),
+              "image_size": spec.data.image_size, "channels": spec.data.channels}
+    if teacher.train is not None:
+        cls = plugins.passes.get("teacher.train")
+        config = cls.Config(**common, **teacher.train.model_dump())
+    else:
+        cls = plugins.passes.get("teacher.load")
+        path = spec.resolve(teacher.checkpoint)
+        config = cls.Config(**common, checkpoint=str(path), sha256=file_sha256(path))
+    return Step(id=f"teacher:{name}", pass_=cls(config), source=f"teachers.{name}", flow=False)
+
+
+def _student_step(spec: Spec, plugins: Plugins) -> Step:
+    student = spec.student
+    if student.onnx is not None:
+        cls = plugins.passes.get("student.onnx")
+        path = spec.resolve(student.onnx)
+        config = cls.Config(path=str(path), sha256=file_sha256(path))
+    else:
+        cls = plugins.passes.get("student.init")
+        checkpoint = spec.resolve(student.checkpoint)
+        config = cls.Config(arch=student.arch, options=spec.student_options, image_size=spec.data.image_size,
+                            channels=spec.data.channels,
+                            checkpoint=str(checkpoint) if checkpoint else None,
+                            checkpoint_sha256=file_sha256(checkpoint) if checkpoint else None)
+    return Step(id="student", pass_=cls(config), source="student", flow=True)
+
+
+def _link_and_check(steps: list[Step], spec: Spec) -> None:
+    """Connect each flow step to the previous one and check the artifact types agree."""
+    teacher_ids = {t.name: f"teacher:{t.name}" for t in spec.teachers}
+    previous: Step | None = None
+    for step in steps:
+        step.teacher_ids = {name: teacher_ids[name] for name in step.pass_.teachers()}
+        if not step.flow:
+            continue
+        cls = type(step.pass_)
+        made = type(previous.pass_).makes if previous else None
+        if previous is not None and not cls.accepts(made):
+            raise SpecError(
+                f"{step.source}: pass {step.id!r} takes {cls.takes_names()}, but the pass before it, "
+                f"{previous.id!r} ({previous.source}), makes {made.kind}")
+        step.input_id = previous.id if previous else None
+        previous = step
+
+
+def _data_fingerprint_once(spec: Spec, plugins: Plugins) -> Any:
+    return functools.cache(lambda: spec.data_fingerprint(plugins))
+
+
+def _key_payload(step: Step, keys: dict[str, str], data_fp: Any, spec: Spec) -> dict[str, Any]:
+    cls = type(step.pass_)
+    versions = {"distillc": __version__}
+    for tool in cls.tools:
+        versions[tool] = _dist_version(tool)
+    return {
+        "pass": cls.name,
+        "version": cls.version,
+        "config": step.pass_.config.model_dump(mode="json"),
+        "input": keys.get(step.input_id) if step.input_id else None,
+        "teachers": {n: keys[tid] for n, tid in sorted(step.teacher_ids.items())},
+        "data": data_fp() if cls.uses_data else None,
+        "seed": spec.distillc.seed,
+        "versions": versions,
+    }
+
+
+@functools.cache
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not-installed"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CompileResult:
+    """What a compile produced: the report (also written to report.json) and the final artifact."""
+
+    plan: Plan
+    report: dict[str, Any]
+    ran: list[str]
+    artifact: Artifact | None
+    outputs: dict[str, str]
+
+    @property
+    def final_path(self) -> Path:
+        if "bundle" in self.outputs:
+            return Path(self.outputs["bundle"])
+        return self.plan.workdir
+
+
+def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None = None,
+             force: str | None = None, until: str | None = None) -> CompileResult:
+    """Run every step that is not cached (or forced); stop after ``until`` if given."""
+    progress = progress or SilentProgress()
+    spec, store = plan.spec, plan.store
+    forced_from = plan.index(plan.step(force, option="--force").id) if force else None
+    stop_at = plan.index(plan.step(until, option="--until").id) if until else len(plan.steps) - 1
+    plan.workdir.mkdir(parents=True, exist_ok=True)
+    load_data = functools.cache(lambda: spec.load_data(plugins))
+    artifacts: dict[str, Artifact] = {}
+
+    def artifact_of(step_id: str) -> Artifact:
+        if step_id not in artifacts:
+            artifacts[step_id] = store.load(plan.step(step_id, option="plan").key)
+        return artifacts[step_id]
+
+    started = time.perf_counter()
+    ran: list[str] = []
+    rows: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {}
+    for index, step in enumerate(plan.steps[: stop_at + 1]):
+        forced = forced_from is not None and index >= forced_from
+        cached = step.cached and not forced
+        plugins.hook.distillc_pass_started(step=step, context=None)
+        t0 = time.perf_counter()
+        if cached:
+            record = store.record(step.key)
+            result_metrics = record.get("metrics", {})
+            result = None
+        else:
+            result = _run_step(step, plan, plugins, progress, artifact_of, load_data, forced)
+            artifacts[step.id] = result.artifact
+            result_metrics = result.metrics
+            ran.append(step.id)
+        seconds = time.perf_counter() - t0
+        plugins.hook.distillc_pass_finished(step=step, context=None, result=result, seconds=seconds, cached=cached)
+        metrics[step.id] = result_metrics
+        rows.append({**step.describe(), "status": "cached" if cached else "ran", "seconds": round(seconds, 3)})
+    for step in plan.steps[stop_at + 1:]:
+        rows.append({**step.describe(), "status": "not run (--until)", "seconds": 0.0})
+
+    final_step = plan.steps[stop_at]
+    final = artifact_of(final_step.id) if final_step.flow else None
+    outputs = _publish_outputs(plan, artifact_of, stop_at)
+    report = {
+        "distillc_version": __version__,
+        "name": spec.name,
+        "spec": str(spec.path),
+        "spec_sha256": spec.digest(),
+        "workdir": str(plan.workdir),
+        "cache": str(store.root),
+        "target": spec.file.target.use,
+        "plan": rows,
+        "metrics": metrics,
+        "outputs": outputs,
+        "total_seconds": round(time.perf_counter() - started, 3),
+    }
+    (plan.workdir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return CompileResult(plan=plan, report=report, ran=ran, artifact=final, outputs=outputs)
+
+
+def _run_step(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReporter, artifact_of: Any,
+              load_data: Any, forced: bool) -> PassResult:
+    store = plan.store
+    input_artifact = artifact_of(step.input_id) if step.input_id else None
+    scratch = plan.workdir / ".scratch" / step.id.replace(":", "-").replace("#", "-")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    checkpoint_dir = store.partial(step.key)
+    if forced:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    ctx = PassContext(spec=plan.spec, plugins=plugins, progress=progress, scratch=scratch,
+                      checkpoint_dir=checkpoint_dir, workdir=plan.workdir, step_id=step.id,
+                      load_data=load_data, teachers={n: artifact_of(t) for n, t in step.teacher_ids.items()})
+    progress.log(f"running {step.id}")
+    t0 = time.perf_counter()
+    try:
+        result = plugins.hook.distillc_run_pass(step=step, artifact=input_artifact, context=ctx)
+    except DistillcError:
+        raise
+    except Exception as exc:
+        raise InternalPassError(step.id, exc) from exc
+    seconds = time.perf_counter() - t0
+    made = type(step.pass_).makes
+    if not isinstance(result, PassResult) or not isinstance(result.artifact, made):
+        raise InternalPassError(step.id, TypeError(f"expected a PassResult holding a {made.kind}, got {result!r}"))
+    record = {"pass": step.name, "id": step.id, "version": type(step.pass_).version,
+              "config": step.pass_.config.model_dump(mode="json"),
+              "input": artifact_key(plan, step.input_id),
+              "teachers": {n: artifact_key(plan, t) for n, t in step.teacher_ids.items()},
+              "metrics": result.metrics, "seconds": round(seconds, 3),
+              "versions": {"distillc": __version__, **{t: _dist_version(t) for t in type(step.pass_).tools}}}
+    same_as = artifact_key(plan, step.input_id) if result.artifact is input_artifact else None
+    store.save(step.key, result.artifact, record, same_as=same_as, replace=forced)
+    shutil.rmtree(scratch, ignore_errors=True)
+    # Later steps read the stored copy: what they see is exactly what a cached run would see.
+    return PassResult(input_artifact if same_as else store.load(step.key), result.metrics)
+
+
+def artifact_key(plan: Plan, step_id: str | None) -> str | None:
+    return plan.step(step_id, option="plan").key if step_id else None
+
+
+def _publish_outputs(plan: Plan, artifact_of: Any, stop_at: int) -> dict[str, str]:
+    """Copy the last ONNX model and the bundle of the flow into the work directory."""
+    outputs: dict[str, str] = {}
+    last: dict[str, Step] = {}
+    for step in plan.steps[: stop_at + 1]:
+        makes = type(step.pass_).makes
+        if step.flow and makes in (OnnxModel, Bundle):
+            last[makes.kind] = step
+    if "OnnxModel" in last:
+        target = plan.workdir / "model.onnx"
+        shutil.copyfile(artifact_of(last["OnnxModel"].id).path, target)
+        outputs["onnx"] = str(target)
+    if "Bundle" in last:
+        target = plan.workdir / "bundle"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(artifact_of(last["Bundle"].id).path, target)
+        outputs["bundle"] = str(target)
+    return outputs

@@ -1,0 +1,91 @@
+"""Registries: the one place where names of passes, targets, teachers, students and datasets live.
+
+A registry is handed to the ``distillc_register_*`` hooks (tox-style), so duplicate checks and
+"unknown name" messages are written once, here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from distillc.errors import PluginError, SpecError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered object and the plugin that registered it."""
+
+    name: str
+    obj: Any
+    plugin: str
+
+
+class Registry:
+    """Name -> object map for one kind of thing (``"pass"``, ``"target"``, ...)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, name_or_obj: Any, obj: Any = None, *, plugin: str = "<unknown>") -> None:
+        """Register ``obj`` under ``name``; ``add(cls)`` uses ``cls.name`` (passes, targets)."""
+        if obj is None:
+            obj = name_or_obj
+            name = getattr(obj, "name", None)
+        else:
+            name = name_or_obj
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin!r} registered a {self.kind} without a name: {obj!r}")
+        if name in self._entries:
+            first = self._entries[name].plugin
+            raise PluginError(
+                f"plugin {plugin!r} registered {self.kind} {name!r}, which plugin {first!r} "
+                "already registered"
+            )
+        self._entries[name] = Entry(name, obj, plugin)
+
+    def scoped(self, plugin: str) -> "ScopedRegistry":
+        """A view whose ``add`` records ``plugin`` as the origin; handed to one hook impl."""
+        return ScopedRegistry(self, plugin)
+
+    def get(self, name: str, *, path: str | None = None) -> Any:
+        """The object registered as ``name``; an unknown name is a SpecError listing the choices."""
+        return self.entry(name, path=path).obj
+
+    def entry(self, name: str, *, path: str | None = None) -> Entry:
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            raise SpecError(self.unknown_message(name), path) from None
+
+    def unknown_message(self, name: Any) -> str:
+        valid = sorted(self._entries)
+        hint = difflib.get_close_matches(str(name), valid, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"unknown {self.kind} {name!r}{did_you_mean}; valid: {', '.join(valid) or 'none registered'}"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+
+class ScopedRegistry:
+    """What a registration hook receives: ``add`` only, with the plugin's name filled in."""
+
+    def __init__(self, registry: Registry, plugin: str):
+        self._registry = registry
+        self.plugin = plugin
+        self.kind = registry.kind
+
+    def add(self, name_or_obj: Any, obj: Any = None) -> None:
+        self._registry.add(name_or_obj, obj, plugin=self.plugin)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._registry

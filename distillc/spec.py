@@ -1,0 +1,401 @@
+"""Spec v1: read ``spec.toml``, validate every key, resolve names against the registries.
+
+Validation happens in two stages, both before anything runs:
+
+1. the file's shape (sections, key types, ranges, paths) with pydantic models that forbid
+   unknown keys;
+2. names against the plugin registries: each ``[[passes]]`` entry against its pass's ``Config``,
+   ``[target]`` against its target's ``Config``, teacher/student options against the
+   architecture builder's signature, teacher references, and files that must exist.
+
+Every problem becomes one line ``<key path>: <what is wrong> (got <value>)``; all lines are
+reported together in one :class:`SpecError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from distillc.errors import SpecError
+
+SPEC_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    """A section whose extra keys are options checked in stage 2 against a plugin's schema."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DistillcSection(_Strict):
+    spec_version: Literal[1]
+    name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class DataSection(_Strict):
+    source: str = "sklearn-digits"
+    path: Path | None = None
+    image_size: int = Field(32, ge=4, le=1024)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    channels: Literal[1, 3] = 3
+
+
+class TeacherTraining(_Strict):
+    epochs: int = Field(ge=1, le=100_000)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    weight_decay: float = Field(0.05, ge=0.0)
+
+
+class TeacherSection(_Open):
+    name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    arch: str
+    checkpoint: Path | None = None
+    train: TeacherTraining | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSection":
+        if (self.checkpoint is None) == (self.train is None):
+            raise ValueError("give exactly one of 'checkpoint' (a weights file) or 'train' (e.g. train = { epochs = 10 })")
+        return self
+
+
+class StudentSection(_Open):
+    arch: str | None = None
+    checkpoint: Path | None = None
+    onnx: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentSection":
+        if (self.arch is None) == (self.onnx is None):
+            raise ValueError("give exactly one of 'arch' (a torch student) or 'onnx' (a model file)")
+        if self.onnx is not None and (self.checkpoint is not None or self.model_extra):
+            raise ValueError("a student given as 'onnx' takes no 'checkpoint' or architecture options")
+        return self
+
+
+class PassSection(_Open):
+    use: str
+
+
+class TargetSection(_Open):
+    use: str = "host"
+
+
+class SpecFile(_Strict):
+    """The file's shape; see docs/spec.md for every key."""
+
+    distillc: DistillcSection
+    data: DataSection = DataSection()
+    teachers: list[TeacherSection] = []
+    student: StudentSection
+    passes: list[PassSection] = []
+    target: TargetSection = TargetSection()
+
+
+@dataclass
+class SpecPass:
+    """One resolved ``[[passes]]`` entry."""
+
+    index: int
+    name: str
+    cls: type
+    config: Any
+
+    @property
+    def path(self) -> str:
+        return f"passes[{self.index}]"
+
+
+@dataclass
+class Spec:
+    """A validated spec, resolved against a plugin manager's registries."""
+
+    file: SpecFile
+    path: Path
+    passes: list[SpecPass]
+    target_cls: type
+    target_config: Any
+    teacher_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    student_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        """The spec's folder: every relative path in the spec is relative to it."""
+        return self.path.parent
+
+    @property
+    def name(self) -> str:
+        return self.file.distillc.name
+
+    @property
+    def distillc(self) -> DistillcSection:
+        return self.file.distillc
+
+    @property
+    def data(self) -> DataSection:
+        return self.file.data
+
+    @property
+    def teachers(self) -> list[TeacherSection]:
+        return self.file.teachers
+
+    @property
+    def student(self) -> StudentSection:
+        return self.file.student
+
+    def resolve(self, path: Path | None) -> Path | None:
+        return None if path is None else (self.root / path).resolve()
+
+    def teacher(self, name: str) -> TeacherSection:
+        return next(t for t in self.teachers if t.name == name)
+
+    def data_kwargs(self) -> dict[str, Any]:
+        d = self.data
+        return {"image_size": d.image_size, "val_fraction": d.val_fraction, "seed": self.distillc.seed,
+                "path": self.resolve(d.path), "channels": d.channels}
+
+    def data_fingerprint(self, plugins: Any) -> str:
+        source = plugins.datasets.get(self.data.source)
+        return f"{self.data.source}:{source.fingerprint(**self.data_kwargs())}"
+
+    def load_data(self, plugins: Any) -> Any:
+        return plugins.datasets.get(self.data.source).load(**self.data_kwargs())
+
+    def digest(self) -> str:
+        """sha256 of the validated spec (canonical JSON), recorded in the manifest."""
+        text = json.dumps(self.file.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse the spec file; every way it can be unreadable is a one-line SpecError."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"spec file not found: {path}")
+    if path.is_dir():
+        raise SpecError(f"{path} is a directory; give the spec file (e.g. {path / 'spec.toml'})")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a TOML file (not UTF-8 text)") from None
+    if not text.strip():
+        raise SpecError(f"{path}: the spec is empty; it needs at least [distillc] and [student]")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise SpecError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_spec(path: Path | str, plugins: Any) -> Spec:
+    """Read, validate and resolve a spec; raises one SpecError listing every problem."""
+    path = Path(path).resolve() if Path(path).exists() else Path(path)
+    data = read_toml(path)
+    try:
+        file = SpecFile.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError("\n".join(format_validation_error(exc, SpecFile))) from None
+    problems: list[str] = []
+    spec_passes = _resolve_passes(file, plugins, problems)
+    target_cls, target_config = _resolve_target(file, plugins, problems)
+    teacher_options = _resolve_teachers(file, plugins, problems)
+    student_options = _resolve_student(file, plugins, problems)
+    spec = Spec(file=file, path=path, passes=spec_passes, target_cls=target_cls,
+                target_config=target_config, teacher_options=teacher_options,
+                student_options=student_options)
+    _check_files_and_names(spec, plugins, problems)
+    if problems:
+        raise SpecError("\n".join(problems))
+    return spec
+
+
+# -- stage 2 ------------------------------------------------------------------------------------
+
+
+def _resolve_passes(file: SpecFile, plugins: Any, problems: list[str]) -> list[SpecPass]:
+    resolved = []
+    for i, entry in enumerate(file.passes):
+        path = f"passes[{i}]"
+        if entry.use not in plugins.passes:
+            problems.append(f"{path}.use: {plugins.passes.unknown_message(entry.use)}")
+            continue
+        cls = plugins.passes.get(entry.use)
+        if getattr(cls, "takes", None) is None:
+            problems.append(f"{path}.use: {entry.use!r} is a source pass distillc adds itself; "
+                            "it cannot be listed in [[passes]]")
+            continue
+        config = _validate_options(cls.Config, entry.options, path, problems)
+        if config is not None:
+            resolved.append(SpecPass(index=i, name=entry.use, cls=cls, config=config))
+    return resolved
+
+
+def _resolve_target(file: SpecFile, plugins: Any, problems: list[str]) -> tuple[Any, Any]:
+    use = file.target.use
+    if use not in plugins.targets:
+        problems.append(f"target.use: {plugins.targets.unknown_message(use)}")
+        return None, None
+    cls = plugins.targets.get(use)
+    return cls, _validate_options(cls.Config, file.target.options, "target", problems)
+
+
+def _resolve_teachers(file: SpecFile, plugins: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for i, teacher in enumerate(file.teachers):
+        path = f"teachers[{i}]"
+        if teacher.name in seen:
+            problems.append(f"{path}.name: duplicate teacher name {teacher.name!r}")
+        seen.add(teacher.name)
+        if teacher.arch not in plugins.teachers:
+            problems.append(f"{path}.arch: {plugins.teachers.unknown_message(teacher.arch)}")
+            continue
+        checked = _validate_builder_options(plugins.teachers.get(teacher.arch), teacher.options, path, problems)
+        if checked is not None:
+            options[teacher.name] = checked
+    return options
+
+
+def _resolve_student(file: SpecFile, plugins: Any, problems: list[str]) -> dict[str, Any]:
+    student = file.student
+    if student.arch is None:
+        return {}
+    if student.arch not in plugins.students:
+        problems.append(f"student.arch: {plugins.students.unknown_message(student.arch)}")
+        return {}
+    return _validate_builder_options(plugins.students.get(student.arch), student.options, "student", problems) or {}
+
+
+def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> None:
+    files = [(f"teachers[{i}].checkpoint", t.checkpoint) for i, t in enumerate(spec.teachers)]
+    files += [("student.checkpoint", spec.student.checkpoint), ("student.onnx", spec.student.onnx)]
+    if spec.data.source not in plugins.datasets:
+        problems.append(f"data.source: {plugins.datasets.unknown_message(spec.data.source)}")
+    else:
+        source = plugins.datasets.get(spec.data.source)
+        if source.needs_path and spec.data.path is None:
+            problems.append(f"data.path: source {spec.data.source!r} reads local files; give their path")
+        files.append(("data.path", spec.data.path))
+    for key, rel in files:
+        if rel is not None and not spec.resolve(rel).exists():
+            problems.append(f"{key}: file not found: {str(rel)!r} (looked at {spec.resolve(rel)})")
+    names = [t.name for t in spec.teachers]
+    for sp in spec.passes:
+        wanted = sp.cls(sp.config).teachers()
+        for name in wanted:
+            if name not in names:
+                valid = ", ".join(names) or "no [[teachers]] declared"
+                problems.append(f"{sp.path}.teacher: unknown teacher {name!r}; valid: {valid}")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _validate_options(model: type[BaseModel], options: dict[str, Any], path: str, problems: list[str]) -> Any:
+    try:
+        return model.model_validate(options)
+    except ValidationError as exc:
+        problems.extend(format_validation_error(exc, model, prefix=path))
+        return None
+
+
+#: Builder arguments the pipeline fills from [data]; a spec never sets them.
+_BUILDER_PROVIDED = ("image_size", "in_chans")
+
+
+def builder_options_model(builder: Any) -> type[BaseModel]:
+    """A strict pydantic model of a builder's keyword options, from its signature."""
+    hints = typing.get_type_hints(builder)
+    fields: dict[str, Any] = {}
+    for name, param in inspect.signature(builder).parameters.items():
+        if name in _BUILDER_PROVIDED or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[name] = (hints.get(name, Any), default)
+    return create_model(f"{getattr(builder, '__name__', 'builder')}_options",
+                        __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _validate_builder_options(builder: Any, options: dict[str, Any], path: str, problems: list[str]) -> dict[str, Any] | None:
+    checked = _validate_options(builder_options_model(builder), options, path, problems)
+    if checked is None:
+        return None
+    return {k: v for k, v in checked.model_dump().items() if k in options}
+
+
+def format_loc(loc: tuple[Any, ...], prefix: str = "") -> str:
+    """('passes', 2, 'dims') -> 'passes[2].dims'."""
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per problem of validating ``model``: key path, message, offending value."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{format_loc(loc, prefix)}: unknown key (got {err['input']!r}); "
+                         f"allowed: {_allowed_keys(model, loc)}")
+        elif kind == "missing":
+            lines.append(f"{format_loc(loc, prefix)}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"{format_loc(loc, prefix)}: {msg}{shown}")
+    return lines
+
+
+def _allowed_keys(model: Any, loc: tuple[Any, ...]) -> str:
+    """The keys the (sub)model at ``loc[:-1]`` accepts, for 'unknown key' messages."""
+    for part in loc[:-1]:
+        if model is None:
+            break
+        if isinstance(part, int):
+            continue
+        field_info = model.model_fields.get(part)
+        model = _inner_model(field_info.annotation) if field_info else None
+    if model is None:
+        return "see docs/spec.md"
+    return ", ".join(model.model_fields) or "none"
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,67 @@
+"""``export.onnx``: the student as an ONNX graph (float here; QCDQ for a quantized student).
+
+The export is checked, not trusted: onnxruntime runs the exported graph on validation images and
+the largest difference from PyTorch's output is reported (``max_abs_diff``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from distillc import hookimpl
+from distillc.artifacts import OnnxModel, TorchModel
+from distillc.errors import PassError
+from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+class ExportOnnx(Pass):
+    name = "export.onnx"
+    description = "export the student to ONNX and check it with onnxruntime"
+    takes = TorchModel
+    makes = OnnxModel
+    uses_data = True
+    tools = ("torch", "onnx", "onnxruntime")
+
+    class Config(PassConfig):
+        opset: int = Field(13, ge=13, le=21)
+        check_images: int = Field(8, ge=1, description="validation images run through both for the check")
+        tolerance: float = Field(1e-3, gt=0.0, description="largest allowed |torch - onnxruntime|")
+
+    def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
+        import torch
+
+        model = artifact.build(ctx.plugins)
+        sample = ctx.data.val_x[: self.config.check_images]
+        path = ctx.scratch / "model.onnx"
+        with torch.no_grad():
+            torch.onnx.export(model, (sample[:1],), str(path), opset_version=self.config.opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamo=False)
+            expected = model(sample).numpy()
+        diff = check_with_onnxruntime(path, sample.numpy(), expected, self.name, self.config.tolerance)
+        meta = {"input_shape": [1, *sample.shape[1:]], "output_shape": [1, *expected.shape[1:]],
+                "embed_dim": artifact.meta.get("embed_dim")}
+        return PassResult(OnnxModel(path=path, meta=meta), {"max_abs_diff": diff, "onnx_bytes": path.stat().st_size})
+
+
+def check_with_onnxruntime(path: Any, inputs: Any, expected: Any, pass_name: str, tolerance: float) -> float:
+    """Run ``path`` in onnxruntime one image at a time; fail the pass beyond ``tolerance``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    got = np.concatenate([session.run(None, {name: inputs[i:i + 1]})[0] for i in range(len(inputs))])
+    diff = float(np.abs(got - expected).max()) if got.size else 0.0
+    if diff > tolerance:
+        raise PassError(pass_name, f"onnxruntime differs from PyTorch by {diff:.3g} (> {tolerance})")
+    return diff
+
+
+@hookimpl
+def distillc_register_passes(registry: Any) -> None:
+    registry.add(ExportOnnx)

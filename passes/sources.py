@@ -1,0 +1,183 @@
+"""Source passes: where the teachers and the student come from.
+
+distillc adds these to every plan itself (they cannot be listed in ``[[passes]]``):
+``teacher.train`` / ``teacher.load`` for each ``[[teachers]]`` entry, then ``student.init`` or
+``student.onnx`` for ``[student]``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from distillc import hookimpl
+from distillc.artifacts import OnnxModel, TorchModel
+from distillc.errors import PassError
+from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
+
+
+class _ArchConfig(PassConfig):
+    arch: str
+    options: dict[str, Any] = {}
+    image_size: int
+    channels: int
+
+
+class TeacherTrain(Pass):
+    """Train a teacher with labels (for demos and tests, where no pretrained weights exist)."""
+
+    name = "teacher.train"
+    description = "train a teacher on the labelled data (demos/tests; real teachers are loaded)"
+    takes = None
+    makes = TorchModel
+    uses_data = True
+    tools = ("torch",)
+
+    class Config(_ArchConfig):
+        epochs: int = Field(ge=1)
+        lr: float = 1e-3
+        batch_size: int = 128
+        weight_decay: float = 0.05
+
+    def run(self, artifact: None, ctx: PassContext) -> PassResult:
+        import torch
+        import torch.nn.functional as F
+
+        from distillc.plugins.augment import Augment
+        from distillc.training import (autocast, batches, count_params, embed_all, epoch_generator, pick_device,
+                                       prepare, run_epochs)
+
+        cfg = self.config
+        data = ctx.data
+        if not data.labelled:
+            raise PassError(self.name, f"teacher.train needs labelled data; {data.name} has no labels")
+        torch.manual_seed(ctx.seed)
+        options = {"image_size": cfg.image_size, "in_chans": cfg.channels, **cfg.options}
+        device = pick_device()
+        model = prepare(ctx.plugins.teachers.get(cfg.arch)(**options), device)
+        head = torch.nn.Linear(model.embed_dim, data.num_classes).to(device)
+        params = list(model.parameters()) + list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                       pct_start=0.15)
+        augment = Augment(strength=0.3, flip=False)
+
+        def epoch_fn(epoch: int) -> tuple[float, int]:
+            gen = epoch_generator(ctx.seed, epoch)
+            model.train()
+            total, seen = 0.0, 0
+            for idx in batches(len(data.train_x), cfg.batch_size, gen):
+                x = augment(data.train_x[idx], gen).to(device)
+                y = data.train_y[idx].to(device)
+                with autocast(device):
+                    loss = F.cross_entropy(head(model.embed(x)), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.item() * len(idx)
+                seen += len(idx)
+            return total / seen, seen
+
+        losses = run_epochs(progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir, description=f"train {ctx.step_id}",
+                            epochs=cfg.epochs, state={"model": model, "head": head, "optimizer": optimizer,
+                                                      "schedule": schedule}, epoch_fn=epoch_fn)
+        with torch.no_grad():
+            features = embed_all(model, data.val_x, fn=lambda m, b: m.embed(b))
+            val_top1 = float((head.cpu()(features).argmax(1) == data.val_y).float().mean())
+        out = TorchModel.from_module(model, role="teacher", arch=cfg.arch, options=options,
+                                     meta={"embed_dim": model.embed_dim, "params": count_params(model)})
+        return PassResult(out, {"loss": losses[-1], "supervised_val_top1": val_top1, "params": count_params(model)})
+
+
+class TeacherLoad(Pass):
+    """Load a teacher's weights from a local file (safetensors, or torch.load with weights_only)."""
+
+    name = "teacher.load"
+    description = "load a pretrained teacher from a local checkpoint (no download, no timm)"
+    takes = None
+    makes = TorchModel
+    tools = ("torch",)
+
+    class Config(_ArchConfig):
+        checkpoint: str
+        sha256: str
+
+    def run(self, artifact: None, ctx: PassContext) -> PassResult:
+        from distillc.plugins.models.checkpoint import load_into, load_state_dict_file
+        from distillc.training import count_params
+
+        cfg = self.config
+        options = {"image_size": cfg.image_size, "in_chans": cfg.channels, **cfg.options}
+        model = ctx.plugins.teachers.get(cfg.arch)(**options)
+        info = load_into(model, load_state_dict_file(cfg.checkpoint), source=cfg.checkpoint) or {}
+        out = TorchModel.from_module(model, role="teacher", arch=cfg.arch, options=options,
+                                     meta={"embed_dim": model.embed_dim, "params": count_params(model)})
+        return PassResult(out, {"params": count_params(model), **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
+
+
+class StudentInit(Pass):
+    """Build the student (seeded initialisation), optionally loading trained weights."""
+
+    name = "student.init"
+    description = "build the [student] architecture, optionally from a checkpoint"
+    takes = None
+    makes = TorchModel
+    tools = ("torch",)
+
+    class Config(_ArchConfig):
+        checkpoint: str | None = None
+        checkpoint_sha256: str | None = None
+
+    def run(self, artifact: None, ctx: PassContext) -> PassResult:
+        import torch
+
+        from distillc.training import count_params
+
+        cfg = self.config
+        torch.manual_seed(ctx.seed)
+        options = {"image_size": cfg.image_size, "in_chans": cfg.channels, **cfg.options}
+        model = ctx.plugins.students.get(cfg.arch)(**options)
+        if cfg.checkpoint:
+            from distillc.plugins.models.checkpoint import load_into, load_state_dict_file
+
+            load_into(model, load_state_dict_file(cfg.checkpoint), source=cfg.checkpoint)
+        params = count_params(model)
+        out = TorchModel.from_module(model, role="student", arch=cfg.arch, options=options,
+                                     meta={"embed_dim": model.embed_dim, "params": params})
+        return PassResult(out, {"params": params, "embed_dim": model.embed_dim})
+
+
+class StudentOnnx(Pass):
+    """Take a student that was made elsewhere as an ONNX file (float or QCDQ)."""
+
+    name = "student.onnx"
+    description = "use an existing ONNX model as the student (skips the torch passes)"
+    takes = None
+    makes = OnnxModel
+    tools = ("onnx",)
+
+    class Config(PassConfig):
+        path: str
+        sha256: str
+
+    def run(self, artifact: None, ctx: PassContext) -> PassResult:
+        import onnx
+
+        try:
+            model = onnx.load(self.config.path)
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise PassError(self.name, f"{self.config.path} is not a valid ONNX model: {exc}") from None
+        return PassResult(OnnxModel(path=Path(self.config.path), meta={"source": self.config.path}),
+                          {"nodes": len(model.graph.node)})
+
+
+@hookimpl
+def distillc_register_passes(registry: Any) -> None:
+    for cls in (TeacherTrain, TeacherLoad, StudentInit, StudentOnnx):
+        registry.add(cls)

@@ -1,0 +1,44 @@
+"""Built-in dataset sources: sklearn-digits (no download), npz, image-folder, cifar (local files).
+
+The loaders live in :mod:`distillc.plugins.data`; this plugin registers them.  Importing the
+loaders pulls in torch, so it happens on first use, not at registration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distillc import hookimpl
+from distillc.data_api import DatasetSource
+
+_SOURCES = {
+    "sklearn-digits": (False, "scikit-learn's 8x8 handwritten digits; ships offline"),
+    "npz": (True, "a NumPy .npz with x (and y, x_val, y_val)"),
+    "image-folder": (True, "root/<class>/*.png|jpg"),
+    "cifar": (True, "CIFAR-10/100 python-pickle folder (data_batch_*, test_batch)"),
+}
+
+
+def _loader(source: str) -> Any:
+    def load(**kwargs: Any) -> Any:
+        from distillc.plugins import data
+
+        return data.load_dataset(source, **kwargs)
+
+    return load
+
+
+def _fingerprint(source: str) -> Any:
+    def fingerprint(**kwargs: Any) -> str:
+        from distillc.plugins import data
+
+        return data.fingerprint(source, **kwargs)
+
+    return fingerprint
+
+
+@hookimpl
+def distillc_register_datasets(registry: Any) -> None:
+    for name, (needs_path, description) in _SOURCES.items():
+        registry.add(name, DatasetSource(name=name, load=_loader(name), fingerprint=_fingerprint(name),
+                                         needs_path=needs_path, description=description))

@@ -1,0 +1,184 @@
+"""Reading weight files and loading them into models, with one complete error report.
+
+Weight files come as safetensors or as PyTorch pickles. Pickles are only ever read with
+``torch.load(weights_only=True)``, which refuses arbitrary Python objects.
+
+:func:`load_state_dict_file` also unwraps the containers the common self-supervised
+codebases save (DINO and iBOT full checkpoints, MAE, MoCo v3, DDP prefixes), so a user can
+point a spec at the file they downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distillc.errors import DistillcError, SpecError
+
+# Containers tried in order; DINO/iBOT full checkpoints hold "student" and "teacher" and the
+# teacher is the network people distill from.
+_CONTAINER_KEYS = ("teacher", "state_dict", "model", "module")
+# Prefixes that mark the backbone inside a training wrapper: DINO/iBOT ("backbone.", next to
+# "head." of the projection head) and MoCo v3 ("base_encoder.", next to momentum_encoder).
+_BACKBONE_PREFIXES = ("backbone.", "base_encoder.")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+_LISTING_CAP = 20
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors``, ``.pt``, ``.pth`` or ``.bin``, on the CPU.
+
+    Pickled files are loaded with ``weights_only=True``; the only extra type allowed is
+    ``argparse.Namespace``, a plain attribute bag that DINO and iBOT store as ``args`` in their
+    full checkpoints. Containers are unwrapped: a top-level ``teacher``, ``state_dict``,
+    ``model`` or ``module`` entry, a ``module.`` prefix (DDP), and a backbone prefix
+    (``backbone.`` or ``base_encoder.``: only keys under it are kept, without it).
+    A missing file, an unknown suffix or content that is no state dict raises SpecError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise SpecError(f"checkpoint {str(path)!r} is not a readable safetensors file: "
+                            f"{exc}") from exc
+    elif suffix in _PICKLE_SUFFIXES:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # Also raised for corrupt files; torch's message tells the two apart.
+            raise SpecError(f"checkpoint {str(path)!r} does not load with weights_only=True "
+                            f"(only tensors and plain containers are allowed; re-save its state "
+                            f"dict or convert it to .safetensors): {exc}") from exc
+        except (RuntimeError, OSError, EOFError) as exc:
+            raise SpecError(f"checkpoint {str(path)!r} is not a readable PyTorch file: "
+                            f"{exc}") from exc
+    else:
+        raise SpecError(f"checkpoint {str(path)!r} has an unsupported suffix {suffix!r}; "
+                        f"use .safetensors, .pt, .pth or .bin")
+    return _unwrap(obj, str(path))
+
+
+def _unwrap(obj: object, source: str) -> dict[str, torch.Tensor]:
+    """Find the state dict inside a training checkpoint and strip wrapper prefixes."""
+    while isinstance(obj, dict) and not _is_state_dict(obj):
+        for key in _CONTAINER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        else:
+            keys = ", ".join(repr(k) for k in list(obj)[:_LISTING_CAP])
+            raise SpecError(f"checkpoint {source!r} holds no state dict (top-level keys: {keys}); "
+                            f"expected tensors or one of {list(_CONTAINER_KEYS)}")
+    if not isinstance(obj, dict) or not obj:
+        raise SpecError(f"checkpoint {source!r} holds no state dict (found {type(obj).__name__})")
+
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    for prefix in _BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    return state
+
+
+def _is_state_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                             for k, v in obj.items())
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> dict:
+    """Load ``state_dict`` into ``model``, or raise one DistillcError that lists every problem.
+
+    Adaptations, each reported in the returned info dict:
+
+    - ``pos_embed`` of a :class:`VisionTransformer` trained at another resolution has its
+      patch part resampled bicubically to the model's grid (the CLS part is kept). No other key
+      is ever resized.
+    - ``head.*`` keys are dropped when the model has no head (a classifier or projection head
+      of the pretraining run).
+    - A missing BatchNorm ``num_batches_tracked`` keeps the model's value (old checkpoints
+      lack the buffer; it does not affect inference).
+
+    Anything else (missing keys, unexpected keys, shape mismatches) is an error naming the
+    keys, at most ~20 per kind with a count of the rest. ``source`` names the checkpoint in
+    messages. Returns ``{"loaded": int, "ignored": [keys], "resized": [descriptions]}``.
+    """
+    from distillc.plugins.models.vit import VisionTransformer
+
+    state = dict(state_dict)
+    expected = model.state_dict()
+    info: dict = {"loaded": 0, "ignored": [], "resized": []}
+
+    if isinstance(model, VisionTransformer) and "pos_embed" in state:
+        old = state["pos_embed"]
+        new = resize_pos_embed(old, model.grid)
+        if new is not old:
+            state["pos_embed"] = new
+            info["resized"].append(f"pos_embed {tuple(old.shape)} -> {tuple(new.shape)}")
+
+    if not any(k.startswith("head.") for k in expected):
+        info["ignored"] = sorted(k for k in state if k.startswith("head."))
+        for key in info["ignored"]:
+            del state[key]
+
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected),
+                             ("shape mismatch", mismatched)):
+            if items:
+                parts.append(f"{len(items)} {label}: {_listing(items)}")
+        raise DistillcError(f"checkpoint {source!r} does not fit {type(model).__name__}: "
+                            + "; ".join(parts))
+
+    model.load_state_dict(state, strict=True)
+    info["loaded"] = len(expected)
+    return info
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resample a (1, 1 + g*g, D) position embedding to (1, 1 + grid*grid, D).
+
+    The CLS position is kept; the g x g patch positions are interpolated bicubically
+    (antialiased when shrinking, as timm does). Returns the input unchanged when it already
+    fits, or when it is not a square-grid embedding with a CLS token (the shape check in
+    :func:`load_into` then reports it).
+    """
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        return pos_embed
+    patches = pos_embed.shape[1] - 1
+    old_grid = int(round(patches ** 0.5))
+    if old_grid < 1 or old_grid * old_grid != patches or old_grid == grid:
+        return pos_embed
+    dim = pos_embed.shape[2]
+    cls_part, patch_part = pos_embed[:, :1], pos_embed[:, 1:]
+    patch_part = patch_part.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
+    patch_part = F.interpolate(patch_part, size=(grid, grid), mode="bicubic",
+                               align_corners=False, antialias=grid < old_grid)
+    patch_part = patch_part.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([cls_part, patch_part], dim=1)
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_LISTING_CAP])
+    rest = len(items) - _LISTING_CAP
+    return shown + (f", ... and {rest} more" if rest > 0 else "")

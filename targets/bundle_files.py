@@ -1,0 +1,228 @@
+"""The files that make a bundle build and run on its own: the example program and its inputs,
+a Makefile and a CMakeLists.txt, and the startup code and linker script of the MPS2 boards.
+
+Layout they add to a bundle (beside include/ and src/, which the code generator writes):
+
+    Makefile  CMakeLists.txt
+    examples/main.c  examples/input_data.h
+    targets/mps2/startup.c  board.h  mps2.ld  arm-none-eabi.cmake
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DistillcError
+from .toolchain import (ARM_FLAGS, ARM_LINK_FLAGS, BOARDS, C_FLAGS, CORTEX_M_DIR, LIBS,
+                        QEMU_FLAGS, Flag, command_line)
+
+#: Where the board files go inside a bundle, and which files they are.
+BUNDLE_BOARD_DIR = Path("targets") / "mps2"
+BOARD_FILES = ("startup.c", "board.h", "mps2.ld", "arm-none-eabi.cmake")
+#: The example program, for the bundle and for distillc's runner alike.
+EXAMPLE_MAIN = CORTEX_M_DIR / "example_main.c"
+
+MODEL_HEADER = Path("include") / "distillc_model.h"
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """What the build needs from a bundle's include/distillc_model.h."""
+
+    input_size: int  # int8 elements of one input
+    output_size: int  # int8 elements of one output
+    input_zero_point: int
+
+
+def read_model_header(bundle_dir: Path) -> ModelHeader:
+    """Reads the integer #defines of ``bundle_dir/include/distillc_model.h``."""
+    path = Path(bundle_dir) / MODEL_HEADER
+    if not path.is_file():
+        raise DistillcError(f"{bundle_dir} is not a distillc bundle: {MODEL_HEADER} is missing")
+    defines = dict(re.findall(r"^[ \t]*#[ \t]*define[ \t]+(DISTILLC_\w+)[ \t]+(.+)$",
+                              _strip_comments(path.read_text()), flags=re.M))
+
+    def integer(name: str) -> int:
+        if name not in defines:
+            raise DistillcError(f"{path}: #define {name} is missing")
+        try:
+            return _c_integer(defines[name])
+        except ValueError:
+            raise DistillcError(f"{path}: {name} is {defines[name].strip()!r}, "
+                                "not an integer constant") from None
+
+    header = ModelHeader(input_size=integer("DISTILLC_INPUT_SIZE"),
+                         output_size=integer("DISTILLC_OUTPUT_SIZE"),
+                         input_zero_point=integer("DISTILLC_INPUT_ZERO_POINT"))
+    if header.input_size <= 0 or header.output_size <= 0:
+        raise DistillcError(f"{path}: DISTILLC_INPUT_SIZE and DISTILLC_OUTPUT_SIZE must be positive")
+    return header
+
+
+def render_input_data(inputs: np.ndarray) -> str:
+    """input_data.h for the example program: ``inputs`` (int8, one row per example)."""
+    inputs = np.asarray(inputs)
+    if inputs.dtype != np.int8 or inputs.ndim < 1 or inputs.shape[0] == 0:
+        raise DistillcError(f"example inputs must be a non-empty int8 array with one example "
+                            f"per row, not {inputs.dtype} of shape {inputs.shape}")
+    rows = inputs.reshape(inputs.shape[0], -1)
+    count, size = rows.shape
+    per_line = 32
+    body = []
+    for row in rows.tolist():
+        lines = (", ".join(map(str, row[k:k + per_line])) for k in range(0, size, per_line))
+        body.append("    {\n        " + ",\n        ".join(lines) + "\n    },")
+    return "\n".join([
+        "/* Inputs of the example program (examples/main.c), written by distillc:",
+        " * int8, quantized as DISTILLC_INPUT_SCALE and DISTILLC_INPUT_ZERO_POINT say. */",
+        "#ifndef DISTILLC_INPUT_DATA_H",
+        "#define DISTILLC_INPUT_DATA_H",
+        "",
+        "#include <stdint.h>",
+        "",
+        f"#define DISTILLC_EXAMPLE_COUNT {count}",
+        f"#define DISTILLC_EXAMPLE_INPUT_SIZE {size} /* main.c checks it against the model's */",
+        "",
+        f"static const int8_t distillc_example_inputs[{count}][{size}] = {{",
+        *body,
+        "};",
+        "",
+        "#endif /* DISTILLC_INPUT_DATA_H */",
+        "",
+    ])
+
+
+def write_bundle_build_files(bundle_dir: Path, *, name: str,
+                             example_inputs: np.ndarray | None = None) -> list[Path]:
+    """Writes the build files into a bundle whose include/ and src/ exist; returns their paths.
+
+    ``name`` names the programs the builds make.  ``example_inputs`` (int8, one example per
+    row) become examples/input_data.h; by default one input at the zero point (an all-zero
+    float input), so that ``make`` works out of the box.
+    """
+    bundle_dir = Path(bundle_dir)
+    header = read_model_header(bundle_dir)
+    program = _program_name(name)
+    if example_inputs is None:
+        example_inputs = np.full((1, header.input_size), header.input_zero_point, dtype=np.int8)
+    example_size = int(np.prod(np.shape(example_inputs)[1:], dtype=np.int64))
+    if example_size != header.input_size:
+        raise DistillcError(f"example inputs have {example_size} values each, the model takes "
+                            f"DISTILLC_INPUT_SIZE = {header.input_size}")
+
+    contents: dict[Path, str] = {
+        Path("examples") / "main.c": EXAMPLE_MAIN.read_text(),
+        Path("examples") / "input_data.h": render_input_data(example_inputs),
+        Path("Makefile"): _fill(CORTEX_M_DIR / "Makefile.in", program, _make_boards(), indent=""),
+        Path("CMakeLists.txt"): _fill(CORTEX_M_DIR / "CMakeLists.txt.in", program,
+                                      _cmake_boards(), indent="  "),
+    }
+    for file in BOARD_FILES:
+        contents[BUNDLE_BOARD_DIR / file] = (CORTEX_M_DIR / file).read_text()
+
+    written = []
+    for relative, text in contents.items():
+        path = bundle_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def _fill(template: Path, program: str, boards: str, *, indent: str) -> str:
+    """A Makefile or CMakeLists.txt from its template: flags, their reasons, the boards."""
+    targets = ["host", *(board.make_target for board in BOARDS.values())]
+    values = {
+        "NAME": program,
+        "TARGETS": ", ".join(targets[:-1]) + " or " + targets[-1],
+        "BOARDS": boards,
+    }
+    groups = {"C_FLAGS": C_FLAGS, "LIBS": LIBS, "ARM_FLAGS": ARM_FLAGS,
+              "ARM_LINK_FLAGS": ARM_LINK_FLAGS, "QEMU_FLAGS": QEMU_FLAGS}
+    for key, flags in groups.items():
+        values[key] = " ".join(flag.value for flag in flags)
+        # Inside CMake's if() blocks the comments line up with the code.
+        values[f"{key}_DOC"] = _flag_comments(flags, indent="" if key in ("C_FLAGS", "LIBS") else indent)
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    leftover = re.findall(r"@[A-Z_]+@", text)
+    assert not leftover, f"{template.name}: placeholders left unfilled: {leftover}"
+    return text
+
+
+def _flag_comments(flags: Sequence[Flag], *, indent: str = "") -> str:
+    width = max(20, *(len(flag.value) for flag in flags))
+    return "\n".join(f"{indent}#   {flag.value:<{width}}  {flag.why}" for flag in flags)
+
+
+def _make_boards() -> str:
+    blocks = []
+    for board in BOARDS.values():
+        blocks.append("\n".join([
+            f"# {board.make_target}: {board.description}",
+            _flag_comments(board.cpu_flags),
+            f"ifeq ($(MCU),{board.make_target})",
+            f"MACHINE := {board.machine}",
+            f"QEMU_CPU := {board.cpu}",
+            f"MCU_FLAGS := {' '.join(command_line(board.cpu_flags))}",
+            "endif",
+        ]))
+    return "\n".join(blocks)
+
+
+def _cmake_boards() -> str:
+    blocks = []
+    for board in BOARDS.values():
+        blocks.append("\n".join([
+            f"  # {board.make_target}: {board.description}",
+            _flag_comments(board.cpu_flags, indent="  "),
+            f'  if(DISTILLC_TARGET STREQUAL "{board.make_target}")',
+            f"    set(DISTILLC_MCU_FLAGS {' '.join(command_line(board.cpu_flags))})",
+            "  endif()",
+        ]))
+    return "\n".join(blocks)
+
+
+def _program_name(name: str) -> str:
+    """``name`` as a file and CMake target name: letters, digits, '_', '-' and '.'."""
+    program = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-")
+    if not program:
+        raise DistillcError(f"bundle name {name!r} has no letters or digits to name a program by")
+    return program
+
+
+def _strip_comments(source: str) -> str:
+    source = re.sub(r"/\*.*?\*/", " ", source, flags=re.S)
+    return re.sub(r"//[^\n]*", "", source)
+
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+              ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def _c_integer(text: str) -> int:
+    """The value of a C integer constant expression such as ``(-3)``, ``3072u`` or ``(3*32*32)``;
+    ValueError for anything else."""
+    expression = re.sub(r"\b(\d+)[uUlL]+\b", r"\1", text.strip())
+
+    def evaluate(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](evaluate(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](evaluate(node.left), evaluate(node.right))
+        raise ValueError(text)
+
+    try:
+        return evaluate(ast.parse(expression, mode="eval").body)
+    except SyntaxError:
+        raise ValueError(text) from None

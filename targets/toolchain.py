@@ -1,0 +1,221 @@
+"""The external tools that build and run a bundle's C code, and the flags distillc passes them.
+
+The flags live here once, each with the reason it is there: the runner passes them to the
+compilers, and the bundle's Makefile and CMakeLists.txt are written from the same lists, with
+the reasons as comments (see :mod:`.bundle_files`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import DistillcError
+
+#: Where the startup code, linker script and example program for the MPS2 boards live.
+CORTEX_M_DIR = Path(__file__).parent / "cortex_m"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A compiler, linker or QEMU flag, and why it is passed (written beside it in Makefiles)."""
+
+    value: str
+    why: str
+
+    @property
+    def args(self) -> list[str]:
+        """The flag as command-line arguments (``-icount shift=0`` is two)."""
+        return self.value.split()
+
+
+def command_line(flags: Sequence[Flag]) -> list[str]:
+    """The arguments of several flags, in order."""
+    return [arg for flag in flags for arg in flag.args]
+
+
+#: Every build, host and board: the bundle's C must compile cleanly under these.
+C_FLAGS = (
+    Flag("-std=c99", "the C standard the bundle is written to"),
+    Flag("-Wall", "the usual warnings"),
+    Flag("-Wextra", "and the extra ones"),
+    Flag("-Werror", "any warning fails the build"),
+    Flag("-O2", "optimise for speed; distillc measures and verifies at -O2"),
+)
+
+#: Libraries linked into every build (after the objects).
+LIBS = (Flag("-lm", "the C maths library, for the few float functions a kernel may call"),)
+
+#: Every Cortex-M build, whatever the core.
+ARM_FLAGS = (
+    Flag("-mthumb", "Thumb-2, the only instruction set of Cortex-M cores"),
+    Flag("-ffunction-sections", "one section per function and per object,"),
+    Flag("-fdata-sections", "so that --gc-sections can drop the unused ones"),
+    Flag("-DDISTILLC_BOARD", "main.c counts instructions with the board's counter (board.h)"),
+)
+
+#: Linking a Cortex-M ELF (besides the linker script, which the build names itself).
+ARM_LINK_FLAGS = (
+    Flag("--specs=rdimon.specs", "newlib with semihosting: printf and exit reach the host through QEMU"),
+    Flag("-nostartfiles", "startup.c replaces newlib's crt0: vector table, reset handler, exit"),
+    Flag("-Wl,--gc-sections", "drop code and data nothing refers to"),
+)
+
+#: How QEMU runs a board's ELF (besides -machine, -cpu and -kernel).
+QEMU_FLAGS = (
+    Flag("-nographic", "no window: QEMU's monitor and UART use the terminal"),
+    Flag("-semihosting-config enable=on,target=native", "printf and exit status reach this computer"),
+    Flag("-icount shift=0,sleep=off", "1 ns per instruction, no real time: exact, repeatable counts"),
+)
+
+
+@dataclass(frozen=True)
+class Board:
+    """A Cortex-M board that QEMU emulates, and how to build for its core."""
+
+    machine: str  # QEMU's -machine
+    cpu: str  # QEMU's -cpu
+    make_target: str  # TARGET= in the bundle's Makefile
+    description: str
+    cpu_flags: tuple[Flag, ...]
+
+    def qemu_command(self, qemu: str, elf: Path) -> list[str]:
+        """The command line that runs ``elf`` on this board."""
+        return [qemu, "-machine", self.machine, "-cpu", self.cpu, *command_line(QEMU_FLAGS),
+                "-kernel", str(elf)]
+
+
+#: The boards distillc runs bundles on, by QEMU machine name.  Both have 4 MiB of code memory
+#: at 0x00000000 and 4 MiB of data memory at 0x20000000 (cortex_m/mps2.ld).
+BOARDS = {
+    board.machine: board
+    for board in (
+        Board(
+            machine="mps2-an500",
+            cpu="cortex-m7",
+            make_target="cortex-m7",
+            description="Cortex-M7 (the STM32H7's core) on QEMU's mps2-an500 board",
+            cpu_flags=(
+                Flag("-mcpu=cortex-m7", "instructions and scheduling of the Cortex-M7"),
+                Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
+                Flag("-mfpu=fpv5-d16", "the M7's FPv5 unit (single and double precision)"),
+            ),
+        ),
+        Board(
+            machine="mps2-an386",
+            cpu="cortex-m4",
+            make_target="cortex-m4",
+            description="Cortex-M4 (the MAX78000's core) on QEMU's mps2-an386 board",
+            cpu_flags=(
+                Flag("-mcpu=cortex-m4", "instructions and scheduling of the Cortex-M4"),
+                Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
+                Flag("-mfpu=fpv4-sp-d16", "the M4's FPv4 unit (single precision)"),
+            ),
+        ),
+    )
+}
+
+
+def get_board(machine: str) -> Board:
+    """The board QEMU calls ``machine``; an unknown name is answered with the valid ones."""
+    try:
+        return BOARDS[machine]
+    except KeyError:
+        raise DistillcError(
+            f"unknown QEMU machine {machine!r}: distillc runs bundles on {', '.join(sorted(BOARDS))}"
+        ) from None
+
+
+#: The Debian package that installs each tool (`make setup` installs them all).
+TOOL_PACKAGES = {
+    "gcc": "gcc",
+    "arm-none-eabi-gcc": "gcc-arm-none-eabi",
+    "arm-none-eabi-size": "binutils-arm-none-eabi",
+    "qemu-system-arm": "qemu-system-arm",
+}
+NEWLIB_PACKAGE = "libnewlib-arm-none-eabi"
+
+
+def _install_hint(package: str) -> str:
+    return (f"install the Debian package {package} (`sudo apt-get install {package}`, "
+            "or `make setup` in the distillc repository)")
+
+
+def find_tool(name: str) -> str:
+    """The path of an external tool, or a DistillcError that says which package installs it."""
+    path = shutil.which(name)
+    if path is None:
+        raise DistillcError(f"{name} was not found on PATH: {_install_hint(TOOL_PACKAGES[name])}")
+    return path
+
+
+def check_newlib(arm_gcc: str) -> None:
+    """Raises a DistillcError naming the package when newlib's rdimon.specs is missing.
+
+    Without newlib, arm-none-eabi-gcc is there but every Cortex-M link fails.
+    """
+    found = run_tool([arm_gcc, "-print-file-name=rdimon.specs"], what="arm-none-eabi-gcc",
+                     timeout=30).stdout.strip()
+    if not Path(found).is_absolute():  # gcc echoes the bare name when it cannot find the file
+        raise DistillcError(f"newlib for arm-none-eabi-gcc (rdimon.specs) is missing: "
+                            f"{_install_hint(NEWLIB_PACKAGE)}")
+
+
+def run_tool(args: Sequence[str | Path], *, what: str, timeout: float,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs a tool and returns what it printed (stdout and stderr kept apart).
+
+    A non-zero exit status or a timeout is a DistillcError that says ``what`` failed and shows
+    its output (stderr and stdout in full, or their beginning and end when they are long).
+    """
+    argv = [str(arg) for arg in args]
+    try:
+        result = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                                text=True, errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        printed = _as_text(exc.stderr) + _as_text(exc.stdout)
+        raise DistillcError(f"{what} did not finish within {timeout:g} s\n"
+                            f"$ {' '.join(argv)}\n{excerpt(printed)}") from None
+    if result.returncode != 0:
+        raise DistillcError(f"{what} failed ({_describe_exit(result.returncode)})\n"
+                            f"$ {' '.join(argv)}\n{excerpt(result.stderr + result.stdout)}")
+    return result
+
+
+def _describe_exit(returncode: int) -> str:
+    """'exit status 3', or 'killed by SIGSEGV' for a negative return code."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def excerpt(text: str, *, head_lines: int = 150, tail_lines: int = 50,
+            max_chars: int = 20_000) -> str:
+    """``text`` in full when short; else its first and last lines, saying how many were left out.
+
+    Compiler errors come first in gcc's output, a crash's last words at the end: both ends stay.
+    """
+    lines = text.rstrip().splitlines()
+    if len(lines) > head_lines + tail_lines:
+        left_out = len(lines) - head_lines - tail_lines
+        lines = [*lines[:head_lines], f"[... {left_out} lines left out ...]", *lines[-tail_lines:]]
+    shown = "\n".join(lines)
+    if len(shown) > max_chars:
+        half = max_chars // 2
+        shown = f"{shown[:half]}\n[... {len(shown) - max_chars} characters left out ...]\n{shown[-half:]}"
+    return shown
+
+
+def _as_text(output: str | bytes | None) -> str:
+    if output is None:
+        return ""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output
