@@ -55,7 +55,7 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
             if _state["debug"]:
                 err.print(traceback.format_exc(), markup=False)
             for line in str(exc).splitlines() or [type(exc).__name__]:
-                err.print(f"[bold red]error:[/] {_escape(line)}")
+                err.print(f"[bold red]error:[/] {_escape(line)}", soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]: finished epochs are checkpointed; run the same command to resume")
@@ -66,7 +66,7 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
             else:
                 frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
                 where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
-                err.print(f"[bold red]internal error:[/] {_escape(str(exc))}{where}")
+                err.print(f"[bold red]internal error:[/] {_escape(str(exc))}{where}", soft_wrap=True)
                 err.print("this is a bug in distillc or a plugin; rerun with --debug for the traceback")
             raise typer.Exit(1) from None
 
@@ -125,12 +125,10 @@ def compile_(
     until: Optional[str] = typer.Option(None, help="Stop after this step."),
 ) -> None:
     """Run the spec's plan; the last line ends with the bundle's path (or the work directory)."""
-    from distillc.pipeline import build_plan, run_plan
+    from distillc.pipeline import compile_spec
     from distillc.progress import RichProgress
 
-    plugins, resolved = _load(spec)
-    the_plan = build_plan(resolved, plugins, workdir=workdir)
-    result = run_plan(the_plan, plugins, progress=RichProgress(out), force=force, until=until)
+    result = compile_spec(spec, workdir=workdir, force=force, until=until, progress=RichProgress(out))
     _print_summary(result.report)
     label = "bundle" if "bundle" in result.outputs else "workdir"
     out.print(f"{label}: {result.final_path}")

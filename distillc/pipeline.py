@@ -362,3 +362,16 @@ def _publish_outputs(plan: Plan, artifact_of: Any, stop_at: int) -> dict[str, st
         shutil.copytree(artifact_of(last["Bundle"].id).path, target)
         outputs["bundle"] = str(target)
     return outputs
+
+
+def compile_spec(spec_path: Path | str, *, workdir: Path | None = None, force: str | None = None,
+                 until: str | None = None, progress: ProgressReporter | None = None,
+                 plugins: Plugins | None = None) -> CompileResult:
+    """The library form of ``distillc compile``: load plugins and spec, plan, run."""
+    from distillc.plugin_manager import load_plugins
+    from distillc.spec import load_spec
+
+    plugins = plugins or load_plugins()
+    spec = load_spec(spec_path, plugins)
+    plan = build_plan(spec, plugins, workdir=workdir)
+    return run_plan(plan, plugins, progress=progress, force=force, until=until)

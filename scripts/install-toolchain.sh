@@ -12,6 +12,7 @@ else
   missing+=(libnewlib-arm-none-eabi)
 fi
 command -v qemu-system-arm >/dev/null 2>&1 || missing+=(qemu-system-arm)
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 
 if [ ${#missing[@]} -eq 0 ]; then

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import operator
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -117,12 +118,14 @@ def write_bundle_build_files(bundle_dir: Path, *, name: str,
         raise DistillcError(f"example inputs have {example_size} values each, the model takes "
                             f"DISTILLC_INPUT_SIZE = {header.input_size}")
 
+    values = _template_values(program)
     contents: dict[Path, str] = {
         Path("examples") / "main.c": EXAMPLE_MAIN.read_text(),
         Path("examples") / "input_data.h": render_input_data(example_inputs),
-        Path("Makefile"): _fill(CORTEX_M_DIR / "Makefile.in", program, _make_boards(), indent=""),
-        Path("CMakeLists.txt"): _fill(CORTEX_M_DIR / "CMakeLists.txt.in", program,
-                                      _cmake_boards(), indent="  "),
+        Path("Makefile"): _fill(CORTEX_M_DIR / "Makefile.in",
+                                {**values, "BOARDS": _make_boards()}),
+        Path("CMakeLists.txt"): _fill(CORTEX_M_DIR / "CMakeLists.txt.in",
+                                      {**values, "BOARDS": _cmake_boards()}),
     }
     for file in BOARD_FILES:
         contents[BUNDLE_BOARD_DIR / file] = (CORTEX_M_DIR / file).read_text()
@@ -136,59 +139,53 @@ def write_bundle_build_files(bundle_dir: Path, *, name: str,
     return written
 
 
-def _fill(template: Path, program: str, boards: str, *, indent: str) -> str:
-    """A Makefile or CMakeLists.txt from its template: flags, their reasons, the boards."""
+def _template_values(program: str) -> dict[str, str]:
+    """What the Makefile and CMakeLists.txt templates share: the name, the flags and their
+    reasons (``@C_FLAGS@`` and ``@C_FLAGS_DOC@``), the targets."""
     targets = ["host", *(board.make_target for board in BOARDS.values())]
-    values = {
-        "NAME": program,
-        "TARGETS": ", ".join(targets[:-1]) + " or " + targets[-1],
-        "BOARDS": boards,
-    }
+    values = {"NAME": program, "TARGETS": ", ".join(targets[:-1]) + " or " + targets[-1]}
     groups = {"C_FLAGS": C_FLAGS, "LIBS": LIBS, "ARM_FLAGS": ARM_FLAGS,
               "ARM_LINK_FLAGS": ARM_LINK_FLAGS, "QEMU_FLAGS": QEMU_FLAGS}
     for key, flags in groups.items():
         values[key] = " ".join(flag.value for flag in flags)
-        # Inside CMake's if() blocks the comments line up with the code.
-        values[f"{key}_DOC"] = _flag_comments(flags, indent="" if key in ("C_FLAGS", "LIBS") else indent)
-    text = template.read_text()
-    for key, value in values.items():
-        text = text.replace(f"@{key}@", value)
-    leftover = re.findall(r"@[A-Z_]+@", text)
-    assert not leftover, f"{template.name}: placeholders left unfilled: {leftover}"
-    return text
+        values[f"{key}_DOC"] = _flag_comments(flags)
+    return values
 
 
-def _flag_comments(flags: Sequence[Flag], *, indent: str = "") -> str:
+def _fill(template: Path, values: dict[str, str]) -> str:
+    """A template with each ``@KEY@`` replaced; a placeholder alone on its line may stand for
+    several lines, which keep its indentation."""
+    text = re.sub(r"^([ \t]*)@([A-Z_]+)@$",
+                  lambda match: textwrap.indent(values[match.group(2)], match.group(1)),
+                  template.read_text(), flags=re.M)
+    return re.sub(r"@([A-Z_]+)@", lambda match: values[match.group(1)], text)
+
+
+def _flag_comments(flags: Sequence[Flag]) -> str:
     width = max(20, *(len(flag.value) for flag in flags))
-    return "\n".join(f"{indent}#   {flag.value:<{width}}  {flag.why}" for flag in flags)
+    return "\n".join(f"#   {flag.value:<{width}}  {flag.why}" for flag in flags)
 
 
 def _make_boards() -> str:
-    blocks = []
-    for board in BOARDS.values():
-        blocks.append("\n".join([
-            f"# {board.make_target}: {board.description}",
-            _flag_comments(board.cpu_flags),
-            f"ifeq ($(MCU),{board.make_target})",
-            f"MACHINE := {board.machine}",
-            f"QEMU_CPU := {board.cpu}",
-            f"MCU_FLAGS := {' '.join(command_line(board.cpu_flags))}",
-            "endif",
-        ]))
-    return "\n".join(blocks)
+    return "\n".join("\n".join([
+        f"# {board.make_target}: {board.description}",
+        _flag_comments(board.cpu_flags),
+        f"ifeq ($(MCU),{board.make_target})",
+        f"MACHINE := {board.machine}",
+        f"QEMU_CPU := {board.cpu}",
+        f"MCU_FLAGS := {' '.join(command_line(board.cpu_flags))}",
+        "endif",
+    ]) for board in BOARDS.values())
 
 
 def _cmake_boards() -> str:
-    blocks = []
-    for board in BOARDS.values():
-        blocks.append("\n".join([
-            f"  # {board.make_target}: {board.description}",
-            _flag_comments(board.cpu_flags, indent="  "),
-            f'  if(DISTILLC_TARGET STREQUAL "{board.make_target}")',
-            f"    set(DISTILLC_MCU_FLAGS {' '.join(command_line(board.cpu_flags))})",
-            "  endif()",
-        ]))
-    return "\n".join(blocks)
+    return "\n".join("\n".join([
+        f"# {board.make_target}: {board.description}",
+        _flag_comments(board.cpu_flags),
+        f'if(DISTILLC_TARGET STREQUAL "{board.make_target}")',
+        f"  set(DISTILLC_MCU_FLAGS {' '.join(command_line(board.cpu_flags))})",
+        "endif()",
+    ]) for board in BOARDS.values())
 
 
 def _program_name(name: str) -> str:

@@ -276,7 +276,6 @@ def test_makefile_exit_status_is_the_programs_on_qemu(bundle):
     assert "distillc_model_run returned 7 on example 0" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 def test_bundle_cmake_builds_host_and_cortex_m7(bundle, inputs):
     write_bundle_build_files(bundle, name="fake", example_inputs=inputs)
     for build, options in (("cmake-host", []), ("cmake-m7", [

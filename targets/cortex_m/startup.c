@@ -148,15 +148,16 @@ static void write_hex_field(const char *label, uint32_t value)
     write_string(text);
 }
 
-/* Reports "distillc: <exception> pc=... cfsr=... hfsr=..." on the host's stdout through
- * SYS_WRITE0 (not stdio: the fault may have broken it) and stops the program. */
+/* Reports "distillc: <exception> ipsr=... pc=... cfsr=... hfsr=..." through SYS_WRITE0 (not
+ * stdio: the fault may have broken it; QEMU prints it on its stderr) and stops the program. */
 void distillc_report_exception(const uint32_t *frame, uint32_t exception)
 {
     static const char *const names[] = {"thread mode", "Reset", "NMI", "HardFault",
                                         "MemManage fault", "BusFault", "UsageFault"};
     write_string("\ndistillc: ");
-    write_string(exception < 7 ? names[exception] : "unexpected interrupt");
-    write_hex_field(" pc=", frame[6]); /* the stacked return address: where it happened */
+    write_string(exception < 7 ? names[exception] : "unexpected exception");
+    write_hex_field(" ipsr=", exception);
+    write_hex_field("pc=", frame[6]); /* the stacked return address: where it happened */
     write_hex_field("cfsr=", SCB_CFSR);
     write_hex_field("hfsr=", SCB_HFSR);
     write_string("\n");

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny specs that compile in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TINY_SPEC = """
+[distillc]
+spec_version = 1
+name = "tiny"
+seed = {seed}
+
+[data]
+source = "sklearn-digits"
+image_size = 8
+val_fraction = 0.25
+channels = 1
+
+[[teachers]]
+name = "vit"
+arch = "vit_tiny_patch4"
+depth = 1
+train = {{ epochs = {teacher_epochs}, batch_size = 256, lr = 3e-3 }}
+
+[student]
+arch = "mobilenetv2"
+width = 0.35
+last_channels = 32
+
+[[passes]]
+use = "distill.feature"
+teacher = "vit"
+epochs = {distill_epochs}
+batch_size = 256
+projector_hidden = 0
+{extra_passes}
+[[passes]]
+use = "eval.linear-probe"
+teachers = ["vit"]
+c = {probe_c}
+
+[target]
+use = "{target}"
+{target_options}
+"""
+
+
+def tiny_spec_text(*, seed: int = 0, teacher_epochs: int = 1, distill_epochs: int = 2, probe_c: float = 1.0,
+                   target: str = "host", target_options: str = "", extra_passes: str = "") -> str:
+    return textwrap.dedent(TINY_SPEC).format(seed=seed, teacher_epochs=teacher_epochs, distill_epochs=distill_epochs,
+                                             probe_c=probe_c, target=target, target_options=target_options,
+                                             extra_passes=extra_passes)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No installed third-party plugin and no shared cache leak into a test."""
+    monkeypatch.setenv("DISTILLC_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.delenv("DISTILLC_CACHE", raising=False)
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path):
+    """write_spec(text, name="spec.toml") -> path of a spec file in a fresh folder."""
+
+    def write(text: str, name: str = "spec.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write

@@ -1,0 +1,195 @@
+"""The typed pass pipeline and its build cache, proven by counting which passes ran."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import distillc
+from distillc.cache import ArtifactStore
+from distillc.errors import SpecError
+from distillc.pipeline import build_plan, compile_spec
+from distillc.plugin_manager import load_plugins
+from distillc.progress import SilentProgress
+from distillc.spec import load_spec
+from tests.conftest import tiny_spec_text
+
+ALL_STEPS = ["teacher:vit", "student", "distill.feature", "eval.linear-probe", "export.onnx", "simplify.onnxsim"]
+
+
+def compile_(path: Path, **kwargs):
+    return compile_spec(path, progress=SilentProgress(), **kwargs)
+
+
+def test_first_compile_runs_every_pass_and_writes_report(write_spec):
+    path = write_spec(tiny_spec_text())
+    result = compile_(path)
+    assert result.ran == ALL_STEPS
+    report = json.loads((path.parent / "build" / "tiny" / "report.json").read_text())
+    assert [row["id"] for row in report["plan"]] == ALL_STEPS
+    assert all(row["status"] == "ran" for row in report["plan"])
+    probe = report["metrics"]["eval.linear-probe"]
+    assert 0.0 <= probe["top1"] <= 1.0 and 0.0 <= probe["teachers"]["vit"] <= 1.0
+    assert Path(report["outputs"]["onnx"]).is_file()
+    assert result.final_path == path.parent / "build" / "tiny"
+
+
+def test_unchanged_spec_runs_nothing_and_is_ten_times_faster(write_spec):
+    path = write_spec(tiny_spec_text())
+    first = compile_(path)
+    second = compile_(path)
+    assert second.ran == []
+    assert [row["status"] for row in second.report["plan"]] == ["cached"] * len(ALL_STEPS)
+    assert second.report["total_seconds"] < first.report["total_seconds"] / 10
+    assert second.report["metrics"] == first.report["metrics"]
+
+
+def test_changing_a_later_pass_reruns_only_it_and_what_follows(write_spec):
+    path = write_spec(tiny_spec_text())
+    compile_(path)
+    path.write_text(tiny_spec_text(probe_c=0.5))
+    assert compile_(path).ran == ["eval.linear-probe", "export.onnx", "simplify.onnxsim"]
+
+
+def test_changing_the_target_never_retrains(write_spec):
+    path = write_spec(tiny_spec_text())
+    compile_(path)
+    path.write_text(tiny_spec_text(target="stm32h7", target_options="flash_kb = 1024"))
+    ran = compile_(path).ran
+    assert not {"teacher:vit", "student", "distill.feature"} & set(ran)
+
+
+def test_until_stops_after_the_named_pass(write_spec):
+    path = write_spec(tiny_spec_text())
+    result = compile_(path, until="distill.feature")
+    assert result.ran == ["teacher:vit", "student", "distill.feature"]
+    statuses = {row["id"]: row["status"] for row in result.report["plan"]}
+    assert statuses["export.onnx"] == "not run (--until)"
+    assert result.final_path == path.parent / "build" / "tiny"
+    assert compile_(path).ran == ["eval.linear-probe", "export.onnx", "simplify.onnxsim"]
+
+
+def test_force_reruns_one_pass_and_everything_after_it(write_spec):
+    path = write_spec(tiny_spec_text())
+    compile_(path)
+    assert compile_(path, force="eval.linear-probe").ran == ["eval.linear-probe", "export.onnx", "simplify.onnxsim"]
+    assert compile_(path).ran == []
+
+
+def test_unknown_until_or_force_names_the_valid_steps(write_spec):
+    path = write_spec(tiny_spec_text())
+    with pytest.raises(SpecError, match="--until: unknown pass 'distil'.*distill.feature"):
+        compile_(path, until="distil")
+
+
+def test_type_mismatch_is_a_plan_error_naming_both_passes(write_spec, tmp_path):
+    (tmp_path / "student.onnx").write_bytes(b"not really onnx")
+    text = tiny_spec_text().replace('arch = "mobilenetv2"\nwidth = 0.35\nlast_channels = 32', 'onnx = "student.onnx"')
+    plugins = load_plugins()
+    spec = load_spec(write_spec(text), plugins)
+    with pytest.raises(SpecError) as info:
+        build_plan(spec, plugins)
+    message = str(info.value)
+    assert "passes[0]" in message and "'distill.feature' takes TorchModel" in message
+    assert "'student'" in message and "makes OnnxModel" in message
+
+
+def test_plan_lists_target_backend_passes_and_cache_status(write_spec):
+    path = write_spec(tiny_spec_text())
+    plugins = load_plugins()
+    plan = build_plan(load_spec(path, plugins), plugins)
+    assert [s.id for s in plan.steps] == ALL_STEPS
+    assert [s.source for s in plan.steps][-2:] == ["target host", "target host"]
+    assert not any(s.cached for s in plan.steps)
+    compile_(path, until="student")
+    plan = build_plan(load_spec(path, plugins), plugins)
+    assert [s.cached for s in plan.steps] == [True, True, False, False, False, False]
+
+
+def test_cache_entries_carry_provenance(write_spec):
+    path = write_spec(tiny_spec_text())
+    result = compile_(path)
+    store = result.plan.store
+    step = next(s for s in result.plan.steps if s.id == "distill.feature")
+    record = store.record(step.key)
+    assert record["key"] == step.key and len(step.key) == 64
+    assert record["pass"] == "distill.feature" and record["version"] == "1"
+    assert record["config"]["teacher"] == "vit"
+    assert record["teachers"]["vit"] == result.plan.steps[0].key
+    assert record["input"] == result.plan.steps[1].key
+    assert record["versions"]["distillc"] == distillc.__version__ and "torch" in record["versions"]
+    assert record["artifact"]["kind"] == "TorchModel"
+
+
+def test_cache_key_changes_with_pass_version(write_spec, monkeypatch):
+    path = write_spec(tiny_spec_text())
+    plugins = load_plugins()
+    before = build_plan(load_spec(path, plugins), plugins).steps[2].key
+    monkeypatch.setattr(plugins.passes.get("distill.feature"), "version", "2")
+    after = build_plan(load_spec(path, plugins), plugins).steps
+    assert after[2].key != before
+    assert after[0].key == build_plan(load_spec(path, load_plugins()), load_plugins()).steps[0].key
+
+
+def test_a_crashing_pass_leaves_no_cache_entry(write_spec, monkeypatch):
+    path = write_spec(tiny_spec_text())
+    plugins = load_plugins()
+    probe = plugins.passes.get("eval.linear-probe")
+
+    def boom(self, artifact, ctx):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(probe, "run", boom)
+    with pytest.raises(Exception, match="simulated crash"):
+        compile_(path, plugins=plugins)
+    plan = build_plan(load_spec(path, plugins), plugins)
+    cached = {s.id: s.cached for s in plan.steps}
+    assert cached["distill.feature"] and not cached["eval.linear-probe"]
+    assert not any(plan.store.root.joinpath("tmp").iterdir())
+
+
+def test_interrupted_training_resumes_from_the_last_finished_epoch(write_spec, monkeypatch):
+    path = write_spec(tiny_spec_text(distill_epochs=3))
+    import distillc.training as training
+
+    real = training.run_epochs
+    calls: list[list[int]] = []
+
+    def run_epochs(**kwargs):
+        fn = kwargs["epoch_fn"]
+        epochs_seen: list[int] = []
+        calls.append(epochs_seen)
+        crash = kwargs["description"] == "distill.feature" and len(calls) == 2
+
+        def epoch_fn(epoch):
+            epochs_seen.append(epoch)
+            if crash and epoch == 2:
+                raise KeyboardInterrupt
+            return fn(epoch)
+
+        return real(**{**kwargs, "epoch_fn": epoch_fn})
+
+    monkeypatch.setattr(training, "run_epochs", run_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        compile_(path)
+    assert calls[1] == [0, 1, 2]
+    result = compile_(path)
+    assert calls[2] == [2]  # only the unfinished epoch runs again
+    assert result.ran[0] == "distill.feature"
+
+
+def test_store_save_is_atomic_and_replace_swaps_entries(tmp_path):
+    from distillc.artifacts import OnnxModel
+
+    store = ArtifactStore(tmp_path / "cache")
+    file = tmp_path / "m.onnx"
+    file.write_bytes(b"one")
+    store.save("ab" * 32, OnnxModel(path=file), {"metrics": {}})
+    file.write_bytes(b"two")
+    store.save("ab" * 32, OnnxModel(path=file), {"metrics": {}})  # same key: the first entry wins
+    assert store.load("ab" * 32).path.read_bytes() == b"one"
+    store.save("ab" * 32, OnnxModel(path=file), {"metrics": {}}, replace=True)
+    assert store.load("ab" * 32).path.read_bytes() == b"two"
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
