@@ -1,0 +1,91 @@
+"""distillc's INT8 backend: QCDQ ONNX -> integer Relax -> fused TIR kernels -> dependency-free C.
+
+Stages (each a plain function; the core wraps them as passes):
+
+==================  ===========================================  ==============================
+pass                function                                     artifact out
+==================  ===========================================  ==============================
+``tvm.import``      :func:`import_onnx` (path -> IRModule)        Relax, QCDQ as quantize/dequantize
+``tvm.int8``        :func:`lower_int8` (IRModule -> IRModule)     fused int8 TIR kernels + calls
+``plan-memory``     :func:`plan_memory` (Program -> MemoryPlan)   arena offsets, arena floor
+``codegen.c``       :func:`emit_c` (IRModule, dir -> manifest)    include/ + src/ of the bundle
+==================  ===========================================  ==============================
+
+:func:`compile_onnx_to_bundle` runs them all.  Heavy imports (tvm, torch, brevitas) happen
+inside the functions, so importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "compile_onnx_to_bundle",
+    "import_onnx",
+    "lower_int8",
+    "extract_program",
+    "plan_memory",
+    "emit_c",
+    "quantize",
+    "export_qcdq",
+]
+
+
+def import_onnx(onnx_path, *, pass_name: str = "tvm.import"):
+    """ONNX file -> Relax IRModule (see :mod:`.onnx_import`)."""
+    from .onnx_import import import_onnx as _import
+
+    return _import(onnx_path, pass_name=pass_name)
+
+
+def lower_int8(mod, allow_float_fallback: bool = False, *, pass_name: str = "tvm.int8"):
+    """QCDQ Relax -> fused, scheduled int8 kernels (see :mod:`.qdq_to_int8`, :mod:`.lowering`)."""
+    from .lowering import lower_int8 as _lower
+
+    return _lower(mod, allow_float_fallback=allow_float_fallback, pass_name=pass_name)
+
+
+def extract_program(mod, *, pass_name: str = "plan-memory"):
+    """Lowered IRModule -> :class:`.program.Program` (tensors and kernel calls in order)."""
+    from .program import extract_program as _extract
+
+    return _extract(mod, pass_name=pass_name)
+
+
+def plan_memory(prog_or_mod, *, pass_name: str = "plan-memory"):
+    """Program (or lowered IRModule) -> :class:`.memory.MemoryPlan`."""
+    from .memory import plan_memory as _plan
+    from .program import Program
+
+    prog = prog_or_mod if isinstance(prog_or_mod, Program) else extract_program(prog_or_mod)
+    return _plan(prog, pass_name=pass_name)
+
+
+def emit_c(mod, bundle_dir, *, name: str, plan=None, pass_name: str = "codegen.c") -> dict:
+    """Lowered IRModule -> C sources in ``bundle_dir``; returns the manifest entries."""
+    from .codegen import emit_c as _emit
+
+    return _emit(mod, bundle_dir, name=name, plan=plan, pass_name=pass_name)
+
+
+def compile_onnx_to_bundle(onnx_path, bundle_dir, *, name: str,
+                           allow_float_fallback: bool = False) -> dict:
+    """QCDQ ONNX file -> bundle sources (include/, src/) in ``bundle_dir``; returns the manifest
+    entries: input/output quantization, memory, layers, kernel count and MACs."""
+    mod = import_onnx(onnx_path)
+    lowered = lower_int8(mod, allow_float_fallback)
+    return emit_c(lowered, Path(bundle_dir), name=name)
+
+
+def quantize(model, calib, **kwargs):
+    """Brevitas post-training quantization (see :func:`.brevitas.quantize`)."""
+    from .brevitas import quantize as _quantize
+
+    return _quantize(model, calib, **kwargs)
+
+
+def export_qcdq(qmodel, example, path):
+    """Brevitas QCDQ ONNX export (see :func:`.brevitas.export_qcdq`)."""
+    from .brevitas import export_qcdq as _export
+
+    return _export(qmodel, example, path)

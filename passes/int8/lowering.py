@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from distillc.errors import PassError
 
-from .qdq_to_int8 import PASS_NAME, qdq_to_int8
+from .qdq_to_int8 import LAYERS_ATTR, PASS_NAME, qdq_to_int8
+
+KERNELS_ATTR = "distillc.kernels"
 
 
 def lower_int8(mod, *, allow_float_fallback: bool = False, pass_name: str = PASS_NAME):
@@ -30,20 +32,26 @@ def lower_int8(mod, *, allow_float_fallback: bool = False, pass_name: str = PASS
 
 def fuse_and_schedule(int_mod, *, pass_name: str = PASS_NAME):
     """Legalize, fuse and schedule an integer Relax module (output of ``qdq_to_int8``)."""
+    import json
+
     import tvm
     from tvm import relax, tirx
 
-    passes = tvm.transform.Sequential([
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(["main"]),
-    ])
+    layers = json.loads(str(int_mod.attrs[LAYERS_ATTR])) if LAYERS_ATTR in int_mod.attrs else {}
     try:
-        fused = passes(int_mod)
+        grouped = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FuseOps(),
+        ])(int_mod)
+        kernels = _group_layers(grouped, layers)
+        fused = tvm.transform.Sequential([
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(["main"]),
+        ])(grouped)
     except Exception as err:  # TVM raises its own error types
         raise PassError(pass_name, f"TVM failed to legalize/fuse the int8 graph: {err}") from err
+    fused = fused.with_attr(KERNELS_ATTR, json.dumps(kernels, sort_keys=True))
     updates = {}
     for gvar, func in fused.functions.items():
         if isinstance(func, tirx.PrimFunc):
@@ -54,6 +62,22 @@ def fuse_and_schedule(int_mod, *, pass_name: str = PASS_NAME):
     for gvar, func in updates.items():
         fused[gvar] = func
     return fused
+
+
+def _group_layers(grouped, layers: dict) -> dict:
+    """For each fused group: the layer (op kind, ONNX node) of its first recorded binding."""
+    from tvm import relax
+
+    table = {}
+    for gvar, func in grouped.functions.items():
+        if not isinstance(func, relax.Function) or gvar.name_hint == "main":
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                info = layers.get(binding.var.name)
+                if info is not None and gvar.name_hint not in table:
+                    table[gvar.name_hint] = {**info, "var": binding.var.name}
+    return table
 
 
 def schedule_kernel(func):

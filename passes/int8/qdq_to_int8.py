@@ -33,6 +33,7 @@ from .onnx_import import NODE_MAP_ATTR, sanitize_name
 from .requant import choose_shift, fixed_point, round_half_even
 
 QUANT_ATTR = "distillc.quant"
+LAYERS_ATTR = "distillc.layers"
 PASS_NAME = "tvm.int8"
 
 _INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767),
@@ -91,6 +92,7 @@ class Accum:
     shape: tuple
     lo: float = -math.inf
     hi: float = math.inf
+    kind: str = "requantize"  # what produced the accumulator, for the manifest's layer table
 
     @property
     def clamped(self) -> bool:
@@ -156,6 +158,8 @@ class _Rewriter:
         node_map = attrs[NODE_MAP_ATTR] if attrs is not None and NODE_MAP_ATTR in attrs else {}
         self.node_map = {str(k): str(v) for k, v in dict(node_map).items()}
         self.values: dict = {}
+        self.layers: dict[str, dict] = {}
+        self.used_names: set[str] = set()
         self.boundary = _Boundary()
         self.bb = None
         self.input_param = None
@@ -177,6 +181,7 @@ class _Rewriter:
         self.input_param = relax.Var(sanitize_name(param.name) + "_int8", relax.TensorType(shape, "int8"))
 
         others = {gv: f for gv, f in self.mod.functions.items() if gv.name_hint != "main"}
+        self._propagate_labels(func)
         self.bb = relax.BlockBuilder(tvm.IRModule(others))
         with self.bb.function("main", [self.input_param], attrs={"num_input": 1}):
             with self.bb.dataflow():
@@ -192,15 +197,55 @@ class _Rewriter:
         new_mod = self.bb.get()
         quant = {"input": self.boundary.input, "output": self.boundary.output,
                  "float_fallback": self.boundary.fallback}
-        attrs = {NODE_MAP_ATTR: self.node_map, QUANT_ATTR: json.dumps(quant, sort_keys=True)}
+        attrs = {NODE_MAP_ATTR: self.node_map, QUANT_ATTR: json.dumps(quant, sort_keys=True),
+                 LAYERS_ATTR: json.dumps(self.layers, sort_keys=True)}
         for key, value in attrs.items():
             new_mod = new_mod.with_attr(key, value)
         return new_mod
 
+    def _propagate_labels(self, func) -> None:
+        """Give intermediate variables of a multi-binding ONNX node (Conv = conv2d + bias add)
+        the label of the node: the first labelled variable that consumes them."""
+        from tvm import relax
+
+        consumers: dict[str, list[str]] = {}
+        order = []
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                order.append(binding.var.name)
+                value = binding.value
+                args = list(value.args) if isinstance(value, relax.Call) else [value]
+                for arg in args:
+                    if isinstance(arg, relax.Var):
+                        consumers.setdefault(arg.name, []).append(binding.var.name)
+        for name in reversed(order):
+            if name in self.node_map:
+                continue
+            for user in consumers.get(name, []):
+                if user in self.node_map:
+                    self.node_map[name] = self.node_map[user]
+                    break
+
     def label(self, var) -> str:
-        name = var.name
-        node = self.node_map.get(name)
-        return f"{node}" if node else name
+        return self.node_map.get(var.name, var.name)
+
+    def node_name(self, var) -> str:
+        """A unique Relax variable name derived from the ONNX node that produced ``var``."""
+        label = self.node_map.get(var.name)
+        base = sanitize_name(label.rsplit(" (", 1)[0]) if label else sanitize_name(var.name)
+        name, i = base, 1
+        while name in self.used_names:
+            i += 1
+            name = f"{base}_{i}"
+        self.used_names.add(name)
+        return name
+
+    def emit_layer(self, expr, var, kind: str, macs: int = 0):
+        """Emit the anchor op of a layer, named after its ONNX node, and record it."""
+        name = self.node_name(var)
+        out = self.bb.emit(expr, name_hint=name)
+        self.layers[name] = {"op": kind, "node": self.label(var), "macs": int(macs)}
+        return out
 
     def error(self, message: str) -> PassError:
         return PassError(self.pass_name, message)
@@ -265,7 +310,7 @@ class _Rewriter:
         new_args = [self.materialize(a, orig) for a, orig in zip(args, call.args)]
         new_call = relax.Call(call.op, new_args, call.attrs, call.ty_args)
         self.boundary.fallback.append(f"{short} at {self.current}")
-        return FloatValue(self.emit(new_call, sanitize_name(var.name) + "_float"))
+        return FloatValue(self.emit_layer(new_call, var, f"float_{short}"))
 
     # -- conversions ----------------------------------------------------------------------------
 
@@ -368,7 +413,7 @@ class _Rewriter:
 
     # -- requantization -------------------------------------------------------------------------
 
-    def requantize(self, acc: Accum, scale: float, zp: int, dtype: str, name: str) -> IntTensor:
+    def requantize(self, acc: Accum, scale: float, zp: int, dtype: str, var) -> IntTensor:
         """Emit the fixed-point requantization of ``acc`` to ``dtype`` with ``scale``/``zp``."""
         from tvm import relax
 
@@ -400,7 +445,7 @@ class _Rewriter:
             rounded = self.emit(relax.op.add(rounded, relax.const(np.int64(zp), "int64")))
         clipped = self.emit(relax.op.clip(rounded, relax.prim_value(_int_imm(lo, "int64")),
                                           relax.prim_value(_int_imm(hi, "int64"))))
-        out = self.emit(relax.op.astype(clipped, dtype), name)
+        out = self.emit_layer(relax.op.astype(clipped, dtype), var, acc.kind)
         return IntTensor(out, dtype, acc.shape)
 
     # -- constants ------------------------------------------------------------------------------
@@ -438,7 +483,6 @@ def _h_quantize(rw: _Rewriter, var, call, args):
         raise rw.error(f"QuantizeLinear '{rw.current}' is per-channel; activations must be per-tensor")
     scale = float(scale_c.value.reshape(()))
     zp = int(zp_c.value.reshape(()))
-    name = sanitize_name(var.name)
     if isinstance(data, FloatInput):
         return rw.quantize_input(var, data, scale, zp, dtype)
     if isinstance(data, Const):
@@ -450,13 +494,14 @@ def _h_quantize(rw: _Rewriter, var, call, args):
     ):
         return data.q
     if isinstance(data, FloatValue):
-        out = rw.emit(relax.op.quantize(data.expr, relax.const(np.float32(scale)),
-                                        relax.const(zp, dtype), axis=-1, out_dtype=dtype), name)
+        out = rw.emit_layer(relax.op.quantize(data.expr, relax.const(np.float32(scale)),
+                                              relax.const(zp, dtype), axis=-1, out_dtype=dtype),
+                            var, "float_quantize")
         return IntTensor(out, dtype, _shape_of(var))
     acc = rw.to_accum(data)
     if acc is None:
         return None
-    return rw.requantize(acc, scale, zp, dtype, name)
+    return rw.requantize(acc, scale, zp, dtype, var)
 
 
 def _quantize_const(data: Const, scale_c: Const, zp_c: Const, call) -> Const:
@@ -503,28 +548,28 @@ def _h_clip(rw: _Rewriter, var, call, args):
             return None
         return Const(np.clip(data.value, lo, hi).astype(data.value.dtype))
     if isinstance(data, IntTensor):
-        out = rw.emit(relax.op.clip(data.expr, relax.prim_value(_int_imm(int(lo), data.dtype)),
-                                    relax.prim_value(_int_imm(int(hi), data.dtype))),
-                      sanitize_name(var.name))
+        out = rw.emit_layer(relax.op.clip(data.expr, relax.prim_value(_int_imm(int(lo), data.dtype)),
+                                          relax.prim_value(_int_imm(int(hi), data.dtype))),
+                            var, "clip")
         return IntTensor(out, data.dtype, data.shape)
     acc = rw.to_accum(data)
     if acc is None:
         return None
-    return Accum(acc.terms, acc.shape, max(acc.lo, float(lo)), min(acc.hi, float(hi)))
+    return Accum(acc.terms, acc.shape, max(acc.lo, float(lo)), min(acc.hi, float(hi)), acc.kind)
 
 
 def _h_relu(rw: _Rewriter, var, call, args):
     acc = rw.to_accum(args[0])
     if acc is None:
         return None
-    return Accum(acc.terms, acc.shape, max(acc.lo, 0.0), acc.hi)
+    return Accum(acc.terms, acc.shape, max(acc.lo, 0.0), acc.hi, acc.kind)
 
 
 def _h_relu6(rw: _Rewriter, var, call, args):
     acc = rw.to_accum(args[0])
     if acc is None:
         return None
-    return Accum(acc.terms, acc.shape, max(acc.lo, 0.0), min(acc.hi, 6.0))
+    return Accum(acc.terms, acc.shape, max(acc.lo, 0.0), min(acc.hi, 6.0), acc.kind)
 
 
 def _h_max_min(rw: _Rewriter, var, call, args, *, is_max: bool):
@@ -542,8 +587,8 @@ def _h_max_min(rw: _Rewriter, var, call, args, *, is_max: bool):
     if acc is None:
         return None
     if is_max:
-        return Accum(acc.terms, acc.shape, max(acc.lo, bound_value), acc.hi)
-    return Accum(acc.terms, acc.shape, acc.lo, min(acc.hi, bound_value))
+        return Accum(acc.terms, acc.shape, max(acc.lo, bound_value), acc.hi, acc.kind)
+    return Accum(acc.terms, acc.shape, acc.lo, min(acc.hi, bound_value), acc.kind)
 
 
 def _h_conv2d(rw: _Rewriter, var, call, args):
@@ -560,14 +605,16 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
         raise rw.error(f"conv '{rw.current}': weight scales must be per output channel or per tensor")
     w_int = weight.q - weight.zp
     w_dtype = "int8" if w_int.min() >= -128 and w_int.max() <= 127 else "int16"
-    name = sanitize_name(var.name)
-    conv = rw.emit(relax.op.nn.conv2d(
+    groups = int(attrs.groups)
+    kind = "depthwise_conv2d" if groups > 1 and groups == data.q.shape[1] else "conv2d"
+    conv = rw.emit_layer(relax.op.nn.conv2d(
         rw.centered(data), relax.const(w_int.astype(w_dtype)),
         strides=[int(s) for s in attrs.strides], padding=[int(p) for p in attrs.padding],
         dilation=[int(d) for d in attrs.dilation], groups=int(attrs.groups),
-        data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"), name)
+        data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"), var, kind,
+        macs=int(np.prod(_shape_of(var))) * int(np.prod(w_int.shape[1:])))
     scale = (np.float64(np.float32(data.scale)) * w_scale).reshape(1, -1, 1, 1)
-    return Accum([Term(conv, scale)], _shape_of(var))
+    return Accum([Term(conv, scale)], _shape_of(var), kind=kind)
 
 
 def _h_matmul(rw: _Rewriter, var, call, args):
@@ -583,11 +630,11 @@ def _h_matmul(rw: _Rewriter, var, call, args):
         raise rw.error(f"matmul '{rw.current}': weight scales must be per output feature")
     w_int = b.q - b.zp
     w_dtype = "int8" if w_int.min() >= -128 and w_int.max() <= 127 else "int16"
-    name = sanitize_name(var.name)
-    mm = rw.emit(relax.op.matmul(rw.centered(a), relax.const(w_int.astype(w_dtype)),
-                                 out_dtype="int32"), name)
+    mm = rw.emit_layer(relax.op.matmul(rw.centered(a), relax.const(w_int.astype(w_dtype)),
+                                       out_dtype="int32"), var, "dense",
+                       macs=int(np.prod(_shape_of(var))) * int(w_int.shape[0]))
     scale = (np.float64(np.float32(a.scale)) * w_scale).reshape(1, -1)
-    return Accum([Term(mm, scale)], _shape_of(var))
+    return Accum([Term(mm, scale)], _shape_of(var), kind="dense")
 
 
 def _h_add(rw: _Rewriter, var, call, args, *, sign: float = 1.0):
@@ -613,14 +660,13 @@ def _h_add(rw: _Rewriter, var, call, args, *, sign: float = 1.0):
             raise rw.error(f"bias of '{rw.current}' does not fit in int32 at the accumulator scale")
         out_rank = len(acc.shape)
         bias = bias.reshape((1,) * (out_rank - bias.ndim) + bias.shape) if bias.ndim < out_rank else bias
-        new_expr = rw.emit(relax.op.add(term.expr, relax.const(bias.astype(np.int32))),
-                           sanitize_name(var.name))
-        return Accum([Term(new_expr, term.scale)] + acc.terms[1:], _shape_of(var))
+        new_expr = rw.emit(relax.op.add(term.expr, relax.const(bias.astype(np.int32))))
+        return Accum([Term(new_expr, term.scale)] + acc.terms[1:], _shape_of(var), kind=acc.kind)
     left, right = rw.to_accum(a), rw.to_accum(b)
     if left is None or right is None or left.clamped or right.clamped:
         return None
     right_terms = [Term(t.expr, t.scale * sign) for t in right.terms]
-    return Accum(left.terms + right_terms, _shape_of(var))
+    return Accum(left.terms + right_terms, _shape_of(var), kind="add" if sign > 0 else "subtract")
 
 
 def _h_multiply(rw: _Rewriter, var, call, args):
@@ -636,18 +682,18 @@ def _h_multiply(rw: _Rewriter, var, call, args):
     if acc is None:
         return None
     terms = [Term(t.expr, t.scale * factor) for t in acc.terms]
-    return Accum(terms, acc.shape, acc.lo * factor, acc.hi * factor)
+    return Accum(terms, acc.shape, acc.lo * factor, acc.hi * factor, acc.kind)
 
 
-def _window_sum(rw: _Rewriter, value: Dequant, pool, strides, padding, dilation, name):
+def _window_sum(rw: _Rewriter, value: Dequant, pool, strides, padding, dilation, var):
     """Sum of each pooling window of ``value - zp`` as an int32 depthwise conv with ones."""
     from tvm import relax
 
     channels = value.q.shape[1]
     ones = np.ones((channels, 1, pool[0], pool[1]), dtype=np.int8)
-    return rw.emit(relax.op.nn.conv2d(
+    return rw.emit_layer(relax.op.nn.conv2d(
         rw.centered(value), relax.const(ones), strides=strides, padding=padding,
-        dilation=dilation, groups=channels, out_dtype="int32"), name)
+        dilation=dilation, groups=channels, out_dtype="int32"), var, "avg_pool")
 
 
 def _h_avg_pool2d(rw: _Rewriter, var, call, args):
@@ -668,9 +714,9 @@ def _h_avg_pool2d(rw: _Rewriter, var, call, args):
     floor_w = (in_w + padding[1] + padding[3] - dilation[1] * (pool[1] - 1) - 1) // strides[1] + 1
     if (floor_h, floor_w) != tuple(out_shape[2:]):
         raise rw.error(f"average pool '{rw.current}' in ceil mode has partial windows")
-    summed = _window_sum(rw, data, pool, strides, padding, dilation, sanitize_name(var.name))
+    summed = _window_sum(rw, data, pool, strides, padding, dilation, var)
     scale = np.asarray(np.float64(np.float32(data.scale)) / (pool[0] * pool[1]))
-    return Accum([Term(summed, scale)], out_shape)
+    return Accum([Term(summed, scale)], out_shape, kind="avg_pool")
 
 
 def _h_global_mean(rw: _Rewriter, var, call, args):
@@ -692,11 +738,10 @@ def _h_global_mean(rw: _Rewriter, var, call, args):
             return None
         axes, keepdims = [2, 3], True
     count = int(np.prod([data.q.shape[a] for a in axes]))
-    name = sanitize_name(var.name)
     wide = rw.emit(relax.op.astype(rw.centered(data), "int32"))
-    summed = rw.emit(relax.op.sum(wide, axis=axes, keepdims=keepdims), name)
+    summed = rw.emit_layer(relax.op.sum(wide, axis=axes, keepdims=keepdims), var, "global_avg_pool")
     scale = np.asarray(np.float64(np.float32(data.scale)) / count)
-    return Accum([Term(summed, scale)], _shape_of(var))
+    return Accum([Term(summed, scale)], _shape_of(var), kind="global_avg_pool")
 
 
 def _h_max_pool2d(rw: _Rewriter, var, call, args):
@@ -706,11 +751,11 @@ def _h_max_pool2d(rw: _Rewriter, var, call, args):
     if not isinstance(data, Dequant):
         return None
     attrs = call.attrs
-    out = rw.emit(relax.op.nn.max_pool2d(
+    out = rw.emit_layer(relax.op.nn.max_pool2d(
         data.q.expr, pool_size=[int(p) for p in attrs.pool_size],
         strides=[int(s) for s in attrs.strides], padding=[int(p) for p in attrs.padding],
         dilation=[int(d) for d in attrs.dilation], ceil_mode=bool(attrs.ceil_mode),
-        layout=str(attrs.layout)), sanitize_name(var.name))
+        layout=str(attrs.layout)), var, "max_pool")
     return Dequant(IntTensor(out, data.q.dtype, _shape_of(var)), data.scale, data.zero_point)
 
 
@@ -721,15 +766,15 @@ def _h_layout(rw: _Rewriter, var, call, args):
     data = args[0]
     if isinstance(data, Const):
         return rw.layout_const(call, data)
-    name = sanitize_name(var.name)
     rest = list(call.args[1:])
+    kind = str(call.op.name).replace("relax.", "")
     if isinstance(data, Dequant):
-        out = rw.emit(relax.Call(call.op, [data.q.expr] + rest, call.attrs, call.ty_args), name)
+        out = rw.emit_layer(relax.Call(call.op, [data.q.expr] + rest, call.attrs, call.ty_args), var, kind)
         return Dequant(IntTensor(out, data.q.dtype, _shape_of(var)), data.scale, data.zero_point)
     if isinstance(data, Accum) and all(t.scale.size == 1 for t in data.terms):
         terms = [Term(rw.emit(relax.Call(call.op, [t.expr] + rest, call.attrs, call.ty_args)),
                       t.scale.reshape(())) for t in data.terms]
-        return Accum(terms, _shape_of(var), data.lo, data.hi)
+        return Accum(terms, _shape_of(var), data.lo, data.hi, data.kind)
     return None
 
 
@@ -746,8 +791,8 @@ def _h_concat(rw: _Rewriter, var, call, args):
     if not all(p.q.dtype == first.q.dtype and p.zero_point == first.zero_point
                and _same_scale(p.scale, first.scale) for p in parts):
         return None
-    out = rw.emit(relax.op.concat([p.q.expr for p in parts], axis=int(call.attrs.axis)),
-                  sanitize_name(var.name))
+    out = rw.emit_layer(relax.op.concat([p.q.expr for p in parts], axis=int(call.attrs.axis)),
+                        var, "concat")
     return Dequant(IntTensor(out, first.q.dtype, _shape_of(var)), first.scale, first.zero_point)
 
 

@@ -1,0 +1,445 @@
+"""C code generation (the ``codegen.c`` stage): TVM ``c`` kernels plus distillc's own executor.
+
+The bundle needs no TVM runtime.  TVM's ``c`` target emits an exported function with the
+TVM-FFI packed calling convention for every *public* PrimFunc, but a *private* PrimFunc whose
+parameters are plain pointers (``T.handle`` + ``T.decl_buffer``) and that is called from
+another PrimFunc comes out as an ordinary C function: ``void k(int8_t* a, ..., int8_t* out)``.
+So each kernel is rewritten to pointer parameters, a throw-away public entry calls them all,
+and only the kernel definitions are kept from the generated source.
+
+Files written into ``bundle_dir``:
+
+* ``include/distillc_model.h``  public API: sizes, shapes, quantization, the two run functions;
+* ``src/distillc_kernels.c``    the kernels (pure integer C unless float fallback was allowed);
+* ``src/distillc_weights.c``    every constant as a ``const`` array (flash);
+* ``src/distillc_model.c``      the executor: one static arena, one call per kernel;
+* ``src/distillc_model_float.c`` ``distillc_model_run_float`` (quantize in, dequantize out);
+* ``src/distillc_internal.h``   kernel prototypes and weight declarations.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from distillc.errors import PassError
+
+from .memory import MemoryPlan, plan_memory
+from .program import ACTIVATION, CONST, INPUT, OUTPUT, Program, extract_program
+
+PREFIX = "distillc"
+
+_C_TYPES = {
+    "int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "uint16": "uint16_t",
+    "int32": "int32_t", "uint32": "uint32_t", "int64": "int64_t", "uint64": "uint64_t",
+    "float32": "float", "bool": "bool",
+}
+
+
+def emit_c(mod, bundle_dir, *, name: str, prog: Program | None = None,
+           plan: MemoryPlan | None = None, pass_name: str = "codegen.c") -> dict:
+    """Write the C sources of a lowered module into ``bundle_dir``; return the manifest dict."""
+    if prog is None:
+        prog = extract_program(mod, pass_name=pass_name)
+    if plan is None:
+        plan = plan_memory(prog, pass_name=pass_name)
+    bundle_dir = Path(bundle_dir)
+    (bundle_dir / "include").mkdir(parents=True, exist_ok=True)
+    (bundle_dir / "src").mkdir(parents=True, exist_ok=True)
+
+    kernel_names = _kernel_names(prog)
+    kernel_src, signatures = build_kernels(mod, prog, kernel_names, pass_name=pass_name)
+    weight_names = {t.id: f"{PREFIX}_w{i}" for i, t in enumerate(
+        t for t in prog.tensors if t.kind == CONST)}
+
+    files = {
+        "include/distillc_model.h": _public_header(prog, plan, name),
+        "src/distillc_internal.h": _internal_header(prog, signatures, weight_names, name),
+        "src/distillc_kernels.c": _kernels_file(kernel_src, name),
+        "src/distillc_weights.c": _weights_file(prog, weight_names, name),
+        "src/distillc_model.c": _executor_file(prog, plan, kernel_names, signatures, weight_names, name),
+        "src/distillc_model_float.c": _float_api_file(name),
+    }
+    for rel, text in files.items():
+        (bundle_dir / rel).write_text(text, encoding="utf-8", newline="\n")
+    return manifest(prog, plan, kernel_names, files=sorted(files))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+def _kernel_names(prog: Program) -> dict:
+    """TVM kernel name -> C function name, numbered in order of first call."""
+    names: dict[str, str] = {}
+    for step in prog.steps:
+        if step.kernel not in names:
+            op = re.sub(r"[^0-9a-z_]+", "_", step.op.lower()).strip("_") or "kernel"
+            names[step.kernel] = f"{PREFIX}_k{len(names):02d}_{op}"
+    return names
+
+
+def build_kernels(mod, prog: Program, kernel_names: dict, *, pass_name: str = "codegen.c"):
+    """Generate C for every kernel with TVM's ``c`` target.
+
+    Returns ``(source, signatures)``: the concatenated kernel definitions and, per C name, the
+    list of C parameter types (``int8_t *`` ...).
+    """
+    import tvm
+    from tvm import tirx
+
+    first_step = {}
+    for step in prog.steps:
+        first_step.setdefault(step.kernel, step)
+    funcs = {}
+    entry_params, calls, signatures = [], [], {}
+    for tvm_name, c_name in kernel_names.items():
+        prim = mod[tvm_name]
+        step = first_step[tvm_name]
+        roles = [_role(prog.tensor(t).kind, i) for i, t in enumerate(step.args)] + ["out"]
+        if len(roles) != len(prim.params):
+            raise PassError(pass_name, f"kernel {tvm_name} takes {len(prim.params)} buffers "
+                                       f"but is called with {len(roles)}")
+        kernel, types = _pointer_params(prim, roles)
+        signatures[c_name] = types
+        gvar = tvm.ir.GlobalVar(c_name)
+        funcs[gvar] = kernel
+        handles = [tirx.Var(f"{c_name}_{r}", p.ty) for r, p in zip(roles, kernel.params)]
+        entry_params.extend(handles)
+        calls.append(tirx.Evaluate(tvm.ir.Call(gvar, handles, ret_ty="void")))
+    entry = tirx.PrimFunc(entry_params, tirx.SeqStmt(calls) if len(calls) > 1 else calls[0])
+    funcs[tvm.ir.GlobalVar(f"{PREFIX}_entry")] = entry.with_attr("global_symbol", f"{PREFIX}_entry")
+    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+        try:
+            lib = tvm.tirx.build(tvm.IRModule(funcs), target="c")
+        except Exception as err:
+            raise PassError(pass_name, f"TVM's C backend failed: {err}") from err
+    source = lib.inspect_source()
+    parts = [_extract_function(source, c_name, pass_name) for c_name in kernel_names.values()]
+    return "\n".join(parts), signatures
+
+
+def _role(kind: str, index: int) -> str:
+    return f"w{index}" if kind == CONST else f"in{index}"
+
+
+def _pointer_params(prim, roles):
+    """The PrimFunc with each Buffer parameter replaced by a typed pointer + ``decl_buffer``."""
+    import tvm
+    from tvm import tirx
+
+    params, decls, types = [], [], []
+    for role, buf in zip(roles, prim.params):
+        dtype = str(buf.dtype)
+        handle = tirx.Var(role, tvm.ir.PointerType(tvm.ir.PrimType(dtype), "global"))
+        params.append(handle)
+        decls.append(tirx.DeclBuffer(buf, data=handle))
+        types.append(f"{_C_TYPES[dtype]} *")
+    attrs = {k: v for k, v in prim.attrs.items() if k != "global_symbol"} if prim.attrs else {}
+    kernel = tirx.PrimFunc(params, tirx.SeqStmt(decls + [prim.body]))
+    for key, value in attrs.items():
+        kernel = kernel.with_attr(key, value)
+    return kernel, types
+
+
+def _extract_function(source: str, c_name: str, pass_name: str) -> str:
+    """Cut one function definition out of TVM's generated C and make it self-contained."""
+    lines = source.splitlines()
+    start = None
+    for i, line in enumerate(lines):
+        if re.match(rf"^(TVM_DLL )?void {re.escape(c_name)}\(.*\) \{{$", line):
+            start = i
+            break
+    if start is None:
+        raise PassError(pass_name, f"kernel {c_name} missing from TVM's generated C")
+    end = lines.index("}", start)
+    body = lines[start:end + 1]
+    body[0] = body[0].replace("TVM_DLL ", "")
+    text = "\n".join(body) + "\n"
+    if re.search(r"\bTVM\w*|\btvm\w*|__tvm", text):
+        raise PassError(pass_name, f"kernel {c_name} still calls into the TVM runtime")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _banner(name: str, what: str) -> str:
+    return f"/* {what} of distillc model \"{name}\". Generated by distillc; do not edit. */\n"
+
+
+def _c_float(value: float) -> str:
+    text = np.format_float_scientific(np.float32(value), unique=True, trim="0")
+    if "e" not in text:
+        text += "e+00"
+    mantissa, exp = text.split("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    elif mantissa.endswith("."):
+        mantissa += "0"
+    return f"{mantissa}e{exp}f"
+
+
+def _public_header(prog: Program, plan: MemoryPlan, name: str) -> str:
+    inp, out = prog.quant["input"], prog.quant["output"]
+    weights = sum(t.nbytes for t in prog.tensors if t.kind == CONST)
+
+    def shape_macros(prefix, quant):
+        shape = quant["shape"]
+        lines = [
+            f"#define DISTILLC_{prefix}_SIZE {int(np.prod(shape))}",
+            f"#define DISTILLC_{prefix}_RANK {len(shape)}",
+            f"#define DISTILLC_{prefix}_SHAPE {{{', '.join(str(d) for d in shape)}}}",
+        ]
+        lines += [f"#define DISTILLC_{prefix}_DIM{i} {d}" for i, d in enumerate(shape)]
+        lines += [
+            f"#define DISTILLC_{prefix}_SCALE {_c_float(quant['scale'])}",
+            f"#define DISTILLC_{prefix}_ZERO_POINT ({int(quant['zero_point'])})",
+        ]
+        return "\n".join(lines)
+
+    return f"""{_banner(name, "Public C API")}#ifndef DISTILLC_MODEL_H
+#define DISTILLC_MODEL_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+#define DISTILLC_MODEL_NAME "{_c_string(name)}"
+
+/* Input: int8, row-major in the model's layout; real value = (q - ZERO_POINT) * SCALE. */
+{shape_macros("INPUT", inp)}
+
+/* Output: int8, row-major; real value = (q - ZERO_POINT) * SCALE. */
+{shape_macros("OUTPUT", out)}
+
+/* RAM: one static arena for all activations (lower bound {plan.floor_bytes} bytes). */
+#define DISTILLC_ARENA_BYTES {plan.arena_bytes}
+/* Flash: weights, biases and requantization multipliers. */
+#define DISTILLC_WEIGHTS_BYTES {weights}
+
+/* Runs the model on one int8 input. Returns 0 on success, -1 if a pointer is NULL.
+ * Not reentrant: the activation arena is static. */
+int distillc_model_run(const int8_t *input, int8_t *output);
+
+/* Quantizes a float input with the input scale/zero point, runs the model and dequantizes
+ * the output. Returns what distillc_model_run returns. Uses DISTILLC_INPUT_SIZE +
+ * DISTILLC_OUTPUT_SIZE bytes of static RAM besides the arena. */
+int distillc_model_run_float(const float *input, float *output);
+
+#ifdef __cplusplus
+}}
+#endif
+
+#endif /* DISTILLC_MODEL_H */
+"""
+
+
+def _c_string(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _internal_header(prog: Program, signatures: dict, weight_names: dict, name: str) -> str:
+    lines = [_banner(name, "Kernel and weight declarations").rstrip(), "#ifndef DISTILLC_INTERNAL_H",
+             "#define DISTILLC_INTERNAL_H", "", "#include <stdint.h>", ""]
+    for c_name, types in signatures.items():
+        params = ", ".join(types)
+        lines.append(f"void {c_name}({params});")
+    lines.append("")
+    for tid, wname in weight_names.items():
+        t = prog.tensor(tid)
+        lines.append(f"extern const {_C_TYPES[t.dtype]} {wname}[{max(1, t.data.size)}];")
+    lines += ["", "#endif /* DISTILLC_INTERNAL_H */", ""]
+    return "\n".join(lines)
+
+
+def _kernels_file(kernel_src: str, name: str) -> str:
+    return (f"{_banner(name, 'Kernels (TVM c target)')}"
+            "#include <math.h>\n#include <stdbool.h>\n#include <stdint.h>\n\n"
+            '#include "distillc_internal.h"\n\n' + kernel_src)
+
+
+def _weights_file(prog: Program, weight_names: dict, name: str) -> str:
+    out = [_banner(name, "Weights, biases and requantization multipliers (flash)"),
+           '#include <stdint.h>\n\n#include "distillc_internal.h"\n']
+    for tid, wname in weight_names.items():
+        t = prog.tensor(tid)
+        flat = np.asarray(t.data).reshape(-1)
+        if flat.size == 0:
+            flat = np.zeros(1, dtype=t.data.dtype)
+        shape = "x".join(str(d) for d in t.shape) or "scalar"
+        out.append(f"\n/* {t.dtype} {shape} */\n")
+        out.append(f"const {_C_TYPES[t.dtype]} {wname}[{flat.size}] = {{\n")
+        items = [_c_literal(v, t.dtype) for v in flat.tolist()]
+        per_line = 16 if t.dtype in ("int8", "uint8", "int16") else 8
+        for i in range(0, len(items), per_line):
+            out.append("    " + ", ".join(items[i:i + per_line]) + ",\n")
+        out.append("};\n")
+    return "".join(out)
+
+
+def _c_literal(value, dtype: str) -> str:
+    if dtype == "float32":
+        return _c_float(value)
+    if dtype == "bool":
+        return "1" if value else "0"
+    value = int(value)
+    if dtype == "int64":
+        return "(-9223372036854775807LL - 1)" if value == -(2**63) else f"{value}LL"
+    if dtype == "int32" and value == -(2**31):
+        return "(-2147483647 - 1)"
+    if dtype.startswith("uint") and dtype != "uint8":
+        return f"{value}u"
+    return str(value)
+
+
+def _executor_file(prog: Program, plan: MemoryPlan, kernel_names: dict, signatures: dict,
+                   weight_names: dict, name: str) -> str:
+    uses_arena = plan.arena_bytes > 0
+    lines = [_banner(name, "Ahead-of-time executor").rstrip(),
+             "#include <stddef.h>", "#include <stdint.h>", "",
+             '#include "distillc_model.h"', '#include "distillc_internal.h"', ""]
+    if uses_arena:
+        lines += [
+            f"/* Every activation lives at a planned offset of this arena ({plan.arena_bytes} bytes;",
+            f" * the largest set of tensors alive at one step needs {plan.floor_bytes} bytes). */",
+            "static union {",
+            "    uint8_t bytes[DISTILLC_ARENA_BYTES];",
+            "    int64_t align;",
+            "} distillc_arena;",
+            "",
+        ]
+    lines += ["int distillc_model_run(const int8_t *input, int8_t *output)", "{"]
+    if uses_arena:
+        lines += ["    uint8_t *const arena = distillc_arena.bytes;", ""]
+    lines += ["    if (input == NULL || output == NULL) {", "        return -1;", "    }"]
+    for step in prog.steps:
+        c_name = kernel_names[step.kernel]
+        types = signatures[c_name]
+        in_shape = _first_activation_shape(prog, step)
+        out_t = prog.tensor(step.out)
+        lines.append(f"    /* {step.index}: {step.op} {step.name}: {in_shape} -> {out_t.shape} */")
+        args = []
+        for ctype, tid in zip(types, list(step.args) + [step.out]):
+            args.append(f"({ctype.strip()}){_pointer_expr(prog.tensor(tid), plan, weight_names)}")
+        lines.append(f"    {c_name}({', '.join(args)});")
+    lines += ["    return 0;", "}", ""]
+    return "\n".join(lines)
+
+
+def _first_activation_shape(prog: Program, step) -> tuple:
+    for tid in step.args:
+        if prog.tensor(tid).kind != CONST:
+            return prog.tensor(tid).shape
+    return ()
+
+
+def _pointer_expr(tensor, plan: MemoryPlan, weight_names: dict) -> str:
+    if tensor.kind == INPUT:
+        return "input"
+    if tensor.kind == OUTPUT:
+        return "output"
+    if tensor.kind == CONST:
+        return weight_names[tensor.id]
+    if tensor.kind == ACTIVATION:
+        return f"(arena + {plan.offsets[tensor.id]})"
+    raise ValueError(tensor.kind)
+
+
+def _float_api_file(name: str) -> str:
+    return f"""{_banner(name, "Float convenience API")}#include <stdint.h>
+
+#include "distillc_model.h"
+
+/* Round half to even (as onnxruntime's QuantizeLinear does), without libm. */
+static int32_t distillc_round_half_even(float value)
+{{
+    int32_t whole;
+    float frac;
+
+    if (!(value == value)) {{
+        return 0;
+    }}
+    if (value > 1.0e6f) {{
+        value = 1.0e6f;
+    }} else if (value < -1.0e6f) {{
+        value = -1.0e6f;
+    }}
+    whole = (int32_t)value;
+    frac = value - (float)whole;
+    if (frac > 0.5f || (frac == 0.5f && (whole & 1))) {{
+        whole += 1;
+    }} else if (frac < -0.5f || (frac == -0.5f && (whole & 1))) {{
+        whole -= 1;
+    }}
+    return whole;
+}}
+
+int distillc_model_run_float(const float *input, float *output)
+{{
+    static int8_t quantized_input[DISTILLC_INPUT_SIZE];
+    static int8_t quantized_output[DISTILLC_OUTPUT_SIZE];
+    int32_t i;
+    int status;
+
+    if (input == 0 || output == 0) {{
+        return -1;
+    }}
+    for (i = 0; i < DISTILLC_INPUT_SIZE; ++i) {{
+        int32_t q = distillc_round_half_even(input[i] / DISTILLC_INPUT_SCALE) + DISTILLC_INPUT_ZERO_POINT;
+        quantized_input[i] = (int8_t)(q < -128 ? -128 : (q > 127 ? 127 : q));
+    }}
+    status = distillc_model_run(quantized_input, quantized_output);
+    if (status != 0) {{
+        return status;
+    }}
+    for (i = 0; i < DISTILLC_OUTPUT_SIZE; ++i) {{
+        output[i] = (float)((int32_t)quantized_output[i] - DISTILLC_OUTPUT_ZERO_POINT) * DISTILLC_OUTPUT_SCALE;
+    }}
+    return 0;
+}}
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest
+
+
+def manifest(prog: Program, plan: MemoryPlan, kernel_names: dict, files=()) -> dict:
+    """The bundle's manifest entries (the lead adds versions, spec hash and verification)."""
+    layers = []
+    for step in prog.steps:
+        out_t = prog.tensor(step.out)
+        layers.append({
+            "name": step.name,
+            "node": step.node,
+            "op": step.op,
+            "input_shape": list(_first_activation_shape(prog, step)),
+            "output_shape": list(out_t.shape),
+            "macs": int(step.macs),
+            "weight_bytes": int(sum(prog.tensor(t).nbytes for t in step.args
+                                    if prog.tensor(t).kind == CONST)),
+            "kernel": kernel_names[step.kernel],
+        })
+    weights = sum(t.nbytes for t in prog.tensors if t.kind == CONST)
+    return {
+        "input": dict(prog.quant["input"]),
+        "output": dict(prog.quant["output"]),
+        "memory": {
+            "arena_bytes": int(plan.arena_bytes),
+            "arena_floor_bytes": int(plan.floor_bytes),
+            "weights_bytes": int(weights),
+            "arena_above_floor": bool(plan.above_floor),
+            "plan_strategy": plan.strategy,
+        },
+        "layers": layers,
+        "kernels": len(kernel_names),
+        "macs": int(sum(step.macs for step in prog.steps)),
+        "float_fallback": list(prog.quant.get("float_fallback", [])),
+        "files": list(files),
+    }
