@@ -99,6 +99,44 @@ class TorchModel(Artifact):
 
 
 @dataclass
+class QuantTorchModel(TorchModel):
+    """A Brevitas-quantized student: the float recipe, the quantization settings, and the
+    quantized state dict (folded weights and learned scales).
+
+    Rebuilding re-applies the same graph quantization to a fresh float module and loads the
+    state, which reproduces the quantized model exactly.
+    """
+
+    kind: ClassVar[str] = "QuantTorchModel"
+    quant: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, plugins: "Plugins") -> "torch.nn.Module":
+        import torch
+
+        from distillc.passes.int8.brevitas import quantize
+
+        float_model = plugins.students.get(self.arch)(**self.options).eval()
+        shape = (0, self.options.get("in_chans", 3), self.options["image_size"], self.options["image_size"])
+        qmodel = quantize(float_model, torch.zeros(shape), **self.quant)
+        qmodel.load_state_dict(self.state, strict=True)
+        return qmodel.eval()
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        _write_json(directory / "quant.json", self.quant)
+
+    @classmethod
+    def load(cls, directory: Path) -> "QuantTorchModel":
+        base = TorchModel.load(directory)
+        quant = json.loads((directory / "quant.json").read_text())
+        return cls(role=base.role, arch=base.arch, options=base.options, state=base.state, meta=base.meta,
+                   quant=quant)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "quant": self.quant}
+
+
+@dataclass
 class FileArtifact(Artifact):
     """An artifact that is one file (``filename`` inside the cache entry) plus JSON metadata."""
 

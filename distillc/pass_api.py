@@ -48,6 +48,8 @@ class Pass(abc.ABC):
       the cache key.
     - ``Config``: a :class:`PassConfig` subclass describing the pass's spec keys.
     - ``takes`` / ``makes``: artifact types; ``takes = None`` for a source (first) pass.
+    - ``passthrough``: the pass only measures; it returns its input, whose type it keeps
+      (``makes`` is then the widest type it can return, for listings).
     - ``uses_data``: whether the dataset's fingerprint belongs in the cache key.
     - ``tools``: distributions whose versions belong in the cache key (e.g. ``("torch",)``).
     """
@@ -58,6 +60,7 @@ class Pass(abc.ABC):
     Config: ClassVar[type[PassConfig]] = PassConfig
     takes: ClassVar[type[Artifact] | tuple[type[Artifact], ...] | None] = None
     makes: ClassVar[type[Artifact]]
+    passthrough: ClassVar[bool] = False
     uses_data: ClassVar[bool] = False
     tools: ClassVar[tuple[str, ...]] = ()
 
@@ -86,11 +89,18 @@ class Pass(abc.ABC):
         return " | ".join(t.kind for t in types)
 
     @classmethod
+    def output_type(cls, input_type: type[Artifact] | None) -> type[Artifact]:
+        """The artifact type this pass makes from ``input_type``."""
+        return input_type if cls.passthrough and input_type is not None else cls.makes
+
+    @classmethod
     def accepts(cls, artifact_type: type[Artifact] | None) -> bool:
         if cls.takes is None or artifact_type is None:
             return cls.takes is None and artifact_type is None
+        # Exact types: a QuantTorchModel is stored like a TorchModel, but a pass that trains a
+        # float model must not receive one unless it says so.
         types = cls.takes if isinstance(cls.takes, tuple) else (cls.takes,)
-        return any(issubclass(artifact_type, t) for t in types)
+        return artifact_type in types
 
 
 @dataclass

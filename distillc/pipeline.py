@@ -43,6 +43,8 @@ class Step:
     teacher_ids: dict[str, str] = field(default_factory=dict)
     key: str = ""
     cached: bool = False
+    #: the artifact type this step makes (known once the plan is linked)
+    makes: Any = None
 
     @property
     def name(self) -> str:
@@ -51,7 +53,7 @@ class Step:
     def describe(self) -> dict[str, Any]:
         cls = type(self.pass_)
         return {"id": self.id, "pass": cls.name, "version": cls.version, "source": self.source,
-                "takes": cls.takes_names(), "makes": cls.makes.kind, "key": self.key}
+                "takes": cls.takes_names(), "makes": (self.makes or cls.makes).kind, "key": self.key}
 
 
 @dataclass
@@ -172,15 +174,17 @@ def _link_and_check(steps: list[Step], spec: Spec) -> None:
     previous: Step | None = None
     for step in steps:
         step.teacher_ids = {name: teacher_ids[name] for name in step.pass_.teachers()}
-        if not step.flow:
-            continue
         cls = type(step.pass_)
-        made = type(previous.pass_).makes if previous else None
+        if not step.flow:
+            step.makes = cls.makes
+            continue
+        made = previous.makes if previous else None
         if previous is not None and not cls.accepts(made):
             raise SpecError(
                 f"{step.source}: pass {step.id!r} takes {cls.takes_names()}, but the pass before it, "
                 f"{previous.id!r} ({previous.source}), makes {made.kind}")
         step.input_id = previous.id if previous else None
+        step.makes = cls.output_type(made)
         previous = step
 
 
@@ -324,8 +328,8 @@ def _run_step(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReport
     except Exception as exc:
         raise InternalPassError(step.id, exc) from exc
     seconds = time.perf_counter() - t0
-    made = type(step.pass_).makes
-    if not isinstance(result, PassResult) or not isinstance(result.artifact, made):
+    made = step.makes
+    if not isinstance(result, PassResult) or type(result.artifact) is not made:
         raise InternalPassError(step.id, TypeError(f"expected a PassResult holding a {made.kind}, got {result!r}"))
     record = {"pass": step.name, "id": step.id, "version": type(step.pass_).version,
               "config": step.pass_.config.model_dump(mode="json"),
@@ -349,9 +353,8 @@ def _publish_outputs(plan: Plan, artifact_of: Any, stop_at: int) -> dict[str, st
     outputs: dict[str, str] = {}
     last: dict[str, Step] = {}
     for step in plan.steps[: stop_at + 1]:
-        makes = type(step.pass_).makes
-        if step.flow and makes in (OnnxModel, Bundle):
-            last[makes.kind] = step
+        if step.flow and step.makes in (OnnxModel, Bundle):
+            last[step.makes.kind] = step
     if "OnnxModel" in last:
         target = plan.workdir / "model.onnx"
         shutil.copyfile(artifact_of(last["OnnxModel"].id).path, target)

@@ -30,6 +30,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "distillc.passes.sources",
     "distillc.passes.distill_feature",
     "distillc.passes.eval_probe",
+    "distillc.passes.quantize_brevitas",
     "distillc.passes.export_onnx",
     "distillc.passes.simplify_onnx",
     "distillc.targets.builtin",

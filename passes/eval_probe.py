@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field
 
 from distillc import hookimpl
-from distillc.artifacts import TorchModel
+from distillc.artifacts import QuantTorchModel, TorchModel
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 
@@ -20,8 +20,9 @@ from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 class LinearProbe(Pass):
     name = "eval.linear-probe"
     description = "top-1 of a logistic-regression probe on frozen features (student and teachers)"
-    takes = TorchModel
+    takes = (TorchModel, QuantTorchModel)
     makes = TorchModel
+    passthrough = True
     uses_data = True
     tools = ("torch", "scikit-learn")
 
@@ -37,26 +38,34 @@ class LinearProbe(Pass):
         if not data.labelled:
             raise PassError(self.name, f"the linear probe needs labelled validation data; {data.name} has none")
         student = artifact.build(ctx.plugins)
-        metrics: dict[str, Any] = {"top1": self.probe(student, data, embed=False), "params": count_params(student)}
-        if self.config.teachers:
-            metrics["teachers"] = {name: self.probe(ctx.teachers[name].build(ctx.plugins), data, embed=True)
-                                   for name in self.config.teachers}
+        cfg = self.config
+        metrics: dict[str, Any] = {"top1": linear_probe_top1(student, data, c=cfg.c, max_iter=cfg.max_iter),
+                                   "params": count_params(student)}
+        if cfg.teachers:
+            metrics["teachers"] = {
+                name: linear_probe_top1(ctx.teachers[name].build(ctx.plugins), data, embed=True, c=cfg.c,
+                                        max_iter=cfg.max_iter)
+                for name in cfg.teachers}
         return PassResult(artifact, metrics)
 
-    def probe(self, module: Any, data: Any, *, embed: bool) -> float:
-        """Top-1 (fraction in 0..1) of a logistic regression on ``module``'s features."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
 
-        from distillc.training import embed_all
+def linear_probe_top1(module: Any, data: Any, *, embed: bool = False, c: float = 1.0, max_iter: int = 2000) -> float:
+    """Top-1 (fraction in 0..1) of a logistic regression on ``module``'s frozen features.
 
-        fn = (lambda m, b: m.embed(b)) if embed else None
-        train = embed_all(module, data.train_x, fn=fn).numpy()
-        val = embed_all(module, data.val_x, fn=fn).numpy()
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=self.config.c, max_iter=self.config.max_iter))
-        clf.fit(train, data.train_y.numpy())
-        return float((clf.predict(val) == data.val_y.numpy()).mean())
+    ``embed=True`` reads ``module.embed(x)`` (teachers); otherwise ``module(x)`` (students).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from distillc.training import embed_all
+
+    fn = (lambda m, b: m.embed(b)) if embed else None
+    train = embed_all(module, data.train_x, fn=fn).numpy()
+    val = embed_all(module, data.val_x, fn=fn).numpy()
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+    clf.fit(train, data.train_y.numpy())
+    return float((clf.predict(val) == data.val_y.numpy()).mean())
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""``export.onnx``: the student as an ONNX graph (float here; QCDQ for a quantized student).
+"""``export.onnx``: the student as an ONNX graph: float, or QCDQ for a Brevitas-quantized student.
 
 The export is checked, not trusted: onnxruntime runs the exported graph on validation images and
 the largest difference from PyTorch's output is reported (``max_abs_diff``).
@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import Field
 
 from distillc import hookimpl
-from distillc.artifacts import OnnxModel, TorchModel
+from distillc.artifacts import OnnxModel, QuantTorchModel, TorchModel
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 
@@ -22,10 +22,10 @@ OUTPUT_NAME = "output"
 class ExportOnnx(Pass):
     name = "export.onnx"
     description = "export the student to ONNX and check it with onnxruntime"
-    takes = TorchModel
+    takes = (TorchModel, QuantTorchModel)
     makes = OnnxModel
     uses_data = True
-    tools = ("torch", "onnx", "onnxruntime")
+    tools = ("torch", "onnx", "onnxruntime", "brevitas")
 
     class Config(PassConfig):
         opset: int = Field(13, ge=13, le=21)
@@ -39,12 +39,17 @@ class ExportOnnx(Pass):
         sample = ctx.data.val_x[: self.config.check_images]
         path = ctx.scratch / "model.onnx"
         with torch.no_grad():
-            torch.onnx.export(model, (sample[:1],), str(path), opset_version=self.config.opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamo=False)
+            if isinstance(artifact, QuantTorchModel):
+                from distillc.passes.int8.brevitas import export_qcdq
+
+                export_qcdq(model, sample[:1], path)
+            else:
+                torch.onnx.export(model, (sample[:1],), str(path), opset_version=self.config.opset,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamo=False)
             expected = model(sample).numpy()
         diff = check_with_onnxruntime(path, sample.numpy(), expected, self.name, self.config.tolerance)
         meta = {"input_shape": [1, *sample.shape[1:]], "output_shape": [1, *expected.shape[1:]],
-                "embed_dim": artifact.meta.get("embed_dim")}
+                "embed_dim": artifact.meta.get("embed_dim"), "quantized": isinstance(artifact, QuantTorchModel)}
         return PassResult(OnnxModel(path=path, meta=meta), {"max_abs_diff": diff, "onnx_bytes": path.stat().st_size})
 
 

@@ -1,0 +1,64 @@
+"""quantize.brevitas-qat and the QCDQ export: the quantized student survives the cache exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distillc.artifacts import QuantTorchModel
+from distillc.pipeline import compile_spec
+from distillc.plugin_manager import load_plugins
+from distillc.progress import SilentProgress
+from tests.conftest import tiny_spec_text
+
+QAT = """[[passes]]
+use = "quantize.brevitas-qat"
+teacher = "vit"
+epochs = 1
+batch_size = 512
+calib_images = 32
+"""
+
+
+def test_qat_reports_fp32_and_int8_and_exports_qcdq_that_onnxruntime_reproduces(write_spec):
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    path = write_spec(tiny_spec_text(extra_passes=QAT))
+    plugins = load_plugins()
+    result = compile_spec(path, progress=SilentProgress(), plugins=plugins, until="export.onnx")
+    qat = result.report["metrics"]["quantize.brevitas-qat"]
+    assert 0.0 <= qat["fp32"]["top1"] <= 1.0 and 0.0 <= qat["int8"]["top1"] <= 1.0
+    # The probe after QAT measures the quantized student.
+    assert result.report["metrics"]["eval.linear-probe"]["top1"] == qat["int8"]["top1"]
+    assert result.report["metrics"]["export.onnx"]["max_abs_diff"] == 0.0
+
+    onnx_path = result.artifact.path
+    ops = {node.op_type for node in onnx.load(str(onnx_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+
+    # The quantized student rebuilt from the cache equals onnxruntime on the exported graph.
+    qat_step = next(s for s in result.plan.steps if s.id == "quantize.brevitas-qat")
+    stored = result.plan.store.load(qat_step.key)
+    assert isinstance(stored, QuantTorchModel) and stored.quant["weight_bits"] == 8
+    model = stored.build(plugins)
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    got = np.concatenate([session.run(None, {name: x[i:i + 1].numpy()})[0] for i in range(4)])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_quantized_student_cannot_be_trained_as_a_float_one(write_spec):
+    from distillc.errors import SpecError
+    from distillc.pipeline import build_plan
+    from distillc.spec import load_spec
+
+    import pytest
+
+    text = tiny_spec_text(extra_passes=QAT + '[[passes]]\nuse = "distill.feature"\nteacher = "vit"\n')
+    plugins = load_plugins()
+    with pytest.raises(SpecError, match="'distill.feature#2' takes TorchModel.*makes QuantTorchModel"):
+        build_plan(load_spec(write_spec(text), plugins), plugins)
