@@ -64,7 +64,8 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
             if _state["debug"]:
                 err.print(traceback.format_exc(), markup=False)
             else:
-                frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+                origin = exc.__cause__ or exc  # a crashing pass: point at the pass's own code
+                frame = traceback.extract_tb(origin.__traceback__)[-1] if origin.__traceback__ else None
                 where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
                 err.print(f"[bold red]internal error:[/] {_escape(str(exc))}{where}", soft_wrap=True)
                 err.print("this is a bug in distillc or a plugin; rerun with --debug for the traceback")

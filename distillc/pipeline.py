@@ -43,6 +43,8 @@ class Step:
     teacher_ids: dict[str, str] = field(default_factory=dict)
     key: str = ""
     cached: bool = False
+    #: everything the cache key is the hash of (also written to run.json as provenance)
+    key_payload: dict[str, Any] = field(default_factory=dict)
     #: the artifact type this step makes (known once the plan is linked)
     makes: Any = None
 
@@ -123,7 +125,8 @@ def build_plan(spec: Spec, plugins: Plugins, *, workdir: Path | None = None,
     data_fp = _data_fingerprint_once(spec, plugins)
     keys: dict[str, str] = {}
     for step in steps:
-        step.key = cache_key(_key_payload(step, keys, data_fp, spec))
+        step.key_payload = _key_payload(step, keys, data_fp, spec)
+        step.key = cache_key(step.key_payload)
         keys[step.id] = step.key
         step.cached = store.has(step.key)
     return Plan(spec=spec, steps=steps, workdir=Path(workdir) if workdir else default_workdir(spec), store=store)
@@ -331,12 +334,7 @@ def _run_step(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReport
     made = step.makes
     if not isinstance(result, PassResult) or type(result.artifact) is not made:
         raise InternalPassError(step.id, TypeError(f"expected a PassResult holding a {made.kind}, got {result!r}"))
-    record = {"pass": step.name, "id": step.id, "version": type(step.pass_).version,
-              "config": step.pass_.config.model_dump(mode="json"),
-              "input": artifact_key(plan, step.input_id),
-              "teachers": {n: artifact_key(plan, t) for n, t in step.teacher_ids.items()},
-              "metrics": result.metrics, "seconds": round(seconds, 3),
-              "versions": {"distillc": __version__, **{t: _dist_version(t) for t in type(step.pass_).tools}}}
+    record = {**step.key_payload, "id": step.id, "metrics": result.metrics, "seconds": round(seconds, 3)}
     same_as = artifact_key(plan, step.input_id) if result.artifact is input_artifact else None
     store.save(step.key, result.artifact, record, same_as=same_as, replace=forced)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -355,15 +353,17 @@ def _publish_outputs(plan: Plan, artifact_of: Any, stop_at: int) -> dict[str, st
     for step in plan.steps[: stop_at + 1]:
         if step.flow and step.makes in (OnnxModel, Bundle):
             last[step.makes.kind] = step
+    onnx_target, bundle_target = plan.workdir / "model.onnx", plan.workdir / "bundle"
+    # Outputs of an earlier, longer run would contradict this run's report.
+    onnx_target.unlink(missing_ok=True)
+    shutil.rmtree(bundle_target, ignore_errors=True)
+    shutil.rmtree(plan.workdir / ".scratch", ignore_errors=True)
     if "OnnxModel" in last:
-        target = plan.workdir / "model.onnx"
-        shutil.copyfile(artifact_of(last["OnnxModel"].id).path, target)
-        outputs["onnx"] = str(target)
+        shutil.copyfile(artifact_of(last["OnnxModel"].id).path, onnx_target)
+        outputs["onnx"] = str(onnx_target)
     if "Bundle" in last:
-        target = plan.workdir / "bundle"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(artifact_of(last["Bundle"].id).path, target)
-        outputs["bundle"] = str(target)
+        shutil.copytree(artifact_of(last["Bundle"].id).path, bundle_target)
+        outputs["bundle"] = str(bundle_target)
     return outputs
 
 

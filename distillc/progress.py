@@ -101,7 +101,7 @@ class RichProgress(ProgressReporter):
         elif steps:
             total = f"/{handle.total}" if handle.total else ""
             self.console.print(f"  {handle.description}: {handle.unit} {handle.done}{total}  {handle.summary()}",
-                               highlight=False)
+                               highlight=False, markup=False)
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, markup=False)

@@ -104,7 +104,9 @@ class TeacherLoad(Pass):
     tools = ("torch",)
 
     class Config(_ArchConfig):
-        checkpoint: str
+        # The file's location is not part of the cache key (exclude=True), its content hash is:
+        # moving a project or sharing a cache does not retrain anything.
+        checkpoint: str = Field(exclude=True)
         sha256: str
 
     def run(self, artifact: None, ctx: PassContext) -> PassResult:
@@ -130,7 +132,7 @@ class StudentInit(Pass):
     tools = ("torch",)
 
     class Config(_ArchConfig):
-        checkpoint: str | None = None
+        checkpoint: str | None = Field(None, exclude=True)
         checkpoint_sha256: str | None = None
 
     def run(self, artifact: None, ctx: PassContext) -> PassResult:
@@ -162,7 +164,7 @@ class StudentOnnx(Pass):
     tools = ("onnx",)
 
     class Config(PassConfig):
-        path: str
+        path: str = Field(exclude=True)
         sha256: str
 
     def run(self, artifact: None, ctx: PassContext) -> PassResult:

@@ -193,3 +193,25 @@ def test_store_save_is_atomic_and_replace_swaps_entries(tmp_path):
     store.save("ab" * 32, OnnxModel(path=file), {"metrics": {}}, replace=True)
     assert store.load("ab" * 32).path.read_bytes() == b"two"
     assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+
+
+def test_a_moved_checkpoint_keeps_its_cache_key(write_spec, tmp_path):
+    """Keys hold a checkpoint's content hash, not its location: moving a project retrains nothing."""
+    from safetensors.torch import save_file
+
+    from distillc.plugins.models.vit import build_vit
+
+    state = build_vit("vit_tiny_patch4", img_size=8, in_chans=1, depth=1).state_dict()
+    keys = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / folder / "vit.safetensors"))
+        text = tiny_spec_text().replace("train = { epochs = 1, batch_size = 256, lr = 3e-3 }",
+                                        'checkpoint = "vit.safetensors"')
+        spec_path = tmp_path / folder / "spec.toml"
+        spec_path.write_text(text)
+        plugins = load_plugins()
+        keys.append(build_plan(load_spec(spec_path, plugins), plugins).steps[0].key)
+    assert keys[0] == keys[1]
+    result = compile_(tmp_path / "a" / "spec.toml", until="teacher:vit")
+    assert result.ran == ["teacher:vit"] and result.report["metrics"]["teacher:vit"]["params"] > 0
