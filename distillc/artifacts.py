@@ -164,12 +164,55 @@ class OnnxModel(FileArtifact):
     filename: ClassVar[str] = "model.onnx"
 
 
+REFERENCE_ONNX = "reference.onnx"
+
+
+@dataclass
+class Int8Program(Artifact):
+    """A lowered integer program: kernel C, the call sequence, constants, and (once planned) the
+    arena plan.  TVM 0.27 cannot serialise Relax modules holding constants, so the backend
+    caches this plain form instead (``program.json``, ``constants.bin``, ``kernels.c``).
+    """
+
+    kind: ClassVar[str] = "Int8Program"
+    path: Path
+    plan: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def program(self) -> Any:
+        from distillc.passes.int8.program import Program
+
+        return Program.load(self.path)
+
+    @property
+    def reference_onnx(self) -> Path:
+        """The ONNX model this program was lowered from (kept for verification)."""
+        return self.path / REFERENCE_ONNX
+
+    def save(self, directory: Path) -> None:
+        shutil.copytree(self.path, directory / "program")
+        _write_json(directory / "plan.json", {"plan": self.plan, "meta": self.meta})
+
+    @classmethod
+    def load(cls, directory: Path) -> "Int8Program":
+        info = json.loads((directory / "plan.json").read_text())
+        return cls(path=directory / "program", plan=info["plan"], meta=info["meta"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "planned": self.plan is not None, "meta": self.meta}
+
+
 @dataclass
 class Bundle(Artifact):
-    """The compiler's product: a directory of C sources, build files and ``manifest.json``."""
+    """The compiler's product: a directory of C sources, build files and ``manifest.json``.
+
+    ``reference`` is the ONNX model the bundle was compiled from; verification compares the
+    bundle's outputs with onnxruntime on it.
+    """
 
     kind: ClassVar[str] = "Bundle"
     path: Path
+    reference: Path | None = None
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -177,10 +220,13 @@ class Bundle(Artifact):
 
     def save(self, directory: Path) -> None:
         shutil.copytree(self.path, directory / "bundle")
+        if self.reference is not None:
+            shutil.copyfile(self.reference, directory / "reference.onnx")
 
     @classmethod
     def load(cls, directory: Path) -> "Bundle":
-        return cls(path=directory / "bundle")
+        reference = directory / "reference.onnx"
+        return cls(path=directory / "bundle", reference=reference if reference.exists() else None)
 
 
 def artifact_class_path(cls: type[Artifact]) -> str:

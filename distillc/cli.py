@@ -43,7 +43,12 @@ def _main(
 
 
 def handled(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn errors into exit statuses: DistillcError -> 2, anything else -> 1."""
+    """Turn errors into exit statuses: DistillcError -> 2, anything else -> 1.
+
+    Ctrl-C (KeyboardInterrupt) exits with 130, the shell's convention for a process ended by
+    SIGINT (128 + 2), after a line saying that finished epochs are checkpointed and a re-run
+    resumes them.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -92,9 +97,13 @@ def _load(spec_path: Path) -> tuple[Any, Any]:
 @app.command()
 @handled
 def validate(spec: Path = typer.Argument(..., help="The spec file (spec.toml).")) -> None:
-    """Check a spec without running anything."""
-    _, resolved = _load(spec)
-    out.print(f"{spec}: valid ({len(resolved.passes)} passes, target {resolved.file.target.use!r})")
+    """Check a spec and its plan (artifact types of every step) without running or caching anything."""
+    from distillc.pipeline import build_plan
+
+    plugins, resolved = _load(spec)
+    the_plan = build_plan(resolved, plugins)  # reads the cache's state, writes nothing
+    out.print(f"{spec}: valid ({len(resolved.passes)} passes, target {resolved.file.target.use!r}, "
+              f"{len(the_plan.steps)} steps planned)")
 
 
 @app.command()
@@ -164,7 +173,9 @@ def targets() -> None:
         table.add_column(column)
     for entry in plugins.targets:
         cls = entry.obj
-        backend = " -> ".join(name for name, _ in cls(cls.Config()).backend_passes())
+        from distillc.artifacts import TorchModel
+
+        backend = " -> ".join(name for name, _ in cls(cls.Config()).backend_passes(TorchModel))
         table.add_row(entry.name, backend, f"{entry.plugin} ({plugins.origin(entry.plugin)})", cls.description)
     out.print(table)
 
@@ -201,6 +212,55 @@ def inspect(bundle: Path = typer.Argument(..., help="A bundle directory (with ma
         out.print(table)
     if manifest.get("matryoshka_dims"):
         out.print(f"Matryoshka dims: {manifest['matryoshka_dims']}")
+
+
+@app.command("run")
+@handled
+def run_bundle(
+    bundle: Path = typer.Argument(..., help="A bundle directory (with manifest.json)."),
+    input: Path = typer.Option(..., "--input", help="float32 .npy in the manifest's input shape (a leading batch allowed)."),
+    output: Path = typer.Option(..., "--output", help="Where to write the output .npy."),
+    qemu: bool = typer.Option(False, "--qemu", help="Run on the emulated Cortex-M board (QEMU) instead of the host."),
+    raw: bool = typer.Option(False, "--raw", help="Write the int8 output as the C code produced it."),
+) -> None:
+    """Build the bundle's C, run it on an input, write the output (dequantized unless --raw)."""
+    import tempfile
+
+    import numpy as np
+
+    from distillc.passes.codegen_c import quantize_inputs
+    from distillc.targets.runner import run_on_host, run_on_qemu
+
+    manifest_path = bundle / "manifest.json"
+    if not manifest_path.is_file():
+        raise DistillcError(f"{bundle}: not a bundle (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    try:
+        x = np.load(input, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DistillcError(f"--input {input}: cannot read a .npy array ({exc})") from None
+    shape = tuple(manifest["input"]["shape"])
+    per_item = int(np.prod(shape[1:]))
+    if x.dtype.kind != "f" or x.size % per_item or x.shape[-len(shape) + 1:] != shape[1:]:
+        raise DistillcError(f"--input {input}: expected float32 of shape {list(shape)} (or [n, {', '.join(map(str, shape[1:]))}]), "
+                            f"got {x.dtype} {list(x.shape)}")
+    batch = x.reshape(-1, *shape[1:])
+    q = quantize_inputs(batch, manifest["input"])
+    with tempfile.TemporaryDirectory(prefix="distillc-run-") as work:
+        if qemu:
+            machine = {"max78000": "mps2-an386"}.get(manifest.get("target", {}).get("name"), "mps2-an500")
+            result = run_on_qemu(bundle, q, Path(work), machine=machine)
+            outputs = result.outputs
+            err.print(f"{machine}: {result.instructions_per_inference} instructions per inference")
+        else:
+            outputs = run_on_host(bundle, q, Path(work))
+    out_shape = (len(batch), *manifest["output"]["shape"][1:])
+    outputs = outputs.reshape(out_shape)
+    if not raw:
+        quant = manifest["output"]
+        outputs = ((outputs.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"]))
+    np.save(output, outputs)
+    out.print(f"wrote {output} ({outputs.dtype}, shape {list(outputs.shape)})")
 
 
 # -- summary ----------------------------------------------------------------------------------

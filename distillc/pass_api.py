@@ -25,9 +25,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class PassConfig(BaseModel):
-    """Base of every pass's config: unknown keys are errors, values are validated."""
+    """Base of every pass's config: unknown keys are errors, values are validated.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict: a spec's TOML gives real types, so ``epochs = "3"`` is refused rather than coerced
+    (an int still fits a float key).  A list key is ``list[...]`` (strict mode refuses a TOML
+    list for ``tuple[...]``); a ``Path`` key needs ``Annotated[Path, Strict(False)]`` to take a
+    string.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 @dataclass
@@ -107,10 +113,13 @@ class Pass(abc.ABC):
 class PassContext:
     """Everything a running pass may use besides its input artifact.
 
-    ``teachers`` maps each teacher name the pass asked for to its loaded artifact.  ``scratch`` is
-    an empty directory the pass may write to (files an artifact points at are copied into the
-    cache).  ``checkpoint_dir`` survives an interrupted run so training resumes from the last
-    finished epoch.
+    ``teachers`` maps each teacher name the pass asked for to its loaded artifact, and
+    ``teacher_keys`` to that artifact's cache key.  ``scratch`` is an empty directory the pass may
+    write to (files an artifact points at are copied into the cache).  ``checkpoint_dir``
+    survives an interrupted run so training resumes from the last finished epoch.
+    ``derived_dir`` is a cache folder shared by all runs for data derived from cached
+    artifacts (e.g. a frozen teacher's targets), keyed by whoever writes there.
+    ``data_fingerprint`` identifies the dataset (see ``DatasetSource.fingerprint``).
     """
 
     spec: "Spec"
@@ -122,6 +131,9 @@ class PassContext:
     step_id: str
     load_data: Callable[[], Any]
     teachers: dict[str, Artifact] = field(default_factory=dict)
+    teacher_keys: dict[str, str] = field(default_factory=dict)
+    derived_dir: Path | None = None
+    data_fingerprint: str = ""
 
     @property
     def seed(self) -> int:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from distillc import __version__
 from distillc.artifacts import Artifact, Bundle, OnnxModel
 from distillc.cache import ArtifactStore, cache_key
@@ -26,7 +28,7 @@ from distillc.errors import DistillcError, PluginError, SpecError
 from distillc.pass_api import Pass, PassContext, PassResult
 from distillc.plugin_manager import Plugins
 from distillc.progress import ProgressReporter, SilentProgress
-from distillc.spec import Spec
+from distillc.spec import Spec, format_validation_error
 
 CACHE_ENV = "DISTILLC_CACHE"
 
@@ -109,17 +111,7 @@ def build_plan(spec: Spec, plugins: Plugins, *, workdir: Path | None = None,
     used_ids = {s.id for s in steps}
     for sp in spec.passes:
         steps.append(Step(id=_unique(sp.name, used_ids), pass_=sp.cls(sp.config), source=sp.path, flow=True))
-    target = spec.target_cls(spec.target_config)
-    listed = {sp.name for sp in spec.passes}
-    for name, options in target.backend_passes():
-        if name in listed:
-            continue
-        cls = plugins.passes.get(name, path=f"target {target.name!r} backend pass")
-        try:
-            config = cls.Config.model_validate(options)
-        except Exception as exc:
-            raise PluginError(f"target {target.name!r} gives pass {name!r} an invalid config: {exc}") from exc
-        steps.append(Step(id=_unique(name, used_ids), pass_=cls(config), source=f"target {target.name}", flow=True))
+    steps += _backend_steps(spec, plugins, _flow_type(steps), used_ids)
 
     _link_and_check(steps, spec)
     data_fp = _data_fingerprint_once(spec, plugins)
@@ -130,6 +122,38 @@ def build_plan(spec: Spec, plugins: Plugins, *, workdir: Path | None = None,
         keys[step.id] = step.key
         step.cached = store.has(step.key)
     return Plan(spec=spec, steps=steps, workdir=Path(workdir) if workdir else default_workdir(spec), store=store)
+
+
+def _backend_steps(spec: Spec, plugins: Plugins, makes: Any, used_ids: set[str]) -> list[Step]:
+    """The target's backend passes, with the spec's ``[target] backend`` options merged in."""
+    target = spec.target_cls(spec.target_config)
+    listed = {sp.name for sp in spec.passes}
+    backend = [(name, options) for name, options in target.backend_passes(makes) if name not in listed]
+    overrides = dict(getattr(spec.target_config, "backend", {}) or {})
+    unknown = sorted(set(overrides) - {name for name, _ in backend})
+    if unknown:
+        raise SpecError(f"{', '.join(map(repr, unknown))} not among this plan's backend passes; valid: "
+                        + ", ".join(name for name, _ in backend), "target.backend")
+    steps = []
+    for name, options in backend:
+        cls = plugins.passes.get(name, path=f"target {target.name!r} backend pass")
+        try:
+            config = cls.Config.model_validate({**options, **overrides.get(name, {})})
+        except ValidationError as exc:
+            if name in overrides:
+                raise SpecError("\n".join(format_validation_error(exc, cls.Config, prefix=f"target.backend.{name}"))) from None
+            raise PluginError(f"target {target.name!r} gives pass {name!r} an invalid config: {exc}") from exc
+        steps.append(Step(id=_unique(name, used_ids), pass_=cls(config), source=f"target {target.name}", flow=True))
+    return steps
+
+
+def _flow_type(steps: list[Step]) -> Any:
+    """The artifact type the flow steps so far end with (before linking: static types)."""
+    made = None
+    for step in steps:
+        if step.flow:
+            made = type(step.pass_).output_type(made)
+    return made
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -199,7 +223,7 @@ def _key_payload(step: Step, keys: dict[str, str], data_fp: Any, spec: Spec) -> 
     cls = type(step.pass_)
     versions = {"distillc": __version__}
     for tool in cls.tools:
-        versions[tool] = _dist_version(tool)
+        versions[tool] = dist_version(tool)
     return {
         "pass": cls.name,
         "version": cls.version,
@@ -213,7 +237,7 @@ def _key_payload(step: Step, keys: dict[str, str], data_fp: Any, spec: Spec) -> 
 
 
 @functools.cache
-def _dist_version(name: str) -> str:
+def dist_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -291,7 +315,7 @@ def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None 
 
     final_step = plan.steps[stop_at]
     final = artifact_of(final_step.id) if final_step.flow else None
-    outputs = _publish_outputs(plan, artifact_of, stop_at)
+    outputs = _publish_outputs(plan, plugins, artifact_of, stop_at, metrics)
     report = {
         "distillc_version": __version__,
         "name": spec.name,
@@ -321,7 +345,10 @@ def _run_step(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReport
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     ctx = PassContext(spec=plan.spec, plugins=plugins, progress=progress, scratch=scratch,
                       checkpoint_dir=checkpoint_dir, workdir=plan.workdir, step_id=step.id,
-                      load_data=load_data, teachers={n: artifact_of(t) for n, t in step.teacher_ids.items()})
+                      load_data=load_data, teachers={n: artifact_of(t) for n, t in step.teacher_ids.items()},
+                      teacher_keys={n: artifact_key(plan, t) for n, t in step.teacher_ids.items()},
+                      derived_dir=store.root / "derived",
+                      data_fingerprint=step.key_payload.get("data") or "")
     progress.log(f"running {step.id}")
     t0 = time.perf_counter()
     try:
@@ -346,8 +373,13 @@ def artifact_key(plan: Plan, step_id: str | None) -> str | None:
     return plan.step(step_id, option="plan").key if step_id else None
 
 
-def _publish_outputs(plan: Plan, artifact_of: Any, stop_at: int) -> dict[str, str]:
-    """Copy the last ONNX model and the bundle of the flow into the work directory."""
+def _publish_outputs(plan: Plan, plugins: Plugins, artifact_of: Any, stop_at: int,
+                     metrics: dict[str, Any]) -> dict[str, str]:
+    """Copy the last ONNX model and the bundle of the flow into the work directory.
+
+    The published bundle's manifest also gets the spec's hash and every pass's metrics (the
+    cached bundle cannot hold them: a spec change that re-runs no backend pass may change them).
+    """
     outputs: dict[str, str] = {}
     last: dict[str, Step] = {}
     for step in plan.steps[: stop_at + 1]:
@@ -363,7 +395,12 @@ def _publish_outputs(plan: Plan, artifact_of: Any, stop_at: int) -> dict[str, st
         outputs["onnx"] = str(onnx_target)
     if "Bundle" in last:
         shutil.copytree(artifact_of(last["Bundle"].id).path, bundle_target)
+        manifest_path = bundle_target / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest.update(spec_sha256=plan.spec.digest(), metrics=metrics)
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         outputs["bundle"] = str(bundle_target)
+        plugins.hook.distillc_bundle_written(path=bundle_target, manifest=manifest)
     return outputs
 
 

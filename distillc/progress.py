@@ -19,7 +19,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TaskHandle:
-    """One bar: ``advance`` moves it and updates the shown fields (loss, images/s, ...)."""
+    """One bar: ``advance`` moves it and sets the shown fields (loss, images/s, ...).
+
+    Fields given to an ``advance`` replace those shown before (as tqdm's ``set_postfix`` does),
+    so a one-off note such as ``resumed_from`` appears once and not on every later line;
+    an ``advance`` without fields keeps the previous ones.
+    """
 
     def __init__(self, reporter: "ProgressReporter", description: str, total: int | None, unit: str):
         self._reporter = reporter
@@ -32,7 +37,8 @@ class TaskHandle:
 
     def advance(self, steps: int = 1, **fields: Any) -> None:
         self.done += steps
-        self.fields.update(fields)
+        if fields:
+            self.fields = dict(fields)
         self._reporter._show(self, steps)
 
     def summary(self) -> str:

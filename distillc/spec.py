@@ -14,16 +14,19 @@ reported together in one :class:`SpecError`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, create_model,
+                      model_validator)
 
 from distillc.errors import SpecError
 
@@ -31,35 +34,52 @@ SPEC_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _exact_int(value: Any) -> Any:
+    # Literal[1, 3] compares by equality, so strict mode alone would take true or 1.0 for 1.
+    if type(value) is not int:
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
+#: A path key: TOML gives paths as strings, which strict mode alone would refuse for ``Path``.
+LaxPath = Annotated[Path, Strict(False)]
+
+
+class _Section(BaseModel):
+    """A section with a closed set of keys.
+
+    Strict: TOML already gives real types, so ``"16"`` for an integer is a mistake, not a
+    value to coerce (an integer still fits a float key).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Open(BaseModel):
     """A section whose extra keys are options checked in stage 2 against a plugin's schema."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
 
-class DistillcSection(_Strict):
-    spec_version: Literal[1]
+class DistillcSection(_Section):
+    spec_version: Annotated[Literal[1], BeforeValidator(_exact_int)]
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
-class DataSection(_Strict):
+class DataSection(_Section):
     source: str = "sklearn-digits"
-    path: Path | None = None
+    path: LaxPath | None = None
     image_size: int = Field(32, ge=4, le=1024)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    channels: Literal[1, 3] = 3
+    channels: Annotated[Literal[1, 3], BeforeValidator(_exact_int)] = 3
 
 
-class TeacherTraining(_Strict):
+class TeacherTraining(_Section):
     epochs: int = Field(ge=1, le=100_000)
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     batch_size: int = Field(128, ge=1, le=65_536)
@@ -69,7 +89,7 @@ class TeacherTraining(_Strict):
 class TeacherSection(_Open):
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
     arch: str
-    checkpoint: Path | None = None
+    checkpoint: LaxPath | None = None
     train: TeacherTraining | None = None
 
     @model_validator(mode="after")
@@ -81,8 +101,8 @@ class TeacherSection(_Open):
 
 class StudentSection(_Open):
     arch: str | None = None
-    checkpoint: Path | None = None
-    onnx: Path | None = None
+    checkpoint: LaxPath | None = None
+    onnx: LaxPath | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentSection":
@@ -101,7 +121,7 @@ class TargetSection(_Open):
     use: str = "host"
 
 
-class SpecFile(_Strict):
+class SpecFile(_Section):
     """The file's shape; see docs/spec.md for every key."""
 
     distillc: DistillcSection
@@ -238,20 +258,55 @@ def load_spec(path: Path | str, plugins: Any) -> Spec:
 
 def _resolve_passes(file: SpecFile, plugins: Any, problems: list[str]) -> list[SpecPass]:
     resolved = []
+    teacher_names = list(dict.fromkeys(t.name for t in file.teachers))
+    listable = [e.name for e in plugins.passes if not _is_source_pass(e.obj)]
     for i, entry in enumerate(file.passes):
         path = f"passes[{i}]"
         if entry.use not in plugins.passes:
-            problems.append(f"{path}.use: {plugins.passes.unknown_message(entry.use)}")
+            problems.append(f"{path}.use: {plugins.passes.unknown_message(entry.use, among=listable)}")
             continue
         cls = plugins.passes.get(entry.use)
-        if getattr(cls, "takes", None) is None:
+        if _is_source_pass(cls):
             problems.append(f"{path}.use: {entry.use!r} is a source pass distillc adds itself; "
                             "it cannot be listed in [[passes]]")
             continue
         config = _validate_options(cls.Config, entry.options, path, problems)
         if config is not None:
             resolved.append(SpecPass(index=i, name=entry.use, cls=cls, config=config))
+        # An invalid config still names teachers worth checking: report both at once.
+        _check_teacher_references(cls, config, entry.options, path, teacher_names, problems)
     return resolved
+
+
+def _is_source_pass(cls: Any) -> bool:
+    """Source passes (``takes = None``) are added by distillc, never listed in [[passes]]."""
+    return getattr(cls, "takes", None) is None
+
+
+def _check_teacher_references(cls: Any, config: Any, options: dict[str, Any], path: str,
+                              teacher_names: list[str], problems: list[str]) -> None:
+    if config is None:
+        try:  # unvalidated values: good enough for Pass.teachers(), which only reads them
+            config = cls.Config.model_construct(**options)
+        except Exception:
+            return
+    try:
+        wanted = cls(config).teachers()
+    except Exception:  # a pass whose teachers() needs a valid config: its config error is reported
+        return
+    single = getattr(config, "teacher", None)
+    many = getattr(config, "teachers", None)
+    valid = ", ".join(teacher_names) or "no [[teachers]] declared"
+    for name in dict.fromkeys(n for n in wanted if isinstance(n, str)):
+        if name in teacher_names:
+            continue
+        if name == single:
+            key = f"{path}.teacher"
+        elif isinstance(many, list) and name in many:
+            key = f"{path}.teachers"
+        else:  # a pass that names its teachers through other keys
+            key = path
+        problems.append(f"{key}: unknown teacher {name!r}; valid: {valid}")
 
 
 def _resolve_target(file: SpecFile, plugins: Any, problems: list[str]) -> tuple[Any, Any]:
@@ -260,7 +315,15 @@ def _resolve_target(file: SpecFile, plugins: Any, problems: list[str]) -> tuple[
         problems.append(f"target.use: {plugins.targets.unknown_message(use)}")
         return None, None
     cls = plugins.targets.get(use)
+    # Wrong types are refused even where a target's Config does not ask for strict mode itself.
+    if _validate_options(_strict_variant(cls.Config), file.target.options, "target", problems) is None:
+        return cls, None
     return cls, _validate_options(cls.Config, file.target.options, "target", problems)
+
+
+#: Keys of [[teachers]] and [student] that distillc reads itself; the rest are builder options.
+_TEACHER_KEYS = ("name", "arch", "checkpoint", "train")
+_STUDENT_KEYS = ("arch", "checkpoint", "onnx")
 
 
 def _resolve_teachers(file: SpecFile, plugins: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -274,7 +337,8 @@ def _resolve_teachers(file: SpecFile, plugins: Any, problems: list[str]) -> dict
         if teacher.arch not in plugins.teachers:
             problems.append(f"{path}.arch: {plugins.teachers.unknown_message(teacher.arch)}")
             continue
-        checked = _validate_builder_options(plugins.teachers.get(teacher.arch), teacher.options, path, problems)
+        checked = _validate_builder_options(plugins.teachers.get(teacher.arch), teacher.options, path, problems,
+                                            section_keys=_TEACHER_KEYS)
         if checked is not None:
             options[teacher.name] = checked
     return options
@@ -287,7 +351,8 @@ def _resolve_student(file: SpecFile, plugins: Any, problems: list[str]) -> dict[
     if student.arch not in plugins.students:
         problems.append(f"student.arch: {plugins.students.unknown_message(student.arch)}")
         return {}
-    return _validate_builder_options(plugins.students.get(student.arch), student.options, "student", problems) or {}
+    return _validate_builder_options(plugins.students.get(student.arch), student.options, "student", problems,
+                                     section_keys=_STUDENT_KEYS) or {}
 
 
 def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> None:
@@ -299,28 +364,35 @@ def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> Non
         source = plugins.datasets.get(spec.data.source)
         if source.needs_path and spec.data.path is None:
             problems.append(f"data.path: source {spec.data.source!r} reads local files; give their path")
-        files.append(("data.path", spec.data.path))
+        elif not source.needs_path and spec.data.path is not None:
+            problems.append(f"data.path: source {spec.data.source!r} takes no path; remove the key "
+                            f"(got {str(spec.data.path)!r})")
+        else:
+            files.append(("data.path", spec.data.path))
     for key, rel in files:
         if rel is not None and not spec.resolve(rel).exists():
             problems.append(f"{key}: file not found: {str(rel)!r} (looked at {spec.resolve(rel)})")
-    names = [t.name for t in spec.teachers]
-    for sp in spec.passes:
-        wanted = sp.cls(sp.config).teachers()
-        for name in wanted:
-            if name not in names:
-                valid = ", ".join(names) or "no [[teachers]] declared"
-                problems.append(f"{sp.path}.teacher: unknown teacher {name!r}; valid: {valid}")
 
 
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _validate_options(model: type[BaseModel], options: dict[str, Any], path: str, problems: list[str]) -> Any:
+def _validate_options(model: type[BaseModel], options: dict[str, Any], path: str, problems: list[str],
+                      section_keys: tuple[str, ...] = ()) -> Any:
     try:
         return model.model_validate(options)
     except ValidationError as exc:
-        problems.extend(format_validation_error(exc, model, prefix=path))
+        problems.extend(format_validation_error(exc, model, prefix=path, section_keys=section_keys))
         return None
+
+
+@functools.cache
+def _strict_variant(model: type[BaseModel]) -> type[BaseModel]:
+    """``model`` with strict mode on (fields that opt out with ``Strict(False)`` keep opting out)."""
+    if model.model_config.get("strict"):
+        return model
+    return type(model.__name__, (model,), {"__module__": model.__module__,
+                                          "model_config": ConfigDict(strict=True)})
 
 
 #: Builder arguments the pipeline fills from [data]; a spec never sets them.
@@ -328,20 +400,34 @@ _BUILDER_PROVIDED = ("image_size", "in_chans")
 
 
 def builder_options_model(builder: Any) -> type[BaseModel]:
-    """A strict pydantic model of a builder's keyword options, from its signature."""
+    """A strict pydantic model of a builder's keyword options, from its signature.
+
+    Strict like the spec's sections (no ``"0.5"`` for a float); ``Path`` options still take strings.
+    """
     hints = typing.get_type_hints(builder)
     fields: dict[str, Any] = {}
     for name, param in inspect.signature(builder).parameters.items():
         if name in _BUILDER_PROVIDED or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
             continue
         default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[name] = (hints.get(name, Any), default)
+        fields[name] = (_lax_paths(hints.get(name, Any)), default)
     return create_model(f"{getattr(builder, '__name__', 'builder')}_options",
-                        __config__=ConfigDict(extra="forbid"), **fields)
+                        __config__=ConfigDict(extra="forbid", strict=True), **fields)
 
 
-def _validate_builder_options(builder: Any, options: dict[str, Any], path: str, problems: list[str]) -> dict[str, Any] | None:
-    checked = _validate_options(builder_options_model(builder), options, path, problems)
+def _lax_paths(annotation: Any) -> Any:
+    """``Path`` -> :data:`LaxPath`, also as a member of a union (``Path | None``)."""
+    if annotation is Path:
+        return LaxPath
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = tuple(_lax_paths(arg) for arg in typing.get_args(annotation))
+        return typing.Union[members]
+    return annotation
+
+
+def _validate_builder_options(builder: Any, options: dict[str, Any], path: str, problems: list[str],
+                              section_keys: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    checked = _validate_options(builder_options_model(builder), options, path, problems, section_keys)
     if checked is None:
         return None
     return {k: v for k, v in checked.model_dump().items() if k in options}
@@ -358,15 +444,20 @@ def format_loc(loc: tuple[Any, ...], prefix: str = "") -> str:
     return out or "(top level)"
 
 
-def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per problem of validating ``model``: key path, message, offending value."""
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "",
+                            section_keys: tuple[str, ...] = ()) -> list[str]:
+    """One line per problem of validating ``model``: key path, message, offending value.
+
+    ``section_keys`` are keys the section also accepts besides ``model``'s (the keys distillc
+    reads itself in a section whose other keys are a plugin's options), for "unknown key" lines.
+    """
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         kind = err["type"]
         if kind == "extra_forbidden":
             lines.append(f"{format_loc(loc, prefix)}: unknown key (got {err['input']!r}); "
-                         f"allowed: {_allowed_keys(model, loc)}")
+                         f"allowed: {_allowed_keys(model, loc, section_keys)}")
         elif kind == "missing":
             lines.append(f"{format_loc(loc, prefix)}: required key is missing")
         else:
@@ -377,7 +468,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
     return lines
 
 
-def _allowed_keys(model: Any, loc: tuple[Any, ...]) -> str:
+def _allowed_keys(model: Any, loc: tuple[Any, ...], section_keys: tuple[str, ...] = ()) -> str:
     """The keys the (sub)model at ``loc[:-1]`` accepts, for 'unknown key' messages."""
     for part in loc[:-1]:
         if model is None:
@@ -388,7 +479,9 @@ def _allowed_keys(model: Any, loc: tuple[Any, ...]) -> str:
         model = _inner_model(field_info.annotation) if field_info else None
     if model is None:
         return "see docs/spec.md"
-    return ", ".join(model.model_fields) or "none"
+    keys = dict.fromkeys(section_keys if len(loc) == 1 else ())
+    keys.update(dict.fromkeys(model.model_fields))
+    return ", ".join(keys) or "none"
 
 
 def _inner_model(annotation: Any) -> Any:

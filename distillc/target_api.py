@@ -15,15 +15,20 @@ class TargetConfig(BaseModel):
 
     flash_kb: int | None = Field(None, ge=1, description="flash available to the model (KiB)")
     ram_kb: int | None = Field(None, ge=1, description="RAM available to the model's arena (KiB)")
+    backend: dict[str, dict[str, Any]] = Field(
+        {}, description='options for the backend passes, e.g. { "tvm.int8" = { allow_float_fallback = true } }')
 
 
 class Target(abc.ABC):
     """Base class of every target (built-in or a plugin's).
 
-    ``backend_passes`` returns ``(pass name, config dict)`` pairs appended after the spec's own
-    passes.  A pass the spec already lists is not appended again, so a spec can configure a
-    backend pass by listing it.  Only these passes' cache keys see the target's config, which
-    is why changing the target never re-runs training.
+    ``backend_passes(makes)`` returns ``(pass name, config dict)`` pairs appended after the
+    spec's own passes; ``makes`` is the artifact type those passes end with (a float
+    ``TorchModel``, a ``QuantTorchModel`` after QAT, an ``OnnxModel`` for a student given as a
+    file), so a target can start its backend where the spec left off.  A pass the spec already
+    lists is not appended again, so a spec can configure a backend pass by listing it.  Only
+    these passes' cache keys see the target's config, which is why changing the target never
+    re-runs training.
     """
 
     name: ClassVar[str]
@@ -34,5 +39,30 @@ class Target(abc.ABC):
         self.config = config
 
     @abc.abstractmethod
-    def backend_passes(self) -> list[tuple[str, dict[str, Any]]]:
-        """The passes this target appends to every plan, in order."""
+    def backend_passes(self, makes: type) -> list[tuple[str, dict[str, Any]]]:
+        """The passes this target appends to a plan whose spec passes end with ``makes``."""
+
+
+def int8_backend(makes: type, *, target: str, flash_kb: int | None, ram_kb: int | None,
+                 verify: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The standard INT8 backend from wherever the spec's passes stop.
+
+    A float student is quantized first (post-training calibration: ``quantize.brevitas-qat``
+    with ``epochs = 0``; list the pass in the spec to run QAT epochs instead), exported to QCDQ
+    ONNX and simplified; an ONNX student goes straight to TVM.
+    """
+    from distillc.artifacts import OnnxModel, QuantTorchModel, TorchModel
+
+    front: list[tuple[str, dict[str, Any]]] = []
+    if makes is TorchModel:
+        front.append(("quantize.brevitas-qat", {"epochs": 0}))
+    if makes in (TorchModel, QuantTorchModel):
+        front += [("export.onnx", {}), ("simplify.onnxsim", {})]
+    if makes not in (TorchModel, QuantTorchModel, OnnxModel):
+        return front
+    return front + [
+        ("tvm.int8", {}),
+        ("plan-memory", {}),
+        ("codegen.c", {"target": target, "flash_kb": flash_kb, "ram_kb": ram_kb}),
+        *verify,
+    ]

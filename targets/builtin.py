@@ -1,37 +1,56 @@
-"""Built-in targets: the host (gcc), STM32H7 (Cortex-M7) and MAX78000 (Cortex-M4F + CNN accelerator)."""
+"""Built-in targets: the host (gcc), STM32H7 (Cortex-M7) and MAX78000 (its Cortex-M4F core).
+
+Each appends the INT8 backend (quantize if needed, export, simplify, lower, plan, emit C) and
+its verification: on the host with gcc, and for the MCUs also on an emulated board under QEMU.
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
+
+from pydantic import Field
 
 from distillc import hookimpl
-from distillc.target_api import Target
+from distillc.target_api import Target, TargetConfig, int8_backend
 
 
 class HostTarget(Target):
     name = "host"
-    description = "the build machine (gcc); for development and verification"
+    description = "the build machine (gcc); bundle verified against onnxruntime"
 
-    def backend_passes(self) -> list[tuple[str, dict[str, Any]]]:
-        return [("export.onnx", {}), ("simplify.onnxsim", {})]
+    def backend_passes(self, makes: type) -> list[tuple[str, dict[str, Any]]]:
+        return int8_backend(makes, target=self.name, flash_kb=self.config.flash_kb, ram_kb=self.config.ram_kb,
+                            verify=[("verify.host", {})])
+
+
+class Stm32Config(TargetConfig):
+    flash_kb: int | None = Field(2048, ge=1, description="flash available to the model (KiB)")
+    ram_kb: int | None = Field(1024, ge=1, description="RAM available to the model's arena (KiB)")
 
 
 class Stm32Target(Target):
     name = "stm32h7"
-    description = "STM32H7 (Cortex-M7, 2 MB flash / 1 MB RAM by default); verified on QEMU mps2-an500"
-    defaults: ClassVar[dict[str, int]] = {"flash_kb": 2048, "ram_kb": 1024}
+    description = "STM32H7 (Cortex-M7); verified on the host and on QEMU mps2-an500"
+    Config = Stm32Config
 
-    def backend_passes(self) -> list[tuple[str, dict[str, Any]]]:
-        return [("export.onnx", {}), ("simplify.onnxsim", {})]
+    def backend_passes(self, makes: type) -> list[tuple[str, dict[str, Any]]]:
+        return int8_backend(makes, target=self.name, flash_kb=self.config.flash_kb, ram_kb=self.config.ram_kb,
+                            verify=[("verify.host", {}), ("verify.qemu", {"machine": "mps2-an500"})])
+
+
+class Max78000Config(TargetConfig):
+    flash_kb: int | None = Field(512, ge=1, description="flash available to the model (KiB)")
+    ram_kb: int | None = Field(128, ge=1, description="RAM available to the model's arena (KiB)")
 
 
 class Max78000Target(Target):
     name = "max78000"
-    description = "MAX78000 (Cortex-M4F; CNN accelerator limits checked)"
-    defaults: ClassVar[dict[str, int]] = {"flash_kb": 512, "ram_kb": 128}
+    description = "MAX78000's Cortex-M4F core (C bundle); verified on QEMU mps2-an386 (Cortex-M4)"
+    Config = Max78000Config
 
-    def backend_passes(self) -> list[tuple[str, dict[str, Any]]]:
-        return [("export.onnx", {}), ("simplify.onnxsim", {})]
+    def backend_passes(self, makes: type) -> list[tuple[str, dict[str, Any]]]:
+        return int8_backend(makes, target=self.name, flash_kb=self.config.flash_kb, ram_kb=self.config.ram_kb,
+                            verify=[("verify.host", {}), ("verify.qemu", {"machine": "mps2-an386"})])
 
 
 @hookimpl

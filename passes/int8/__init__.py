@@ -2,17 +2,21 @@
 
 Stages (each a plain function; the core wraps them as passes):
 
-==================  ===========================================  ==============================
-pass                function                                     artifact out
-==================  ===========================================  ==============================
-``tvm.import``      :func:`import_onnx` (path -> IRModule)        Relax, QCDQ as quantize/dequantize
-``tvm.int8``        :func:`lower_int8` (IRModule -> IRModule)     fused int8 TIR kernels + calls
-``plan-memory``     :func:`plan_memory` (Program -> MemoryPlan)   arena offsets, arena floor
-``codegen.c``       :func:`emit_c` (IRModule, dir -> manifest)    include/ + src/ of the bundle
-==================  ===========================================  ==============================
+==============  ===============================================  =================================
+pass            function                                         artifact out
+==============  ===============================================  =================================
+``tvm.import``  :func:`import_onnx` (ONNX path -> IRModule)      Relax, QCDQ as quantize/dequantize
+``tvm.int8``    :func:`lower_int8` (IRModule -> IRModule)        fused, scheduled int8 TIR kernels
+                :func:`build_program` (IRModule -> Program)      kernel C + call sequence + weights
+``plan-memory`` :func:`plan_memory` (Program -> MemoryPlan)      arena offsets, arena floor
+``codegen.c``   :func:`emit_c` (Program, dir -> manifest dict)   include/ + src/ of the bundle
+==============  ===============================================  =================================
 
-:func:`compile_onnx_to_bundle` runs them all.  Heavy imports (tvm, torch, brevitas) happen
-inside the functions, so importing this package is cheap.
+:func:`compile_onnx_to_bundle` runs them all.  A ``Program`` and a ``MemoryPlan`` serialize
+(``Program.save/load``, ``MemoryPlan.to_dict/from_dict``); TVM 0.27 cannot serialize a Relax
+module holding constants, so a cache should store the ONNX file and the Program, not IRModules.
+Heavy imports (tvm, torch, brevitas) happen inside the functions, so importing this package is
+cheap.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ __all__ = [
     "import_onnx",
     "lower_int8",
     "extract_program",
+    "build_program",
+    "load_program",
     "plan_memory",
     "emit_c",
     "quantize",
@@ -52,6 +58,20 @@ def extract_program(mod, *, pass_name: str = "plan-memory"):
     return _extract(mod, pass_name=pass_name)
 
 
+def build_program(mod, *, pass_name: str = "tvm.int8"):
+    """Lowered IRModule -> :class:`.program.Program` with every kernel generated as C."""
+    from .codegen import build_program as _build
+
+    return _build(mod, pass_name=pass_name)
+
+
+def load_program(directory):
+    """A :class:`.program.Program` saved with ``Program.save(directory)``."""
+    from .program import Program
+
+    return Program.load(directory)
+
+
 def plan_memory(prog_or_mod, *, pass_name: str = "plan-memory"):
     """Program (or lowered IRModule) -> :class:`.memory.MemoryPlan`."""
     from .memory import plan_memory as _plan
@@ -61,11 +81,14 @@ def plan_memory(prog_or_mod, *, pass_name: str = "plan-memory"):
     return _plan(prog, pass_name=pass_name)
 
 
-def emit_c(mod, bundle_dir, *, name: str, plan=None, pass_name: str = "codegen.c") -> dict:
-    """Lowered IRModule -> C sources in ``bundle_dir``; returns the manifest entries."""
+def emit_c(prog_or_mod, bundle_dir, *, name: str, plan=None, pass_name: str = "codegen.c") -> dict:
+    """Program (or lowered IRModule) -> C sources in ``bundle_dir``; returns the manifest
+    entries.  With a Program this needs no TVM."""
     from .codegen import emit_c as _emit
+    from .program import Program
 
-    return _emit(mod, bundle_dir, name=name, plan=plan, pass_name=pass_name)
+    prog = prog_or_mod if isinstance(prog_or_mod, Program) else build_program(prog_or_mod)
+    return _emit(prog, bundle_dir, name=name, plan=plan, pass_name=pass_name)
 
 
 def compile_onnx_to_bundle(onnx_path, bundle_dir, *, name: str,
@@ -73,8 +96,8 @@ def compile_onnx_to_bundle(onnx_path, bundle_dir, *, name: str,
     """QCDQ ONNX file -> bundle sources (include/, src/) in ``bundle_dir``; returns the manifest
     entries: input/output quantization, memory, layers, kernel count and MACs."""
     mod = import_onnx(onnx_path)
-    lowered = lower_int8(mod, allow_float_fallback)
-    return emit_c(lowered, Path(bundle_dir), name=name)
+    prog = build_program(lower_int8(mod, allow_float_fallback))
+    return emit_c(prog, Path(bundle_dir), name=name, plan=plan_memory(prog))
 
 
 def quantize(model, calib, **kwargs):

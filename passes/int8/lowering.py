@@ -12,12 +12,13 @@ The schedule keeps kernels free of large temporaries (which TVM's C backend woul
 stack): element-wise producers (padding, casts) are inlined into their consumer, the epilogue
 of a reduction (bias, requantization, clamp, cast) is moved under the reduction's spatial loops
 so its accumulator shrinks to one scalar, and the accumulator's initialisation is hoisted out of
-the reduction loops.
+the reduction loops.  For the Cortex-M (no vector unit) a conv2d computes 4 output channels per
+input load (register blocking) and small windows / channel loops are unrolled.
+
+Failures here are bugs (the integer graph is ours), so they raise RuntimeError, not PassError.
 """
 
 from __future__ import annotations
-
-from distillc.errors import PassError
 
 from .qdq_to_int8 import LAYERS_ATTR, PASS_NAME, qdq_to_int8
 
@@ -39,18 +40,20 @@ def fuse_and_schedule(int_mod, *, pass_name: str = PASS_NAME):
 
     layers = json.loads(str(int_mod.attrs[LAYERS_ATTR])) if LAYERS_ATTR in int_mod.attrs else {}
     try:
-        grouped = tvm.transform.Sequential([
+        annotated = tvm.transform.Sequential([
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FuseOps(),
         ])(int_mod)
+        grouped = relax.transform.FuseOps()(_reductions_take_epilogues(annotated))
         kernels = _group_layers(grouped, layers)
         fused = tvm.transform.Sequential([
             relax.transform.FuseTIR(),
+            # a kernel that only reshapes becomes R.reshape: a view, no copy, no arena bytes
+            relax.transform.RewriteDataflowReshape(),
             relax.transform.DeadCodeElimination(["main"]),
         ])(grouped)
-    except Exception as err:  # TVM raises its own error types
-        raise PassError(pass_name, f"TVM failed to legalize/fuse the int8 graph: {err}") from err
+    except Exception as err:  # an integer graph we built that TVM rejects is our bug
+        raise RuntimeError(f"{pass_name}: TVM failed to legalize/fuse the int8 graph: {err}") from err
     fused = fused.with_attr(KERNELS_ATTR, json.dumps(kernels, sort_keys=True))
     updates = {}
     for gvar, func in fused.functions.items():
@@ -58,10 +61,32 @@ def fuse_and_schedule(int_mod, *, pass_name: str = PASS_NAME):
             try:
                 updates[gvar] = schedule_kernel(func)
             except Exception as err:
-                raise PassError(pass_name, f"cannot schedule kernel {gvar.name_hint}: {err}") from err
+                raise RuntimeError(f"{pass_name}: cannot schedule kernel {gvar.name_hint}: {err}") from err
     for gvar, func in updates.items():
         fused[gvar] = func
     return fused
+
+
+_COMM_REDUCE, _OUT_EWISE_FUSABLE = 3, 4  # tvm::relax::OpPatternKind
+
+
+def _reductions_take_epilogues(mod):
+    """Mark reductions (the window sum of a global average pool) as out-element-wise fusable.
+
+    FuseOps fuses element-wise consumers into a conv or matmul but not into a plain reduction,
+    which would leave the pool's requantization as a second kernel and an int32 tensor in the
+    arena.  Our schedule handles any reduction + epilogue, so the reduction may lead a group.
+    """
+    from tvm import tirx
+
+    updates = {}
+    for gvar, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and \
+                "op_pattern" in func.attrs and int(func.attrs["op_pattern"]) == _COMM_REDUCE:
+            updates[gvar] = func.with_attr("op_pattern", _OUT_EWISE_FUSABLE)
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
 
 
 def _group_layers(grouped, layers: dict) -> dict:
@@ -81,14 +106,35 @@ def _group_layers(grouped, layers: dict) -> dict:
 
 
 def schedule_kernel(func):
-    """Inline element-wise stages and compact reduction accumulators of one fused PrimFunc."""
+    """Inline element-wise stages and compact reduction accumulators of one fused PrimFunc.
+
+    A conv2d with a multiple of 4 output channels additionally computes 4 channels per input
+    load (register blocking); if that schedule fails for an unusual shape, the plain one is
+    used.
+    """
     from tvm.s_tir import Schedule
 
-    sch = Schedule(func)
+    for blocked in (True, False):
+        sch = Schedule(func)
+        try:
+            _schedule(sch, blocked)
+        except Exception:  # noqa: BLE001 - TVM schedule errors; retry without blocking
+            if not blocked:
+                raise
+            continue
+        return sch.mod["main"]
+    raise AssertionError("unreachable")
+
+
+CHANNEL_BLOCK = 4
+
+
+def _schedule(sch, blocked: bool) -> None:
     _inline_elementwise(sch)
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root):
-        iter_types = [iv.iter_type for iv in sch.get(block).iter_vars]
+        stmt = sch.get(block)
+        iter_types = [iv.iter_type for iv in stmt.iter_vars]
         if all(t == 0 for t in iter_types):
             continue
         n_spatial = 0
@@ -99,10 +145,46 @@ def schedule_kernel(func):
         loops = sch.get_loops(block)
         if n_spatial == 0 or len(loops) != len(iter_types):
             continue
-        for consumer in sch.get_consumers(block):
+        consumers = sch.get_consumers(block)
+        channels = int(sch.get(loops[1]).extent) if n_spatial == 4 else 0
+        if (blocked and stmt.name_hint == "conv2d_nchw" and channels % CHANNEL_BLOCK == 0
+                and channels > CHANNEL_BLOCK):
+            # (n, f, y, x, rc, ry, rx) -> (n, fo, y, x, rc, ry, rx, fi): fi innermost, unrolled,
+            # so each input value is loaded once for CHANNEL_BLOCK accumulators
+            n, f, y, x = loops[:4]
+            reduction = loops[4:]
+            fo, fi = sch.split(f, factors=[None, CHANNEL_BLOCK])
+            sch.reorder(fo, y, x, *reduction, fi)
+            for consumer in consumers:
+                sch.reverse_compute_at(consumer, x)
+            sch.decompose_reduction(block, reduction[0])
+            sch.unroll(fi)
+            big = [loop for loop in reduction if int(sch.get(loop).extent) > 1]
+            if len(big) >= 2 and int(sch.get(big[-1]).extent) * int(sch.get(big[-2]).extent) <= 9:
+                sch.unroll(big[-2])
+                sch.unroll(big[-1])
+            continue
+        for consumer in consumers:
             sch.reverse_compute_at(consumer, loops[n_spatial - 1])
         sch.decompose_reduction(block, loops[n_spatial])
-    return sch.mod["main"]
+        _unroll_reduction(sch, loops[n_spatial:])
+
+
+def _unroll_reduction(sch, reduction_loops) -> None:
+    """Unroll small kernel windows (3x3) fully and long channel loops by 4 (the MCU has no
+    vector unit; unrolling removes loop overhead from the multiply-accumulate)."""
+    loops = [loop for loop in reduction_loops if int(sch.get(loop).extent) > 1]
+    if not loops:
+        return
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    if len(loops) >= 2 and extents[-1] * extents[-2] <= 9:
+        sch.unroll(loops[-2])
+        sch.unroll(loops[-1])
+    elif extents[-1] % 4 == 0 and extents[-1] > 4:
+        _, inner4 = sch.split(loops[-1], factors=[None, 4])
+        sch.unroll(inner4)
+    elif extents[-1] <= 8:
+        sch.unroll(loops[-1])
 
 
 def _inline_elementwise(sch) -> None:

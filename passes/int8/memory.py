@@ -62,8 +62,15 @@ def arena_floor(prog: Program) -> int:
     return floor
 
 
-def plan_memory(prog: Program, *, pass_name: str = "plan-memory") -> MemoryPlan:
-    """Place every activation of ``prog`` in one arena; returns the smallest plan found."""
+def plan_memory(prog: Program, *, pass_name: str = "plan-memory",
+                search_budget: int = 50_000) -> MemoryPlan:
+    """Place every activation of ``prog`` in one arena; returns the smallest plan found.
+
+    First a greedy best-fit placement with three orderings; if that is above the floor, a
+    depth-first search places tensors in execution order, trying each free gap's low and high
+    end, under a capacity that starts at the floor and grows by 1% steps (``search_budget``
+    placements per capacity).  The search is deterministic, so the bundle bytes are too.
+    """
     spans = prog.lifetimes()
     floor = arena_floor(prog)
     tensors = {tid: prog.tensor(tid) for tid in spans}
@@ -76,30 +83,47 @@ def plan_memory(prog: Program, *, pass_name: str = "plan-memory") -> MemoryPlan:
     best = None
     for strategy, order in orders.items():
         offsets = _place(order, spans, tensors)
-        arena = max((offsets[t] + tensors[t].nbytes for t in offsets), default=0)
-        if best is None or arena < best.arena_bytes:
-            best = MemoryPlan(offsets, arena, floor, strategy)
-        if arena <= floor:
+        plan = MemoryPlan(offsets, _extent(offsets, tensors), floor, strategy)
+        if best is None or plan.arena_bytes < best.arena_bytes:
+            best = plan
+        if best.arena_bytes <= floor:
             break
+    if best.arena_bytes > floor:
+        in_order = orders["greedy-by-start"]
+        capacity = floor
+        while capacity < best.arena_bytes:
+            offsets = _search(in_order, spans, tensors, capacity, search_budget)
+            if offsets is not None:
+                best = MemoryPlan(offsets, _extent(offsets, tensors), floor, "search")
+                break
+            capacity = max(capacity + 8, int(capacity * 1.01))
     check_plan(prog, best, pass_name=pass_name)
     return best
 
 
+def _extent(offsets: dict, tensors: dict) -> int:
+    return max((offsets[t] + tensors[t].nbytes for t in offsets), default=0)
+
+
+def _busy(tid, offsets, spans, tensors) -> list:
+    """Sorted byte ranges of the placed tensors live at the same time as ``tid``."""
+    start, end = spans[tid]
+    return sorted(
+        (offsets[o], offsets[o] + tensors[o].nbytes)
+        for o in offsets
+        if spans[o][0] <= end and start <= spans[o][1]
+    )
+
+
 def _place(order, spans, tensors) -> dict:
-    """Best-fit: each tensor goes to the lowest aligned gap not used by a tensor live with it."""
+    """Best-fit: each tensor goes to the smallest aligned gap that holds it, else on top."""
     offsets: dict[int, int] = {}
     for tid in order:
-        start, end = spans[tid]
         size = tensors[tid].nbytes
         align = alignment(_itemsize(tensors[tid]))
-        busy = sorted(
-            (offsets[o], offsets[o] + tensors[o].nbytes)
-            for o in offsets
-            if spans[o][0] <= end and start <= spans[o][1]
-        )
         best_offset, best_waste = None, None
         cursor = 0
-        for lo, hi in busy:
+        for lo, hi in _busy(tid, offsets, spans, tensors):
             candidate = -(-cursor // align) * align
             if candidate + size <= lo and (best_waste is None or lo - candidate - size < best_waste):
                 best_offset, best_waste = candidate, lo - candidate - size
@@ -108,6 +132,56 @@ def _place(order, spans, tensors) -> dict:
             best_offset = -(-cursor // align) * align
         offsets[tid] = best_offset
     return offsets
+
+
+def _candidates(tid, offsets, spans, tensors, capacity) -> list:
+    """Aligned offsets at the low and the high end of every free gap below ``capacity``."""
+    size = tensors[tid].nbytes
+    align = alignment(_itemsize(tensors[tid]))
+    gaps, cursor = [], 0
+    for lo, hi in _busy(tid, offsets, spans, tensors):
+        if lo > cursor:
+            gaps.append((cursor, lo))
+        cursor = max(cursor, hi)
+    if capacity > cursor:
+        gaps.append((cursor, capacity))
+    result = []
+    for g0, g1 in gaps:
+        low = -(-g0 // align) * align
+        high = (g1 - size) // align * align
+        if low + size <= g1:
+            result.append(low)
+            if high > low:
+                result.append(high)
+    return result
+
+
+def _search(order, spans, tensors, capacity: int, budget: int) -> dict | None:
+    """Depth-first placement of ``order`` within ``capacity`` bytes (None if not found)."""
+    if not order:
+        return {}
+    offsets: dict[int, int] = {}
+    choices = [_candidates(order[0], offsets, spans, tensors, capacity)]
+    next_choice = [0]
+    placements = 0
+    while choices:
+        depth = len(choices) - 1
+        tid = order[depth]
+        if next_choice[depth] >= len(choices[depth]):
+            choices.pop()
+            next_choice.pop()
+            offsets.pop(tid, None)
+            continue
+        offsets[tid] = choices[depth][next_choice[depth]]
+        next_choice[depth] += 1
+        placements += 1
+        if placements > budget:
+            return None
+        if depth + 1 == len(order):
+            return dict(offsets)
+        choices.append(_candidates(order[depth + 1], offsets, spans, tensors, capacity))
+        next_choice.append(0)
+    return None
 
 
 def _itemsize(tensor) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -78,10 +78,13 @@ class Const:
 
 @dataclass
 class Term:
-    """An int32 accumulator tensor and the real value of one of its units (broadcastable)."""
+    """``(expr + bias) * scale``: an int32 accumulator tensor, an integer bias added after
+    widening to 64 bits (so a bias near the int32 limits cannot overflow), and the real value
+    of one unit (both broadcastable to the tensor)."""
 
     expr: object
     scale: np.ndarray
+    bias: np.ndarray | None = None
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Accum:
     lo: float = -math.inf
     hi: float = math.inf
     kind: str = "requantize"  # what produced the accumulator, for the manifest's layer table
+    view: tuple | None = None  # a pending reshape, applied after requantization
 
     @property
     def clamped(self) -> bool:
@@ -150,6 +154,8 @@ def read_quant_attr(mod) -> dict:
 
 
 class _Rewriter:
+    """One walk over ``main``: maps each binding to a symbolic value, emitting integer ops."""
+
     def __init__(self, mod, allow_float_fallback: bool, pass_name: str):
         self.mod = mod
         self.allow_fallback = allow_float_fallback
@@ -271,6 +277,7 @@ class _Rewriter:
     # -- dispatch -------------------------------------------------------------------------------
 
     def visit(self, var, value):
+        import tvm
         from tvm import relax
 
         if isinstance(value, relax.Call) and hasattr(value.op, "name"):
@@ -287,11 +294,7 @@ class _Rewriter:
             ):
                 return Const(self.eval_constant(value, args))
             return self.unsupported(var, value, args, op_name)
-        if isinstance(value, relax.Var):
-            return self.lookup(value)
-        import tvm
-
-        if isinstance(value, tvm.ir.Constant):
+        if isinstance(value, (relax.Var, tvm.ir.Constant)):
             return self.lookup(value)
         return self.unsupported(var, value, [], type(value).__name__)
 
@@ -326,9 +329,13 @@ class _Rewriter:
             total = None
             for term in value.terms:
                 as_float = relax.op.astype(term.expr, "float32")
+                if term.bias is not None:
+                    as_float = relax.op.add(as_float, relax.const(term.bias.astype(np.float32)))
                 scaled = relax.op.multiply(as_float, relax.const(term.scale.astype(np.float32)))
                 total = scaled if total is None else relax.op.add(total, scaled)
             expr = self.emit(total)
+            if value.view is not None:
+                expr = self.emit(relax.op.reshape(expr, value.view))
             if value.clamped:
                 lo = max(value.lo, -3.0e38)
                 hi = min(value.hi, 3.0e38)
@@ -361,8 +368,8 @@ class _Rewriter:
             return Accum([Term(expr, np.asarray(value.scale, dtype=np.float64))], value.q.shape)
         return None
 
-    def centered(self, value: Dequant, max_abs: int = 127):
-        """The integer tensor minus its zero point, in the narrowest dtype that holds it."""
+    def centered(self, value: Dequant):
+        """The integer tensor minus its zero point (int16 when the zero point is not 0)."""
         from tvm import relax
 
         if value.zero_point == 0:
@@ -425,16 +432,18 @@ class _Rewriter:
         if acc.hi != math.inf:
             hi = int(max(qmin, min(qmax, round_half_even(acc.hi / s32) + zp)))
         ratios = [np.asarray(t.scale, dtype=np.float64) / np.float64(s32) for t in acc.terms]
-        shift = choose_shift(ratios)
+        operand_bits = max(
+            [31] + [int(np.abs(t.bias).max()).bit_length() + 1 for t in acc.terms if t.bias is not None])
+        shift = choose_shift(ratios, operand_bits=operand_bits)
         total = None
         for term, ratio in zip(acc.terms, ratios):
             mult = fixed_point(ratio, shift)
             wide = relax.op.astype(term.expr, "int64")
-            if mult.size == 1 or np.all(mult == mult.reshape(-1)[0]):
-                factor = relax.const(np.int64(mult.reshape(-1)[0]), "int64")
-            else:
-                # int32 in flash; widened inside the fused kernel
-                factor = relax.op.astype(relax.const(mult.astype(np.int32)), "int64")
+            if term.bias is not None:
+                wide = relax.op.add(wide, _widened_const(term.bias))
+            if np.all(mult == mult.reshape(-1)[0]):
+                mult = mult.reshape(-1)[:1]
+            factor = _widened_const(mult)
             prod = self.emit(relax.op.multiply(wide, factor))
             total = prod if total is None else self.emit(relax.op.add(total, prod))
         half_minus_one = relax.const(np.int64((1 << (shift - 1)) - 1), "int64")
@@ -446,6 +455,8 @@ class _Rewriter:
         clipped = self.emit(relax.op.clip(rounded, relax.prim_value(_int_imm(lo, "int64")),
                                           relax.prim_value(_int_imm(hi, "int64"))))
         out = self.emit_layer(relax.op.astype(clipped, dtype), var, acc.kind)
+        if acc.view is not None:
+            out = self.emit(relax.op.reshape(out, acc.view))
         return IntTensor(out, dtype, acc.shape)
 
     # -- constants ------------------------------------------------------------------------------
@@ -555,21 +566,21 @@ def _h_clip(rw: _Rewriter, var, call, args):
     acc = rw.to_accum(data)
     if acc is None:
         return None
-    return Accum(acc.terms, acc.shape, max(acc.lo, float(lo)), min(acc.hi, float(hi)), acc.kind)
+    return replace(acc, lo=max(acc.lo, float(lo)), hi=min(acc.hi, float(hi)))
 
 
 def _h_relu(rw: _Rewriter, var, call, args):
     acc = rw.to_accum(args[0])
     if acc is None:
         return None
-    return Accum(acc.terms, acc.shape, max(acc.lo, 0.0), acc.hi, acc.kind)
+    return replace(acc, lo=max(acc.lo, 0.0))
 
 
 def _h_relu6(rw: _Rewriter, var, call, args):
     acc = rw.to_accum(args[0])
     if acc is None:
         return None
-    return Accum(acc.terms, acc.shape, max(acc.lo, 0.0), min(acc.hi, 6.0), acc.kind)
+    return replace(acc, lo=max(acc.lo, 0.0), hi=min(acc.hi, 6.0))
 
 
 def _h_max_min(rw: _Rewriter, var, call, args, *, is_max: bool):
@@ -587,8 +598,8 @@ def _h_max_min(rw: _Rewriter, var, call, args, *, is_max: bool):
     if acc is None:
         return None
     if is_max:
-        return Accum(acc.terms, acc.shape, max(acc.lo, bound_value), acc.hi, acc.kind)
-    return Accum(acc.terms, acc.shape, acc.lo, min(acc.hi, bound_value), acc.kind)
+        return replace(acc, lo=max(acc.lo, bound_value))
+    return replace(acc, hi=min(acc.hi, bound_value))
 
 
 def _h_conv2d(rw: _Rewriter, var, call, args):
@@ -645,7 +656,7 @@ def _h_add(rw: _Rewriter, var, call, args, *, sign: float = 1.0):
         a, b = b, a
     if isinstance(b, Const):
         acc = rw.to_accum(a)
-        if acc is None or acc.clamped:
+        if acc is None or acc.clamped or acc.view is not None:
             return None
         term = acc.terms[0]
         bias_scale = np.broadcast_to(term.scale, np.broadcast_shapes(term.scale.shape, b.value.shape))
@@ -656,16 +667,20 @@ def _h_add(rw: _Rewriter, var, call, args, *, sign: float = 1.0):
         else:
             bias = round_half_even(np.broadcast_to(b.value, bias_scale.shape) / bias_scale)
         bias = sign * bias
-        if np.any(np.abs(bias) >= 2**31 - 2**24):
-            raise rw.error(f"bias of '{rw.current}' does not fit in int32 at the accumulator scale")
+        if term.bias is not None:
+            bias = bias + term.bias
+        if np.any(np.abs(bias) >= 2**40):
+            raise rw.error(f"bias of '{rw.current}' is too large for the accumulator scale")
         out_rank = len(acc.shape)
         bias = bias.reshape((1,) * (out_rank - bias.ndim) + bias.shape) if bias.ndim < out_rank else bias
-        new_expr = rw.emit(relax.op.add(term.expr, relax.const(bias.astype(np.int32))))
-        return Accum([Term(new_expr, term.scale)] + acc.terms[1:], _shape_of(var), kind=acc.kind)
+        new_term = Term(term.expr, term.scale, bias.astype(np.int64))
+        return Accum([new_term] + acc.terms[1:], _shape_of(var), kind=acc.kind)
     left, right = rw.to_accum(a), rw.to_accum(b)
     if left is None or right is None or left.clamped or right.clamped:
         return None
-    right_terms = [Term(t.expr, t.scale * sign) for t in right.terms]
+    if left.view is not None or right.view is not None:
+        return None
+    right_terms = [Term(t.expr, t.scale * sign, t.bias) for t in right.terms]
     return Accum(left.terms + right_terms, _shape_of(var), kind="add" if sign > 0 else "subtract")
 
 
@@ -681,8 +696,8 @@ def _h_multiply(rw: _Rewriter, var, call, args):
     acc = rw.to_accum(a)
     if acc is None:
         return None
-    terms = [Term(t.expr, t.scale * factor) for t in acc.terms]
-    return Accum(terms, acc.shape, acc.lo * factor, acc.hi * factor, acc.kind)
+    terms = [Term(t.expr, t.scale * factor, t.bias) for t in acc.terms]
+    return replace(acc, terms=terms, lo=acc.lo * factor, hi=acc.hi * factor)
 
 
 def _window_sum(rw: _Rewriter, value: Dequant, pool, strides, padding, dilation, var):
@@ -771,10 +786,12 @@ def _h_layout(rw: _Rewriter, var, call, args):
     if isinstance(data, Dequant):
         out = rw.emit_layer(relax.Call(call.op, [data.q.expr] + rest, call.attrs, call.ty_args), var, kind)
         return Dequant(IntTensor(out, data.q.dtype, _shape_of(var)), data.scale, data.zero_point)
-    if isinstance(data, Accum) and all(t.scale.size == 1 for t in data.terms):
-        terms = [Term(rw.emit(relax.Call(call.op, [t.expr] + rest, call.attrs, call.ty_args)),
-                      t.scale.reshape(())) for t in data.terms]
-        return Accum(terms, _shape_of(var), data.lo, data.hi, data.kind)
+    if isinstance(data, Accum) and kind in ("reshape", "flatten", "squeeze", "expand_dims") and all(
+        t.scale.size == 1 and (t.bias is None or t.bias.size == 1) for t in data.terms
+    ):
+        # per-tensor scales commute with a reshape: requantize first, reshape the int8 result
+        # (a view), so the reduction and its requantization stay one kernel
+        return replace(data, shape=_shape_of(var), view=_shape_of(var))
     return None
 
 
@@ -873,6 +890,21 @@ def _prim_number(expr):
         return float(inner)
     except (TypeError, ValueError):
         return None
+
+
+def _widened_const(values: np.ndarray):
+    """An int64 operand for a fused kernel, stored in flash in the narrowest integer type
+    that holds it (biases often fit int16) and widened inside the kernel."""
+    from tvm import relax
+
+    values = np.asarray(values, dtype=np.int64)
+    if values.size == 1:
+        return relax.const(np.int64(values.reshape(-1)[0]), "int64")
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if values.min() >= info.min and values.max() <= info.max:
+            return relax.op.astype(relax.const(values.astype(dtype)), "int64")
+    return relax.const(values, "int64")
 
 
 def _int_imm(value: int, dtype: str):

@@ -31,17 +31,19 @@ def round_half_even(x) -> np.ndarray:
     return np.rint(np.asarray(x, dtype=np.float64))
 
 
-def choose_shift(ratios: list[np.ndarray]) -> int:
+def choose_shift(ratios: list[np.ndarray], *, operand_bits: int = 31) -> int:
     """The largest shift S such that every ``|M| * 2**S`` fits an int32 and sums fit int64.
 
-    ``ratios`` holds each term's ``M_i`` (any shape).  With n terms one bit per doubling of n is
-    kept free so ``sum_i acc_i * m_i`` (|acc_i| < 2**31) cannot overflow 64 bits.
+    ``ratios`` holds each term's ``M_i`` (any shape); ``operand_bits`` bounds the multiplied
+    operands (``|acc_i + bias_i| < 2**operand_bits``; 31 for a plain int32 accumulator).  With n
+    terms one bit per doubling of n is kept free so ``sum_i operand_i * m_i`` cannot overflow
+    64 bits.
     """
     largest = max(float(np.max(np.abs(r))) for r in ratios)
     if not math.isfinite(largest) or largest <= 0.0:
         return 31
     exponent = math.frexp(largest)[1]  # largest < 2**exponent
-    headroom = max(0, math.ceil(math.log2(len(ratios))) - 1)
+    headroom = max(0, math.ceil(math.log2(len(ratios))) - 1) + max(0, operand_bits - 31)
     shift = MULTIPLIER_BITS - 1 - exponent - headroom
     return int(min(MAX_SHIFT, max(1, shift)))
 

@@ -1,0 +1,204 @@
+"""What every distillation pass shares: objectives, the training loop and the teacher-target cache.
+
+A distillation method is an :class:`Objective`: the trainable heads it adds next to the student
+(projectors, adapters, predictors) and a loss on one batch.  :class:`DistillationPass` trains a
+student with an objective; the QAT pass trains a quantized student with the same objective, so
+the teacher keeps teaching while the student is quantized.
+
+Frozen teachers never change, so their outputs on the training images are computed once per
+(teacher weights, data, view, view seed) by :func:`teacher_targets` and kept as safetensors in
+the cache's ``derived/`` folder, reused across epochs and across runs.
+
+This module imports torch only inside functions: pass modules are imported when plugins load,
+and ``distillc --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from pydantic import Field
+
+from distillc.artifacts import TorchModel
+from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class DistillConfig(PassConfig):
+    """Training keys shared by every distillation pass."""
+
+    epochs: int = Field(10, ge=1, le=100_000)
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    batch_size: int = Field(128, ge=2, le=65_536)
+    weight_decay: float = Field(1e-4, ge=0.0)
+
+
+@dataclass
+class Batch:
+    """One training batch: dataset indices, the images on the training device, the epoch's generator."""
+
+    idx: "torch.Tensor"
+    x: "torch.Tensor"
+    generator: "torch.Generator"
+    epoch: int
+    epochs: int
+
+
+class Objective(abc.ABC):
+    """A label-free training objective: trainable ``heads`` plus a loss on a batch.
+
+    Subclasses implement :meth:`setup` (build heads, fetch teacher targets) and :meth:`loss`.
+    ``heads`` must be a ``torch.nn.Module`` once set up (an empty ModuleDict is fine); it is
+    trained with the student and checkpointed every epoch, then dropped.
+    """
+
+    heads: Any = None
+
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+
+    def setup(self, student: "torch.nn.Module", device: "torch.device") -> None:
+        """Prepare for training ``student`` on ``device``."""
+
+    @abc.abstractmethod
+    def loss(self, student: "torch.nn.Module", batch: Batch) -> "torch.Tensor":
+        """The scalar loss of ``student`` on ``batch``."""
+
+    def progress_fields(self, epoch: int, epochs: int) -> dict[str, Any]:
+        """Extra fields shown on the progress line (e.g. the curriculum's strength)."""
+        return {}
+
+    def metrics(self) -> dict[str, Any]:
+        """Metrics reported after training (e.g. head parameter counts)."""
+        return {}
+
+
+def train_with_objective(ctx: PassContext, model: "torch.nn.Module", objective: Objective, *, epochs: int,
+                         lr: float, batch_size: int, weight_decay: float, device: "torch.device",
+                         description: str, schedule: bool = True) -> list[float]:
+    """Train ``model`` and ``objective.heads`` for ``epochs`` (resumable); returns each epoch's loss."""
+    import torch
+
+    from distillc.training import autocast, batches, epoch_generator, run_epochs
+
+    data = ctx.data
+    params = list(model.parameters()) + list(objective.heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    state: dict[str, Any] = {"model": model, "heads": objective.heads, "optimizer": optimizer}
+    n = len(data.train_x)
+    drop_last = n >= batch_size
+    steps = max(1, epochs * (n // batch_size if drop_last else math.ceil(n / batch_size)))
+    scheduler = None
+    if schedule:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+        state["schedule"] = scheduler
+    current = {"epoch": 0}
+
+    def epoch_fn(epoch: int) -> tuple[float, int]:
+        current["epoch"] = epoch
+        gen = epoch_generator(ctx.seed, epoch)
+        model.train()
+        objective.heads.train()
+        total, seen = 0.0, 0
+        for idx in batches(n, batch_size, gen, drop_last=drop_last):
+            batch = Batch(idx=idx, x=data.train_x[idx].to(device, non_blocking=True), generator=gen, epoch=epoch,
+                          epochs=epochs)
+            with autocast(device):
+                loss = objective.loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        return total / max(seen, 1), seen
+
+    return run_epochs(progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir, description=description,
+                      epochs=epochs, state=state, epoch_fn=epoch_fn,
+                      extra=lambda: objective.progress_fields(current["epoch"], epochs))
+
+
+class DistillationPass(Pass):
+    """Base of the distillation passes: train the student with :meth:`objective`, drop the heads.
+
+    A subclass sets ``name``, ``description``, a ``Config`` (a :class:`DistillConfig` subclass)
+    and implements :meth:`objective`.
+    """
+
+    takes = TorchModel
+    makes = TorchModel
+    uses_data = True
+    tools = ("torch",)
+    Config: ClassVar[type[PassConfig]] = DistillConfig
+
+    @abc.abstractmethod
+    def objective(self, ctx: PassContext) -> Objective:
+        """The objective this pass trains with (built fresh for each run)."""
+
+    def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
+        import torch
+
+        from distillc.training import count_params, pick_device, prepare
+
+        cfg = self.config
+        device = pick_device()
+        torch.manual_seed(ctx.seed)
+        student = prepare(artifact.build(ctx.plugins), device).train()
+        objective = self.objective(ctx)
+        objective.setup(student, device)
+        losses = train_with_objective(ctx, student, objective, epochs=cfg.epochs, lr=cfg.lr,
+                                      batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, device=device,
+                                      description=ctx.step_id)
+        out = TorchModel.from_module(student, role="student", arch=artifact.arch, options=artifact.options,
+                                     meta={**artifact.meta, "distilled_by": self.name})
+        metrics = {"loss": losses[-1], "first_loss": losses[0], "params": count_params(student),
+                   "head_params": count_params(objective.heads), **objective.metrics()}
+        return PassResult(out, metrics)
+
+
+# -- teacher targets ------------------------------------------------------------------------------
+
+
+def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any, Any], Any], *,
+                    view: Any = None, view_seed: int = 0, batch_size: int = 256) -> "torch.Tensor":
+    """``fn(teacher_module, images)`` over the training images, computed once and cached.
+
+    ``what`` names the computation (e.g. ``"embed"``, ``"hidden:3,7,11"``); it is part of the key
+    with the teacher's cache key, the data fingerprint, the view's settings and ``view_seed``.
+    ``view`` (an augmentation, called as ``view(x, generator)``) makes the teacher see a fixed
+    augmented view; each ``view_seed`` is one such view of every image.  Stored as safetensors.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from distillc.training import batches, embed_all, pick_device, prepare
+
+    key_fields = {"teacher": ctx.teacher_keys.get(teacher, teacher), "data": ctx.data_fingerprint, "what": what,
+                  "view": repr(view) if view is not None else None, "view_seed": view_seed if view is not None else None,
+                  "format": 1}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
+    folder = (ctx.derived_dir or ctx.scratch) / "teacher-targets"
+    path = folder / f"{key}.safetensors"
+    if path.exists():
+        return load_file(str(path))["targets"]
+    device = pick_device()
+    module = prepare(ctx.teachers[teacher].build(ctx.plugins), device)
+    images = ctx.data.train_x
+    if view is not None:
+        gen = torch.Generator().manual_seed(view_seed)
+        images = torch.cat([view(images[idx], gen) for idx in batches(len(images), batch_size, None)])
+    targets = embed_all(module, images, fn=fn, batch_size=batch_size).contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({"targets": targets}, str(tmp), metadata={k: str(v) for k, v in key_fields.items()})
+    os.replace(tmp, path)
+    return targets

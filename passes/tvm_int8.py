@@ -1,0 +1,83 @@
+"""``tvm.int8`` and ``plan-memory``: QCDQ ONNX -> integer program -> static arena plan.
+
+``tvm.int8`` imports the ONNX graph with TVM's Relax frontend, rewrites every
+quantize/dequantize pattern into integer arithmetic (int8 convolutions and dense layers with
+int32 accumulation, fixed-point requantization, clamps), lets TVM fuse each layer into one TIR
+kernel and generates the kernels' C.  ``plan-memory`` places every activation in one arena.
+The library behind both is :mod:`distillc.passes.int8`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from pydantic import Field
+
+from distillc import hookimpl
+from distillc.artifacts import REFERENCE_ONNX, Int8Program, OnnxModel
+from distillc.errors import PassError
+from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
+
+
+class TvmInt8(Pass):
+    name = "tvm.int8"
+    description = "TVM Relax import, QDQ -> integer rewrite, kernel fusion, kernel C generation"
+    takes = OnnxModel
+    makes = Int8Program
+    tools = ("apache-tvm", "onnx")
+
+    class Config(PassConfig):
+        allow_float_fallback: bool = Field(False, description="run ops that cannot be lowered to integers in float")
+
+    def run(self, artifact: OnnxModel, ctx: PassContext) -> PassResult:
+        from distillc.passes.int8 import import_onnx, lower_int8
+        from distillc.passes.int8.codegen import build_program
+
+        mod = import_onnx(artifact.path, pass_name=self.name)
+        lowered = lower_int8(mod, self.config.allow_float_fallback, pass_name=self.name)
+        program = build_program(lowered)
+        out = ctx.scratch / "program"
+        program.save(out)
+        shutil.copyfile(artifact.path, out / REFERENCE_ONNX)
+        layers = len(program.steps)
+        macs = int(sum(step.macs for step in program.steps))
+        weights = int(sum(t.nbytes for t in program.tensors if t.kind == "const"))
+        fallback = list(program.quant.get("float_fallback", []))
+        meta = {**artifact.meta, "macs": macs, "weights_bytes": weights, "float_fallback": fallback}
+        return PassResult(Int8Program(path=out, meta=meta),
+                          {"kernels": layers, "macs": macs, "weights_bytes": weights, "float_fallback": len(fallback)})
+
+
+class PlanMemory(Pass):
+    name = "plan-memory"
+    description = "place every activation in one static arena (aims at the liveness floor)"
+    takes = Int8Program
+    makes = Int8Program
+
+    def run(self, artifact: Int8Program, ctx: PassContext) -> PassResult:
+        from distillc.passes.int8.memory import check_plan, plan_memory
+
+        program = artifact.program()
+        plan = plan_memory(program, pass_name=self.name)
+        check_plan(program, plan, pass_name=self.name)
+        if plan.above_floor:
+            ctx.log(f"arena {plan.arena_bytes} B is more than 5% above the floor {plan.floor_bytes} B")
+        out = Int8Program(path=artifact.path, plan=plan.to_dict(), meta=dict(artifact.meta))
+        ratio = plan.arena_bytes / plan.floor_bytes if plan.floor_bytes else 1.0
+        return PassResult(out, {"arena_bytes": plan.arena_bytes, "arena_floor_bytes": plan.floor_bytes,
+                                "arena_over_floor": round(ratio, 4)})
+
+
+def require_plan(artifact: Int8Program, pass_name: str) -> Any:
+    from distillc.passes.int8.memory import MemoryPlan
+
+    if artifact.plan is None:
+        raise PassError(pass_name, "the program has no memory plan; run plan-memory before it")
+    return MemoryPlan.from_dict(artifact.plan)
+
+
+@hookimpl
+def distillc_register_passes(registry: Any) -> None:
+    registry.add(TvmInt8)
+    registry.add(PlanMemory)

@@ -1,0 +1,116 @@
+"""``verify.host`` and ``verify.qemu``: run the bundle's C and compare it with onnxruntime.
+
+Both take held-back validation images, quantize them as the bundle's input expects, run the
+bundle (compiled with gcc on this machine, or cross-compiled for a Cortex-M board and run under
+QEMU with semihosting), and compare every output with onnxruntime running the ONNX model the
+bundle was compiled from (graph optimizations off, so it computes the QCDQ graph as written).
+A difference beyond ``tolerance_lsb`` steps of the output's int8 scale fails the compile.
+Results land in the manifest's ``verification`` section.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from pydantic import Field
+
+from distillc import hookimpl
+from distillc.artifacts import Bundle
+from distillc.errors import PassError
+from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
+from distillc.passes.codegen_c import quantize_inputs, write_manifest
+
+
+class _VerifyConfig(PassConfig):
+    images: int = Field(16, ge=1, le=10_000, description="validation images run through the bundle")
+    tolerance_lsb: int = Field(1, ge=0, description="largest allowed difference in output quantization steps")
+
+
+class _Verify(Pass):
+    """Shared steps: inputs, reference, comparison, manifest update."""
+
+    takes = Bundle
+    makes = Bundle
+    uses_data = True
+    tools = ("onnxruntime",)
+    section: str = ""
+
+    def verify(self, artifact: Bundle, ctx: PassContext, run: Any) -> PassResult:
+        manifest = artifact.manifest
+        if artifact.reference is None:
+            raise PassError(self.name, "the bundle does not record the ONNX model it was compiled from")
+        inputs = quantize_inputs(ctx.data.val_x[: self.config.images].numpy(), manifest["input"])
+        outputs, extra = run(artifact, inputs)
+        reference = onnxruntime_outputs(artifact.reference, inputs, manifest)
+        got = outputs.reshape(len(inputs), -1).astype("int64")
+        diff = abs(got - reference)
+        max_lsb = int(diff.max()) if diff.size else 0
+        scale = float(manifest["output"]["scale"])
+        result = {"images": len(inputs), "max_lsb": max_lsb, "max_abs_diff": max_lsb * scale,
+                  "exact_fraction": float((diff == 0).mean()) if diff.size else 1.0, **extra}
+        if max_lsb > self.config.tolerance_lsb:
+            worst = divmod(int(diff.argmax()), got.shape[1])
+            raise PassError(self.name, f"the bundle differs from onnxruntime by {max_lsb} LSB (> "
+                                       f"{self.config.tolerance_lsb}) on validation image {worst[0]}, output "
+                                       f"element {worst[1]}: bundle {got[worst]}, onnxruntime {reference[worst]}")
+        bundle = ctx.scratch / "bundle"
+        shutil.copytree(artifact.path, bundle)
+        manifest.setdefault("verification", {})[self.section] = result
+        write_manifest(bundle, manifest)
+        return PassResult(Bundle(path=bundle, reference=artifact.reference), result)
+
+
+class VerifyHost(_Verify):
+    name = "verify.host"
+    description = "build the bundle with gcc, run validation images, compare with onnxruntime"
+    section = "host"
+    Config = _VerifyConfig
+
+    def run(self, artifact: Bundle, ctx: PassContext) -> PassResult:
+        from distillc.targets.runner import run_on_host
+
+        return self.verify(artifact, ctx, lambda b, x: (run_on_host(b.path, x, ctx.scratch / "build"), {}))
+
+
+class VerifyQemu(_Verify):
+    name = "verify.qemu"
+    description = "cross-compile for a Cortex-M board, run under QEMU, compare, count instructions"
+    section = "qemu"
+
+    class Config(_VerifyConfig):
+        images: int = Field(4, ge=1, le=1_000, description="validation images run on the emulated board")
+        machine: str = Field("mps2-an500", description="QEMU board: mps2-an500 (Cortex-M7) or mps2-an386 (Cortex-M4)")
+
+    def run(self, artifact: Bundle, ctx: PassContext) -> PassResult:
+        from distillc.targets.runner import run_on_qemu
+
+        def on_qemu(bundle: Bundle, inputs: Any) -> tuple[Any, dict[str, Any]]:
+            run = run_on_qemu(bundle.path, inputs, ctx.scratch / "build", machine=self.config.machine)
+            return run.outputs, {"machine": run.machine, "instructions_per_inference": run.instructions_per_inference,
+                                 "program_flash_bytes": run.flash_bytes, "program_ram_bytes": run.ram_bytes,
+                                 "stack_bytes": run.stack_bytes}
+
+        return self.verify(artifact, ctx, on_qemu)
+
+
+def onnxruntime_outputs(onnx_path: Any, inputs: Any, manifest: dict[str, Any]) -> Any:
+    """onnxruntime's outputs for int8 ``inputs``, as int8 values in the bundle's output quantization."""
+    import numpy as np
+
+    from distillc.passes.int8.testing import reference_session
+
+    session = reference_session(onnx_path)
+    name = session.get_inputs()[0].name
+    quant_in, quant_out = manifest["input"], manifest["output"]
+    x = ((inputs.astype(np.float32) - np.float32(quant_in["zero_point"])) * np.float32(quant_in["scale"]))
+    rows = [session.run(None, {name: x[i:i + 1]})[0].reshape(-1) for i in range(len(x))]
+    y = np.stack(rows)
+    q = np.rint(y / np.float32(quant_out["scale"])) + int(quant_out["zero_point"])
+    return np.clip(q, -128, 127).astype(np.int64)
+
+
+@hookimpl
+def distillc_register_passes(registry: Any) -> None:
+    registry.add(VerifyHost)
+    registry.add(VerifyQemu)
