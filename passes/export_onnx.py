@@ -50,15 +50,31 @@ class ExportOnnx(Pass):
         diff = check_with_onnxruntime(path, sample.numpy(), expected, self.name, self.config.tolerance)
         meta = {"input_shape": [1, *sample.shape[1:]], "output_shape": [1, *expected.shape[1:]],
                 "embed_dim": artifact.meta.get("embed_dim"), "quantized": isinstance(artifact, QuantTorchModel)}
+        for key in ("matryoshka_dims", "matryoshka"):  # the head's dims and class embeddings go to the bundle
+            if key in artifact.meta:
+                meta[key] = artifact.meta[key]
         return PassResult(OnnxModel(path=path, meta=meta), {"max_abs_diff": diff, "onnx_bytes": path.stat().st_size})
+
+
+def reference_session(onnx_path: Any) -> Any:
+    """An onnxruntime session that computes the graph as written.
+
+    Graph optimizations are off: with them onnxruntime fuses QDQ patterns into its own integer
+    kernels and drops back-to-back Q/DQ pairs (skipping an intermediate rounding), so its output
+    is no longer the model the ONNX file describes.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
 def check_with_onnxruntime(path: Any, inputs: Any, expected: Any, pass_name: str, tolerance: float) -> float:
     """Run ``path`` in onnxruntime one image at a time; fail the pass beyond ``tolerance``."""
     import numpy as np
-    import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = reference_session(path)
     name = session.get_inputs()[0].name
     got = np.concatenate([session.run(None, {name: inputs[i:i + 1]})[0] for i in range(len(inputs))])
     diff = float(np.abs(got - expected).max()) if got.size else 0.0

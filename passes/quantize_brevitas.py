@@ -21,6 +21,7 @@ from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 
 class BrevitasQat(Pass):
     name = "quantize.brevitas-qat"
+    version = "2"  # 2: projector starts from the least-squares fit
     description = "Brevitas QAT (BN folded, per-channel weights) keeping the distillation objective"
     takes = TorchModel
     makes = QuantTorchModel
@@ -43,6 +44,7 @@ class BrevitasQat(Pass):
         import torch
         import torch.nn.functional as F
 
+        from distillc.passes.distill_base import teacher_targets
         from distillc.passes.distill_feature import projection_head
         from distillc.passes.eval_probe import linear_probe_top1
         from distillc.passes.int8.brevitas import quantize
@@ -57,19 +59,25 @@ class BrevitasQat(Pass):
         if cfg.probe and data.labelled:
             metrics["fp32"] = {"top1": linear_probe_top1(float_model, data)}
 
+        student_embeddings = embed_all(float_model, data.train_x)
         if cfg.teacher is not None:
-            teacher = ctx.teachers[cfg.teacher].build(ctx.plugins)
-            targets = embed_all(teacher, data.train_x, fn=lambda m, b: m.embed(b))
-            del teacher
+            targets = teacher_targets(ctx, cfg.teacher, "embed", lambda m, b: m.embed(b))
         else:
-            targets = embed_all(float_model, data.train_x)
+            targets = student_embeddings
         targets = F.normalize(targets, dim=1)
 
         # Brevitas QAT runs on the CPU here: its fake-quant graph gains little from bf16 autocast.
         qmodel = quantize(float_model, data.train_x[: cfg.calib_images], weight_bits=cfg.weight_bits,
                           act_bits=cfg.act_bits, per_channel=cfg.per_channel)
         embed_dim = artifact.meta.get("embed_dim") or targets.shape[1]
-        projector = projection_head(embed_dim, 0, targets.shape[1]) if cfg.teacher else torch.nn.Identity()
+        if cfg.teacher:
+            # Start from the best linear map of the FP32 student onto the teacher (ridge least
+            # squares): a random projector would send large, meaningless gradients into the
+            # freshly quantized student in the first QAT steps.
+            projector = projection_head(embed_dim, 0, targets.shape[1])
+            fit_linear(projector, student_embeddings, targets)
+        else:
+            projector = torch.nn.Identity()
         params = list(qmodel.parameters()) + list(projector.parameters())
         optimizer = torch.optim.Adam(params, lr=cfg.lr)
         augment = Augment(strength=cfg.augment, flip=False)
@@ -99,8 +107,21 @@ class BrevitasQat(Pass):
         quant = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "per_channel": cfg.per_channel}
         state = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.state_dict().items()}
         out = QuantTorchModel(role="student", arch=artifact.arch, options=artifact.options, state=state,
-                              meta={**artifact.meta, "quant": quant}, quant=quant)
+                              meta={**artifact.meta, "quant": quant}, head=artifact.head, quant=quant)
         return PassResult(out, metrics)
+
+
+def fit_linear(layer: Any, x: Any, y: Any, ridge: float = 1e-3) -> None:
+    """Set ``layer`` (nn.Linear) to the ridge least-squares map from ``x`` to ``y``."""
+    import torch
+
+    ones = torch.ones(len(x), 1, dtype=x.dtype)
+    a = torch.cat([x, ones], dim=1).double()
+    gram = a.T @ a + ridge * len(x) * torch.eye(a.shape[1], dtype=a.dtype)
+    solution = torch.linalg.solve(gram, a.T @ y.double())
+    with torch.no_grad():
+        layer.weight.copy_(solution[:-1].T.to(layer.weight.dtype))
+        layer.bias.copy_(solution[-1].to(layer.bias.dtype))
 
 
 @hookimpl

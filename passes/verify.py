@@ -98,7 +98,7 @@ def onnxruntime_outputs(onnx_path: Any, inputs: Any, manifest: dict[str, Any]) -
     """onnxruntime's outputs for int8 ``inputs``, as int8 values in the bundle's output quantization."""
     import numpy as np
 
-    from distillc.passes.int8.testing import reference_session
+    from distillc.passes.export_onnx import reference_session
 
     session = reference_session(onnx_path)
     name = session.get_inputs()[0].name

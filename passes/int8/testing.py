@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distillc.passes.export_onnx import reference_session  # noqa: F401  (re-exported for tests)
+
 HOST_FLAGS = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-O2"]
 CORTEX_M7_FLAGS = ["-mcpu=cortex-m7", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv5-d16",
                    "-std=c99", "-Wall", "-Wextra", "-Werror", "-O2"]
@@ -126,20 +128,6 @@ def quantized_inputs(manifest: dict, count: int, seed: int = 0) -> np.ndarray:
 def dequantize(q: np.ndarray, quant: dict) -> np.ndarray:
     return ((q.astype(np.float32) - np.float32(quant["zero_point"]))
             * np.float32(quant["scale"])).astype(np.float32)
-
-
-def reference_session(onnx_path):
-    """An onnxruntime session that computes the QCDQ graph as written.
-
-    Graph optimizations are off: with them onnxruntime fuses QDQ patterns into its own integer
-    kernels and drops back-to-back Q/DQ pairs (skipping an intermediate rounding), so its output
-    is no longer the model the ONNX file describes.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
 def ort_reference(onnx_path, manifest: dict, q_inputs: np.ndarray) -> np.ndarray:

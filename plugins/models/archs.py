@@ -14,3 +14,13 @@ def vit_arch_table() -> dict[str, dict[str, int]]:
         for size, (dim, heads) in VIT_SIZES.items()
         for patch in VIT_PATCHES
     }
+
+
+#: CLIP image+text configurations (OpenAI's ``build_model`` figures): name -> constructor
+#: arguments of :class:`distillc.plugins.models.clip.CLIP`. Heads are width // 64, as in OpenAI's code.
+CLIP_ARCHS = {
+    "clip_vitb32": {
+        "patch_size": 32, "width": 768, "layers": 12, "heads": 12, "output_dim": 512,
+        "context_length": 77, "vocab_size": 49408, "text_width": 512, "text_heads": 8, "text_layers": 12,
+    },
+}

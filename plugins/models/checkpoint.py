@@ -28,10 +28,13 @@ _CONTAINER_KEYS = ("teacher", "state_dict", "model", "module")
 _BACKBONE_PREFIXES = ("backbone.", "base_encoder.")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 _LISTING_CAP = 20
+_TORCHSCRIPT_CONVERSION = ("python -c \"import torch, safetensors.torch as s; s.save_file({k: v.float().contiguous() "
+                           "for k, v in torch.jit.load('ViT-B-32.pt', map_location='cpu').state_dict().items()}, "
+                           "'ViT-B-32.safetensors')\"")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors``, ``.pt``, ``.pth`` or ``.bin``, on the CPU.
+    """Read a state dict from ``.safetensors``, ``.pt``, ``.pth``, ``.pth.tar`` or ``.bin``, on the CPU.
 
     Pickled files are loaded with ``weights_only=True``; the only extra type allowed is
     ``argparse.Namespace``, a plain attribute bag that DINO and iBOT store as ``args`` in their
@@ -53,7 +56,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise SpecError(f"checkpoint {str(path)!r} is not a readable safetensors file: "
                             f"{exc}") from exc
-    elif suffix in _PICKLE_SUFFIXES:
+    elif suffix in _PICKLE_SUFFIXES or path.name.lower().endswith(".pth.tar"):  # MoCo's .pth.tar
+        if _is_torchscript_archive(path):
+            raise SpecError(f"checkpoint {str(path)!r} is a TorchScript archive (as OpenAI's CLIP .pt files "
+                            f"are); distillc reads state dicts only. Convert it once: "
+                            f"{_TORCHSCRIPT_CONVERSION}, or use open_clip's open_clip_pytorch_model.bin, "
+                            f"which has the same keys")
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -67,7 +75,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                             f"{exc}") from exc
     else:
         raise SpecError(f"checkpoint {str(path)!r} has an unsupported suffix {suffix!r}; "
-                        f"use .safetensors, .pt, .pth or .bin")
+                        f"use .safetensors, .pt, .pth, .pth.tar or .bin")
     return _unwrap(obj, str(path))
 
 
@@ -93,6 +101,16 @@ def _unwrap(obj: object, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _is_torchscript_archive(path: Path) -> bool:
+    """A zip whose members include TorchScript code (``<name>/code/``) or ``constants.pkl``."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
+
+
 def _is_state_dict(obj: dict) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                              for k, v in obj.items())
@@ -103,9 +121,11 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: 
 
     Adaptations, each reported in the returned info dict:
 
+    - The rules of :mod:`.keymaps` (MAE decoder and ``fc_norm``, iBOT ``masked_embed``, CLIP's
+      text tower, metadata and position grid, RGB kernels for one-channel models).
     - ``pos_embed`` of a :class:`VisionTransformer` trained at another resolution has its
       patch part resampled bicubically to the model's grid (the CLS part is kept). No other key
-      is ever resized.
+      is resized, except by those rules.
     - ``head.*`` keys are dropped when the model has no head (a classifier or projection head
       of the pretraining run).
     - A missing BatchNorm ``num_batches_tracked`` keeps the model's value (old checkpoints
@@ -113,13 +133,16 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: 
 
     Anything else (missing keys, unexpected keys, shape mismatches) is an error naming the
     keys, at most ~20 per kind with a count of the rest. ``source`` names the checkpoint in
-    messages. Returns ``{"loaded": int, "ignored": [keys], "resized": [descriptions]}``.
+    messages. Returns ``{"loaded": int, "ignored": [keys], "renamed": ["old -> new"],
+    "resized": [descriptions]}``.
     """
+    from distillc.plugins.models.keymaps import apply_key_rules
     from distillc.plugins.models.vit import VisionTransformer
 
     state = dict(state_dict)
     expected = model.state_dict()
-    info: dict = {"loaded": 0, "ignored": [], "resized": []}
+    info: dict = {"loaded": 0, "ignored": [], "renamed": [], "resized": []}
+    apply_key_rules(expected, state, info, source=source)
 
     if isinstance(model, VisionTransformer) and "pos_embed" in state:
         old = state["pos_embed"]
@@ -129,9 +152,11 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: 
             info["resized"].append(f"pos_embed {tuple(old.shape)} -> {tuple(new.shape)}")
 
     if not any(k.startswith("head.") for k in expected):
-        info["ignored"] = sorted(k for k in state if k.startswith("head."))
-        for key in info["ignored"]:
+        heads = [k for k in state if k.startswith("head.")]
+        for key in heads:
             del state[key]
+        info["ignored"].extend(heads)
+    info["ignored"].sort()
 
     for key, value in expected.items():
         if key.endswith("num_batches_tracked") and key not in state:
