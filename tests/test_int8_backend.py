@@ -32,7 +32,6 @@ from distillc.passes.int8.requant import (  # noqa: E402
     round_half_even,
 )
 
-pytestmark = pytest.mark.skipif(not testing.have_tool("gcc"), reason="needs gcc")
 
 
 class TinyNet(nn.Module):
@@ -127,7 +126,6 @@ def test_float_api_quantizes_input_and_dequantizes_output(tiny):
     assert np.array_equal(got, testing.dequantize(raw, manifest["output"]))
 
 
-@pytest.mark.skipif(not testing.have_tool("arm-none-eabi-gcc"), reason="needs arm-none-eabi-gcc")
 def test_bundle_sources_compile_for_cortex_m7(tiny):
     objects = testing.compile_for_cortex_m7(tiny["bundle"], tiny["work"] / "arm")
     assert len(objects) == len(testing.bundle_sources(tiny["bundle"]))

@@ -10,7 +10,6 @@ torch = pytest.importorskip("torch")
 from distillc.passes.int8 import compile_onnx_to_bundle, export_qcdq, quantize  # noqa: E402
 from distillc.passes.int8 import testing  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not testing.have_tool("gcc"), reason="needs gcc")
 
 # (seed, weight_bits, act_bits): mostly 8-bit, plus narrow-range cases (Clip between Q and DQ)
 CASES = [(0, 8, 8), (1, 8, 8), (2, 8, 8), (3, 8, 8), (4, 8, 8), (5, 8, 8), (6, 6, 6), (7, 4, 5)]
