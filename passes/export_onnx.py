@@ -46,7 +46,9 @@ class ExportOnnx(Pass):
             else:
                 torch.onnx.export(model, (sample[:1],), str(path), opset_version=self.config.opset,
                                   input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamo=False)
-            expected = model(sample).numpy()
+            # One image at a time, as onnxruntime runs it: a batched float convolution may round
+            # differently and flip a quantization tie.
+            expected = torch.cat([model(sample[i:i + 1]) for i in range(len(sample))]).numpy()
         diff = check_with_onnxruntime(path, sample.numpy(), expected, self.name, self.config.tolerance)
         meta = {"input_shape": [1, *sample.shape[1:]], "output_shape": [1, *expected.shape[1:]],
                 "embed_dim": artifact.meta.get("embed_dim"), "quantized": isinstance(artifact, QuantTorchModel)}
