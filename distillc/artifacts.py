@@ -54,7 +54,9 @@ class TorchModel(Artifact):
 
     ``role`` is ``"student"`` or ``"teacher"`` and picks the registry whose builder rebuilds the
     module: ``builder(**options)``.  ``meta`` carries facts later passes need (image size,
-    embedding width, parameter count).
+    embedding width, parameter count).  ``head`` is the recipe of a head put on the student's
+    embedding (e.g. a Matryoshka projection, see :mod:`distillc.plugins.models.heads`), or None;
+    the rebuilt module is then ``head(builder(**options)(x))``.
     """
 
     kind: ClassVar[str] = "TorchModel"
@@ -63,17 +65,29 @@ class TorchModel(Artifact):
     options: dict[str, Any]
     state: dict[str, "torch.Tensor"]
     meta: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, Any] | None = None
 
     @classmethod
     def from_module(cls, module: "torch.nn.Module", *, role: str, arch: str, options: dict[str, Any],
-                    meta: dict[str, Any] | None = None) -> "TorchModel":
+                    meta: dict[str, Any] | None = None, head: dict[str, Any] | None = None) -> "TorchModel":
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-        return cls(role=role, arch=arch, options=dict(options), state=state, meta=dict(meta or {}))
+        head = head or getattr(module, "head_recipe", None)  # a module built with a head keeps it
+        return cls(role=role, arch=arch, options=dict(options), state=state, meta=dict(meta or {}),
+                   head=dict(head) if head else None)
+
+    def fresh_module(self, plugins: "Plugins") -> "torch.nn.Module":
+        """The architecture (with its head, if any) freshly initialised, without these weights."""
+        registry = plugins.students if self.role == "student" else plugins.teachers
+        module = registry.get(self.arch)(**self.options)
+        if self.head is not None:
+            from distillc.plugins.models.heads import attach_head
+
+            module = attach_head(module, self.head)
+        return module
 
     def build(self, plugins: "Plugins") -> "torch.nn.Module":
         """Rebuild the module (on CPU, eval mode) with this artifact's weights."""
-        registry = plugins.students if self.role == "student" else plugins.teachers
-        module = registry.get(self.arch)(**self.options)
+        module = self.fresh_module(plugins)
         module.load_state_dict(self.state, strict=True)
         return module.eval()
 
@@ -81,8 +95,10 @@ class TorchModel(Artifact):
         from safetensors.torch import save_file
 
         save_file(self.state, str(directory / "model.safetensors"))
-        _write_json(directory / "model.json",
-                    {"role": self.role, "arch": self.arch, "options": self.options, "meta": self.meta})
+        info = {"role": self.role, "arch": self.arch, "options": self.options, "meta": self.meta}
+        if self.head is not None:
+            info["head"] = self.head
+        _write_json(directory / "model.json", info)
 
     @classmethod
     def load(cls, directory: Path) -> "TorchModel":
@@ -91,11 +107,14 @@ class TorchModel(Artifact):
         info = json.loads((directory / "model.json").read_text())
         state = load_file(str(directory / "model.safetensors"))
         return cls(role=info["role"], arch=info["arch"], options=info["options"], state=state,
-                   meta=info.get("meta", {}))
+                   meta=info.get("meta", {}), head=info.get("head"))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "role": self.role, "arch": self.arch, "options": self.options,
-                "meta": self.meta}
+        described = {"kind": self.kind, "role": self.role, "arch": self.arch, "options": self.options,
+                     "meta": self.meta}
+        if self.head is not None:
+            described["head"] = self.head
+        return described
 
 
 @dataclass
@@ -115,7 +134,7 @@ class QuantTorchModel(TorchModel):
 
         from distillc.passes.int8.brevitas import quantize
 
-        float_model = plugins.students.get(self.arch)(**self.options).eval()
+        float_model = self.fresh_module(plugins).eval()
         shape = (0, self.options.get("in_chans", 3), self.options["image_size"], self.options["image_size"])
         qmodel = quantize(float_model, torch.zeros(shape), **self.quant)
         qmodel.load_state_dict(self.state, strict=True)
@@ -130,7 +149,7 @@ class QuantTorchModel(TorchModel):
         base = TorchModel.load(directory)
         quant = json.loads((directory / "quant.json").read_text())
         return cls(role=base.role, arch=base.arch, options=base.options, state=base.state, meta=base.meta,
-                   quant=quant)
+                   head=base.head, quant=quant)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "quant": self.quant}

@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -276,6 +277,15 @@ def _print_summary(report: dict[str, Any]) -> None:
     out.print(table)
     for name, path in report["outputs"].items():
         out.print(f"{name}: {path}")
+    if "bundle" in report["outputs"]:
+        manifest = json.loads((Path(report["outputs"]["bundle"]) / "manifest.json").read_text())
+        memory, qemu = manifest["memory"], manifest.get("verification", {}).get("qemu", {})
+        line = (f"arena {memory['arena_bytes']} B (floor {memory['arena_floor_bytes']} B), "
+                f"weights in flash {memory['weights_bytes']} B")
+        if qemu:
+            line += (f", {qemu['machine']}: {qemu['instructions_per_inference']} instructions per inference, "
+                     f"program flash {qemu['program_flash_bytes']} B")
+        out.print(line)
     out.print(f"report: {Path(report['workdir']) / 'report.json'}  ({report['total_seconds']:.1f} s)")
 
 
@@ -295,6 +305,11 @@ def _format_metrics(metrics: dict[str, Any], prefix: str = "") -> str:
 
 def main() -> None:
     """Console-script entry point."""
+    # Third-party deprecation chatter (Brevitas' fx backport, the TorchScript ONNX exporter that
+    # Brevitas' QCDQ export needs) is noise to a user; tests still see it.
+    warnings.filterwarnings("ignore", module=r"brevitas(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+    warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
     app(prog_name="distillc")
 
 

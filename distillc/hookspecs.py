@@ -6,7 +6,9 @@ plugins are ordinary modules registered by the same call that registers a third 
 ``distillc``.
 
 Registration hooks receive a :class:`distillc.registry.Registry` and call ``registry.add(...)``
-on it: the registry owns duplicate checks and error messages, so hooks return nothing.
+on it: the registry owns duplicate checks, checks of what is added and error messages, so hooks
+return nothing.  A hook implementation whose name matches no hook here is refused at startup
+(a misspelt hook would otherwise never be called).
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ def distillc_register_passes(registry: Any) -> None:
     """Register pass classes (subclasses of :class:`distillc.pass_api.Pass`).
 
     Called once per plugin manager, before a spec is resolved.  ``registry.add(cls)`` uses the
-    class's ``name``; a duplicate name from any plugin is a :class:`PluginError`.
+    class's ``name``; a duplicate name from any plugin is a :class:`PluginError`, and so is a
+    class that is not a concrete ``Pass`` with a ``name`` and a ``makes``.
     """
 
 
 @hookspec
 def distillc_register_targets(registry: Any) -> None:
-    """Register targets (subclasses of :class:`distillc.target_api.Target`) by their ``name``."""
+    """Register targets (subclasses of :class:`distillc.target_api.Target`) by their ``name``.
+
+    A target's ``Config()`` must build with no arguments (a spec may give only ``use``);
+    anything else is a :class:`PluginError` naming the plugin.
+    """
 
 
 @hookspec
@@ -56,7 +63,8 @@ def distillc_register_students(registry: Any) -> None:
 def distillc_register_datasets(registry: Any) -> None:
     """Register dataset sources: ``registry.add(name, source)``.
 
-    ``source`` is a :class:`distillc.data_api.DatasetSource` (a loader plus a cheap fingerprint).
+    ``source`` is a :class:`distillc.data_api.DatasetSource` (a loader plus a cheap fingerprint);
+    with ``needs_path`` it reads ``[data] path``, without it a spec giving a path is refused.
     """
 
 

@@ -5,7 +5,7 @@ logs); ``SilentProgress`` is for library use and tests.  A training loop does::
 
     with ctx.progress.task("distill", total=epochs, unit="epoch") as task:
         for epoch in range(epochs):
-            ...
+            loss, rate = train_one_epoch(epoch)
             task.advance(loss=loss, images_per_s=rate)
 """
 

@@ -2,11 +2,14 @@
 
 Validation happens in two stages, both before anything runs:
 
-1. the file's shape (sections, key types, ranges, paths) with pydantic models that forbid
-   unknown keys;
+1. the file's shape (sections, key types, ranges, paths) with strict pydantic models that
+   forbid unknown keys and coerce nothing (``"16"`` is not an integer; an integer is a float);
 2. names against the plugin registries: each ``[[passes]]`` entry against its pass's ``Config``,
    ``[target]`` against its target's ``Config``, teacher/student options against the
-   architecture builder's signature, teacher references, and files that must exist.
+   architecture builder's signature, teacher references, ``[data] path`` against what the
+   source takes, and files that must exist.
+
+``distillc validate`` then builds the plan, which checks the artifact types of every step.
 
 Every problem becomes one line ``<key path>: <what is wrong> (got <value>)``; all lines are
 reported together in one :class:`SpecError`.

@@ -10,6 +10,7 @@ listed in one :class:`~distillc.errors.TargetError`.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import Field
@@ -43,6 +44,15 @@ class CodegenC(Pass):
         plan = require_plan(artifact, self.name)
         bundle = ctx.scratch / "bundle"
         entries = emit_c(artifact.program(), bundle, name=ctx.spec.name, plan=plan, pass_name=self.name)
+        classes = artifact.meta.get("matryoshka")
+        if classes:  # Matryoshka class embeddings and distillc_classify (see passes/matryoshka.py)
+            from distillc.passes.matryoshka import write_class_embeddings_c
+
+            output_size = int(math.prod(entries["output"]["shape"]))
+            entries["class_embeddings"] = write_class_embeddings_c(bundle, classes, name=ctx.spec.name,
+                                                                   output_size=output_size, pass_name=self.name)
+            entries["memory"]["class_embeddings_bytes"] = entries["class_embeddings"]["flash_bytes"]
+            entries["files"] = sorted([*entries["files"], entries["class_embeddings"]["file"]])
         self.check_budget(entries["memory"])
         example = quantize_inputs(ctx.data.val_x[:1].numpy(), entries["input"])
         write_bundle_build_files(bundle, name=ctx.spec.name, example_inputs=example)
@@ -51,7 +61,7 @@ class CodegenC(Pass):
             "versions": {"distillc": __version__, **{t: dist_version(t) for t in ("apache-tvm", "torch", "brevitas", "onnx")}},
             "target": {"name": cfg.target, "flash_kb": cfg.flash_kb, "ram_kb": cfg.ram_kb},
             **entries,
-            "matryoshka_dims": artifact.meta.get("matryoshka_dims", []),
+            "matryoshka_dims": classes["dims"] if classes else artifact.meta.get("matryoshka_dims", []),
             "verification": {},
         }
         write_manifest(bundle, manifest)
@@ -63,8 +73,10 @@ class CodegenC(Pass):
 
     def check_budget(self, memory: dict[str, Any]) -> None:
         violations = []
-        if self.config.flash_kb is not None and memory["weights_bytes"] > self.config.flash_kb * 1024:
-            violations.append(f"weights need {memory['weights_bytes']} B of flash, the target has "
+        flash = memory["weights_bytes"] + memory.get("class_embeddings_bytes", 0)
+        if self.config.flash_kb is not None and flash > self.config.flash_kb * 1024:
+            what = "weights and class embeddings" if memory.get("class_embeddings_bytes") else "weights"
+            violations.append(f"{what} need {flash} B of flash, the target has "
                               f"{self.config.flash_kb * 1024} B (flash_kb = {self.config.flash_kb})")
         if self.config.ram_kb is not None and memory["arena_bytes"] > self.config.ram_kb * 1024:
             violations.append(f"the arena needs {memory['arena_bytes']} B of RAM, the target has "

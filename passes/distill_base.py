@@ -53,7 +53,7 @@ class Batch:
 
 
 class Objective(abc.ABC):
-    """A label-free training objective: trainable ``heads`` plus a loss on a batch.
+    """A training objective: trainable ``heads`` plus a loss on a batch (label-free, except ``train.supervised``'s).
 
     Subclasses implement :meth:`setup` (build heads, fetch teacher targets) and :meth:`loss`.
     ``heads`` must be a ``torch.nn.Module`` once set up (an empty ModuleDict is fine); it is
@@ -175,12 +175,12 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
     ``what`` names the computation (e.g. ``"embed"``, ``"hidden:3,7,11"``); it is part of the key
     with the teacher's cache key, the data fingerprint, the view's settings and ``view_seed``.
     ``view`` (an augmentation, called as ``view(x, generator)``) makes the teacher see a fixed
-    augmented view; each ``view_seed`` is one such view of every image.  Stored as safetensors.
+    augmented view; each ``view_seed`` is one such view of every image (see :func:`teacher_view`).
+    Stored as safetensors.
     """
-    import torch
     from safetensors.torch import load_file, save_file
 
-    from distillc.training import batches, embed_all, pick_device, prepare
+    from distillc.training import embed_all, pick_device, prepare
 
     key_fields = {"teacher": ctx.teacher_keys.get(teacher, teacher), "data": ctx.data_fingerprint, "what": what,
                   "view": repr(view) if view is not None else None, "view_seed": view_seed if view is not None else None,
@@ -194,11 +194,28 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
     module = prepare(ctx.teachers[teacher].build(ctx.plugins), device)
     images = ctx.data.train_x
     if view is not None:
-        gen = torch.Generator().manual_seed(view_seed)
-        images = torch.cat([view(images[idx], gen) for idx in batches(len(images), batch_size, None)])
+        images = teacher_view(images, view, view_seed)
     targets = embed_all(module, images, fn=fn, batch_size=batch_size).contiguous()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file({"targets": targets}, str(tmp), metadata={k: str(v) for k, v in key_fields.items()})
     os.replace(tmp, path)
     return targets
+
+
+def teacher_view(images: "torch.Tensor", view: Any, view_seed: int) -> "torch.Tensor":
+    """The fixed augmented view ``view_seed`` of ``images``: exactly what :func:`teacher_targets` shows the teacher.
+
+    A method whose student must see the teacher's own view (e.g. aligned feature maps) calls this
+    to rebuild it instead of caching the images.
+    """
+    import torch
+
+    from distillc.training import batches
+
+    gen = torch.Generator().manual_seed(view_seed)
+    return torch.cat([view(images[idx], gen) for idx in batches(len(images), _VIEW_BATCH, None)])
+
+
+# The view is drawn batch by batch from one generator, so the batch size is part of its definition.
+_VIEW_BATCH = 256

@@ -16,8 +16,6 @@ Labelled data without its own validation set is split by a seeded, stratified pe
 from __future__ import annotations
 
 import codecs
-import hashlib
-import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +27,7 @@ import torch.nn.functional as F
 
 from distillc.errors import SpecError
 
-# Bump when a loader's output changes for the same inputs, so cached artifacts are rebuilt.
-LOADER_VERSION = 1
+from distillc.plugins.data_fingerprint import LOADER_VERSION, fingerprint  # noqa: F401  (re-exported)
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Images converted to float per step; bounds the temporary memory next to the result.
@@ -240,40 +237,6 @@ def load_dataset(source: str, *, image_size: int, val_fraction: float, seed: int
                         "data.source")
     return DATASETS[source](image_size=image_size, val_fraction=val_fraction, seed=seed,
                             path=None if path is None else Path(path), channels=channels)
-
-
-def fingerprint(source: str, *, image_size: int, val_fraction: float, seed: int,
-                path: Path | None = None, channels: int = 3) -> str:
-    """A stable sha256 (hex) of a loader call: its config plus a listing of its files.
-
-    For file sources the listing holds each file's path relative to ``path``, size and
-    modification time in ns. It costs one ``stat`` per file and reads no contents: cheap, but
-    a file rewritten with the same size and mtime goes unnoticed. Moving the whole dataset
-    folder elsewhere keeps the fingerprint.
-    """
-    files: list[tuple[str, int, int]] = []
-    if path is not None:
-        path = Path(path)
-        if path.is_file():
-            stat = path.stat()
-            files.append((path.name, stat.st_size, stat.st_mtime_ns))
-        elif path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                stat = file.stat()
-                files.append((file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
-        else:
-            raise SpecError(f"data path {str(path)!r} does not exist", "data.path")
-    record = {
-        "loader_version": LOADER_VERSION,
-        "source": source,
-        "image_size": image_size,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "channels": channels,
-        "files": files,
-    }
-    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ def _loader(source: str) -> Any:
 
 def _fingerprint(source: str) -> Any:
     def fingerprint(**kwargs: Any) -> str:
-        from distillc.plugins import data
+        from distillc.plugins.data_fingerprint import fingerprint as data_fingerprint
 
-        return data.fingerprint(source, **kwargs)
+        return data_fingerprint(source, **kwargs)
 
     return fingerprint
 

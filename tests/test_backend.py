@@ -133,3 +133,14 @@ def test_backend_options_come_from_the_target_table(write_spec):
     bad_value = tiny_spec_text(target_options='backend = { "tvm.int8" = { allow_float_fallback = 3 } }')
     with pytest.raises(SpecError, match=r"target\.backend\.tvm\.int8\.allow_float_fallback"):
         build_plan(load_spec(write_spec(bad_value), plugins), plugins)
+
+
+def test_a_bundle_that_disagrees_with_onnxruntime_fails_the_compile(stm32_build, monkeypatch):
+    import distillc.passes.verify as verify
+    from distillc.errors import PassError
+
+    path, _ = stm32_build
+    real = verify.onnxruntime_outputs
+    monkeypatch.setattr(verify, "onnxruntime_outputs", lambda *a: real(*a) + 2)  # a 2-LSB disagreement
+    with pytest.raises(PassError, match=r"verify.host.*differs from onnxruntime by 2 LSB \(> 1\) on validation image 0"):
+        compile_spec(path, progress=SilentProgress(), force="verify.host")

@@ -46,7 +46,7 @@ def test_compile_prints_summary_and_ends_with_the_output_path(write_spec):
     result = runner.invoke(app, ["compile", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert lines[-1] == f"workdir: {path.parent / 'build' / 'tiny'}"
+    assert lines[-1] == f"bundle: {path.parent / 'build' / 'tiny' / 'bundle'}"
     assert "top1=" in result.output and "teachers.vit=" in result.output
     assert "distill.feature: epoch 2/2" in result.output and "images per s" in result.output
     plan = runner.invoke(app, ["plan", str(path)], env={"COLUMNS": "200"})
@@ -94,3 +94,37 @@ def test_inspect_shows_manifest_tables(tmp_path):
         assert text in result.output
     missing = runner.invoke(app, ["inspect", str(tmp_path)])
     assert missing.exit_code == 2 and "not a bundle" in missing.output
+
+
+def test_validate_checks_the_plans_types_and_writes_nothing(write_spec, tmp_path):
+    (tmp_path / "student.onnx").write_bytes(b"not really onnx")
+    onnx_student = tiny_spec_text().replace('arch = "mobilenetv2"\nwidth = 0.35\nlast_channels = 32',
+                                            'onnx = "student.onnx"')
+    result = runner.invoke(app, ["validate", str(write_spec(onnx_student))])
+    assert result.exit_code == 2
+    assert "passes[0]: pass 'distill.feature' takes TorchModel" in result.output and "makes OnnxModel" in result.output
+    ok = runner.invoke(app, ["validate", str(write_spec(tiny_spec_text()))])
+    assert ok.exit_code == 0 and "steps planned" in ok.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml", "student.onnx"]  # no cache, no build/
+
+
+def test_ctrl_c_exits_130_and_the_handler_documents_it(write_spec, monkeypatch):
+    import distillc.pipeline
+    from distillc.cli import handled
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distillc.pipeline, "compile_spec", interrupted)
+    result = runner.invoke(app, ["compile", str(write_spec(tiny_spec_text()))])
+    assert result.exit_code == 130 and "interrupted" in result.output
+    assert "130" in handled.__doc__ and "Ctrl-C" in handled.__doc__
+
+
+def test_validate_plans_without_importing_torch(write_spec):
+    """validate builds the plan (data fingerprint included) yet stays light: no torch import."""
+    code = ("import sys; from distillc.cli import app; from typer.testing import CliRunner; "
+            f"r = CliRunner().invoke(app, ['validate', {str(write_spec(tiny_spec_text()))!r}]); "
+            "print(r.exit_code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "False"]

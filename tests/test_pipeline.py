@@ -16,7 +16,12 @@ from distillc.progress import SilentProgress
 from distillc.spec import load_spec
 from tests.conftest import tiny_spec_text
 
-ALL_STEPS = ["teacher:vit", "student", "distill.feature", "eval.linear-probe", "export.onnx", "simplify.onnxsim"]
+#: The host target's INT8 backend, appended after the spec's own passes.
+HOST_BACKEND = ["quantize.brevitas-qat", "export.onnx", "simplify.onnxsim", "tvm.int8", "plan-memory", "codegen.c",
+                "verify.host"]
+ALL_STEPS = ["teacher:vit", "student", "distill.feature", "eval.linear-probe", *HOST_BACKEND]
+#: What re-runs when the last spec pass (the probe) changes: it and everything after it.
+FROM_PROBE = ALL_STEPS[ALL_STEPS.index("eval.linear-probe"):]
 
 
 def compile_(path: Path, **kwargs):
@@ -33,7 +38,7 @@ def test_first_compile_runs_every_pass_and_writes_report(write_spec):
     probe = report["metrics"]["eval.linear-probe"]
     assert 0.0 <= probe["top1"] <= 1.0 and 0.0 <= probe["teachers"]["vit"] <= 1.0
     assert Path(report["outputs"]["onnx"]).is_file()
-    assert result.final_path == path.parent / "build" / "tiny"
+    assert result.final_path == path.parent / "build" / "tiny" / "bundle"
 
 
 def test_unchanged_spec_runs_nothing_and_is_ten_times_faster(write_spec):
@@ -50,7 +55,7 @@ def test_changing_a_later_pass_reruns_only_it_and_what_follows(write_spec):
     path = write_spec(tiny_spec_text())
     compile_(path)
     path.write_text(tiny_spec_text(probe_c=0.5))
-    assert compile_(path).ran == ["eval.linear-probe", "export.onnx", "simplify.onnxsim"]
+    assert compile_(path).ran == FROM_PROBE
 
 
 def test_changing_the_target_never_retrains(write_spec):
@@ -68,13 +73,13 @@ def test_until_stops_after_the_named_pass(write_spec):
     statuses = {row["id"]: row["status"] for row in result.report["plan"]}
     assert statuses["export.onnx"] == "not run (--until)"
     assert result.final_path == path.parent / "build" / "tiny"
-    assert compile_(path).ran == ["eval.linear-probe", "export.onnx", "simplify.onnxsim"]
+    assert compile_(path).ran == FROM_PROBE
 
 
 def test_force_reruns_one_pass_and_everything_after_it(write_spec):
     path = write_spec(tiny_spec_text())
     compile_(path)
-    assert compile_(path, force="eval.linear-probe").ran == ["eval.linear-probe", "export.onnx", "simplify.onnxsim"]
+    assert compile_(path, force="eval.linear-probe").ran == FROM_PROBE
     assert compile_(path).ran == []
 
 
@@ -105,7 +110,7 @@ def test_plan_lists_target_backend_passes_and_cache_status(write_spec):
     assert not any(s.cached for s in plan.steps)
     compile_(path, until="student")
     plan = build_plan(load_spec(path, plugins), plugins)
-    assert [s.cached for s in plan.steps] == [True, True, False, False, False, False]
+    assert [s.cached for s in plan.steps] == [True, True] + [False] * (len(ALL_STEPS) - 2)
 
 
 def test_cache_entries_carry_provenance(write_spec):
@@ -215,3 +220,30 @@ def test_a_moved_checkpoint_keeps_its_cache_key(write_spec, tmp_path):
     assert keys[0] == keys[1]
     result = compile_(tmp_path / "a" / "spec.toml", until="teacher:vit")
     assert result.ran == ["teacher:vit"] and result.report["metrics"]["teacher:vit"]["params"] > 0
+
+
+def test_resumed_training_shows_resumed_from_only_once(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from distillc.progress import RichProgress
+    from distillc.training import run_epochs
+
+    def train(epoch_fn, progress):
+        return run_epochs(progress=progress, checkpoint_dir=tmp_path, description="distill", epochs=4,
+                          state={}, epoch_fn=epoch_fn)
+
+    def crash_at_2(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return 1.0, 10
+
+    with pytest.raises(KeyboardInterrupt):
+        train(crash_at_2, SilentProgress())
+    stream = io.StringIO()
+    train(lambda epoch: (0.5, 10), RichProgress(Console(file=stream, force_terminal=False, width=200)))
+    lines = stream.getvalue().splitlines()
+    assert [line.split("  ")[1] for line in lines] == ["distill: epoch 2/4", "distill: epoch 3/4", "distill: epoch 4/4"]
+    assert sum("resumed from 2" in line for line in lines) == 1 and "resumed from" in lines[0]
+    assert "loss" in lines[-1] and "resumed" not in lines[-1]

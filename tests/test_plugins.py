@@ -15,7 +15,11 @@ from distillc.errors import PluginError, SpecError
 from distillc.pipeline import compile_spec
 from distillc.plugin_manager import BUILTIN_PLUGINS, load_plugins
 from distillc.progress import SilentProgress
-from distillc.registry import Registry
+from distillc.artifacts import TorchModel
+from distillc.pass_api import Pass
+from distillc.passes.eval_probe import LinearProbe
+from distillc.registry import Registry, check_pass
+from distillc.target_api import Target, TargetConfig
 from tests.conftest import tiny_spec_text
 
 FIXTURE = Path(__file__).parent / "fixtures" / "distillc-prune-plugin"
@@ -105,13 +109,14 @@ def test_observer_and_wrapper_hooks_see_every_pass(write_spec):
                                ("cached", "student")]
 
 
-def _fake_distribution(site: Path, module_source: str) -> None:
+def _fake_distribution(site: Path, module_source: str, *, module: str = "broken_plugin",
+                       entry_point: str = "broken") -> None:
     """A minimal installed distribution with one ``distillc`` entry point, on ``site``."""
-    (site / "broken_plugin.py").write_text(module_source)
-    info = site / "broken_plugin-0.1.dist-info"
+    (site / f"{module}.py").write_text(module_source)
+    info = site / f"{module}-0.1.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[distillc]\nbroken = broken_plugin\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[distillc]\n{entry_point} = {module}\n")
 
 
 def test_a_failing_plugin_is_reported_by_name_and_entry_point(tmp_path, monkeypatch):
@@ -136,6 +141,152 @@ def test_a_plugin_failing_inside_a_hook_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv("DISTILLC_DISABLE_PLUGIN_AUTOLOAD")
     with pytest.raises(PluginError, match="plugin 'broken' failed in distillc_register_targets: ValueError: bad target table"):
         load_plugins()
+
+
+def test_a_broken_plugin_error_says_how_to_run_without_plugins(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "raise ImportError('needs libfoo')\n", module="unloadable_plugin")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("DISTILLC_DISABLE_PLUGIN_AUTOLOAD")
+    with pytest.raises(PluginError, match="failed to load: ImportError: needs libfoo; .*DISTILLC_DISABLE_PLUGIN_AUTOLOAD=1"):
+        load_plugins()
+
+
+def test_a_plugin_failing_inside_a_hook_says_how_to_run_without_plugins(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, textwrap.dedent("""
+        import distillc
+
+        @distillc.hookimpl
+        def distillc_register_passes(registry):
+            registry.add("prune", object())
+    """), module="invalid_pass_plugin")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("DISTILLC_DISABLE_PLUGIN_AUTOLOAD")
+    with pytest.raises(PluginError, match="plugin 'broken' registered pass 'prune', which is invalid: .*"
+                                          "DISTILLC_DISABLE_PLUGIN_AUTOLOAD=1"):
+        load_plugins()
+
+
+def test_a_misspelt_hook_in_an_installed_plugin_is_named(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, textwrap.dedent("""
+        import distillc
+
+        @distillc.hookimpl
+        def distillc_register_pass(registry):
+            pass
+    """), module="misspelt_plugin")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("DISTILLC_DISABLE_PLUGIN_AUTOLOAD")
+    with pytest.raises(PluginError) as info:
+        load_plugins()
+    message = str(info.value)
+    assert "plugin 'broken' (entry point 'misspelt_plugin') implements unknown hook 'distillc_register_pass'" in message
+    assert "did you mean 'distillc_register_passes'" in message and "DISTILLC_DISABLE_PLUGIN_AUTOLOAD=1" in message
+
+
+class _Misspelt:
+    __name__ = "misspelt"
+
+    @distillc.hookimpl
+    def distillc_pass_finshed(self, step):
+        pass
+
+
+def test_a_misspelt_hook_is_a_plugin_error_naming_plugin_and_hook():
+    with pytest.raises(PluginError, match="plugin 'misspelt' implements unknown hook 'distillc_pass_finshed' "
+                                          r"\(did you mean 'distillc_pass_finished'\?\)"):
+        load_plugins([_Misspelt()])
+
+
+def test_two_entry_points_with_one_name_are_refused(tmp_path, monkeypatch):
+    source = "import distillc\n"
+    _fake_distribution(tmp_path, source, module="prune_a", entry_point="prune")
+    _fake_distribution(tmp_path, source, module="prune_b", entry_point="prune")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("DISTILLC_DISABLE_PLUGIN_AUTOLOAD")
+    with pytest.raises(PluginError, match="two plugins are named 'prune': entry points 'prune_a' from prune-a 0.1 "
+                                          "and 'prune_b' from prune-b 0.1.*DISTILLC_DISABLE_PLUGIN_AUTOLOAD=1"):
+        load_plugins()
+
+
+def test_an_entry_point_named_like_a_builtin_plugin_is_refused(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "import distillc\n", module="impostor", entry_point="distillc.passes.sources")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("DISTILLC_DISABLE_PLUGIN_AUTOLOAD")
+    with pytest.raises(PluginError, match="plugin 'distillc.passes.sources' \\(entry point 'impostor' from impostor "
+                                          "0.1\\) has the name of a built-in plugin"):
+        load_plugins()
+
+
+def _registering(hook: str, *args):
+    """A plugin object whose ``hook`` calls ``registry.add(*args)``."""
+
+    class Plugin:
+        __name__ = "bad-plugin"
+
+    def impl(self, registry):
+        registry.add(*args)
+
+    impl.__name__ = hook
+    setattr(Plugin, hook, distillc.hookimpl(impl))
+    return Plugin()
+
+
+class _NoMakes(Pass):
+    name = "no-makes"
+
+    def run(self, artifact, ctx):
+        raise AssertionError
+
+
+class _NoRun(Pass):
+    name = "no-run"
+    takes = TorchModel
+    makes = TorchModel
+
+
+class _NeedsFlash(Target):
+    name = "needs-flash"
+
+    class Config(TargetConfig):
+        board: str
+
+    def backend_passes(self):
+        return []
+
+
+BAD_REGISTRATIONS = {
+    "pass that is not a Pass": (("distillc_register_passes", "x", object()),
+                                "pass 'x', which is invalid: expected a subclass of distillc.pass_api.Pass"),
+    "pass without makes": (("distillc_register_passes", _NoMakes), "pass 'no-makes', which is invalid: .* has no 'makes'"),
+    "pass without run": (("distillc_register_passes", _NoRun), "pass 'no-run', which is invalid: .* does not implement run"),
+    "target that is not a Target": (("distillc_register_targets", "t", _NoMakes),
+                                    "target 't', which is invalid: expected a subclass of distillc.target_api.Target"),
+    "target whose Config needs arguments": (
+        ("distillc_register_targets", _NeedsFlash),
+        r"target 'needs-flash', which is invalid: .*Config\(\) cannot be built without arguments \(board: Field required\)"),
+    "teacher that is not callable": (("distillc_register_teachers", "vit_x", 3),
+                                     "teacher architecture 'vit_x', which is invalid: expected a callable builder"),
+    "student that is not callable": (("distillc_register_students", "s", "mobilenetv2"),
+                                     "student architecture 's', which is invalid: expected a callable builder"),
+    "dataset that is not a DatasetSource": (("distillc_register_datasets", "d", lambda **kw: None),
+                                            "dataset source 'd', which is invalid: expected a distillc.data_api.DatasetSource"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REGISTRATIONS))
+def test_registries_refuse_objects_of_the_wrong_sort_naming_the_plugin(case):
+    (hook, *args), expected = BAD_REGISTRATIONS[case]
+    with pytest.raises(PluginError, match="plugin 'bad-plugin' registered " + expected):
+        load_plugins([_registering(hook, *args)])
+
+
+def test_a_registry_without_a_validator_takes_anything_and_one_with_it_checks():
+    Registry("pass").add("x", object(), plugin="p")
+    checked = Registry("pass", check_pass)
+    checked.add(LinearProbe, plugin="p")
+    assert checked.get("eval.linear-probe") is LinearProbe
+    with pytest.raises(PluginError, match="plugin 'p' registered pass 'x', which is invalid"):
+        checked.add("x", object(), plugin="p")
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import distillc
 from distillc.cli import app
 from distillc.errors import SpecError
 from distillc.plugin_manager import load_plugins
@@ -70,6 +72,31 @@ BAD_SPECS = {
     "missing required key": (('name = "tiny"\n', ""), ["distillc.name", "required key is missing"]),
     "source pass listed": (('use = "eval.linear-probe"', 'use = "teacher.train"'),
                            ["passes[1].use", "source pass"]),
+    # Wrong types are refused, not coerced: TOML gives real types, so a quoted number is a mistake.
+    "string for an integer": (("image_size = 8", 'image_size = "16"'), ["data.image_size", "integer", "'16'"]),
+    "string for the seed": (("seed = 0", 'seed = "7"'), ["distillc.seed", "integer", "'7'"]),
+    "boolean for channels": (("channels = 1", "channels = true"), ["data.channels", "integer", "True"]),
+    "float for spec version": (("spec_version = 1", "spec_version = 1.0"), ["distillc.spec_version", "1.0"]),
+    "string for a student option": (("width = 0.35", 'width = "0.5"'), ["student.width", "number", "'0.5'"]),
+    "string for a teacher option": (("depth = 1", 'depth = "1"'), ["teachers[0].depth", "integer", "'1'"]),
+    "string in teacher training": (("epochs = 1, batch", 'epochs = "1", batch'),
+                                   ["teachers[0].train.epochs", "integer", "'1'"]),
+    "string in pass config": (("teacher = \"vit\"\nepochs = 2", "teacher = \"vit\"\nepochs = \"2\""),
+                              ["passes[0].epochs", "integer", "'2'"]),
+    "float for an integer in pass config": (("teacher = \"vit\"\nepochs = 2", "teacher = \"vit\"\nepochs = 2.0"),
+                                            ["passes[0].epochs", "integer", "2.0"]),
+    "string for a target option": (('use = "host"', 'use = "host"\nflash_kb = "1024"'),
+                                   ["target.flash_kb", "integer", "'1024'"]),
+    "unknown teacher in a teachers list": (('teachers = ["vit"]', 'teachers = ["dino"]'),
+                                           ["passes[1].teachers:", "unknown teacher 'dino'", "valid: vit"]),
+    "unknown teacher option lists the section's own keys": (
+        ("depth = 1", "depth = 1\ndeep = 2"),
+        ["teachers[0].deep", "unknown key", "allowed: name, arch, checkpoint, train, depth"]),
+    "unknown student option lists the section's own keys": (
+        ("last_channels = 32", "last_channels = 32\ndepth = 3"),
+        ["student.depth", "unknown key", "allowed: arch, checkpoint, onnx, width"]),
+    "data path for a source that takes none": (('source = "sklearn-digits"', 'source = "sklearn-digits"\npath = "d.npz"'),
+                                               ["data.path: source 'sklearn-digits' takes no path", "'d.npz'"]),
 }
 
 
@@ -149,3 +176,61 @@ def test_spec_digest_ignores_formatting(write_spec, tmp_path):
     a = load_spec(write_spec(tiny_spec_text(), "a.toml"), plugins)
     b = load_spec(write_spec("# comment\n" + textwrap.indent(tiny_spec_text(), ""), "b.toml"), plugins)
     assert a.digest() == b.digest()
+
+
+def test_integers_fit_float_keys_and_strings_fit_path_keys(write_spec, tmp_path):
+    (tmp_path / "data.npz").write_bytes(b"")
+    text = (tiny_spec_text().replace("width = 0.35", "width = 1").replace("c = 1.0", "c = 2")
+            .replace('source = "sklearn-digits"', 'source = "npz"\npath = "data.npz"'))
+    spec = load_spec(write_spec(text), load_plugins())
+    assert spec.student_options["width"] == 1 and spec.passes[1].config.c == 2.0
+    assert spec.resolve(spec.data.path) == (tmp_path / "data.npz").resolve()
+
+
+class _PathStudent:
+    """A plugin whose student builder takes a Path option, as a third party's might."""
+
+    __name__ = "path-student"
+
+    @distillc.hookimpl
+    def distillc_register_students(self, registry):
+        def with_table(image_size: int, in_chans: int = 3, table: Path | None = None, width: float = 1.0):
+            raise AssertionError("not built during validation")
+
+        registry.add("with-table", with_table)
+
+
+def test_builder_path_options_take_strings_while_other_options_stay_strict(write_spec):
+    student = 'arch = "mobilenetv2"\nwidth = 0.35\nlast_channels = 32'
+    plugins = load_plugins([_PathStudent()])
+    spec = load_spec(write_spec(tiny_spec_text().replace(student, 'arch = "with-table"\ntable = "t.bin"')), plugins)
+    assert spec.student_options == {"table": Path("t.bin")}
+    with pytest.raises(SpecError, match=r"student\.width: Input should be a valid number \(got '2'\)"):
+        load_spec(write_spec(tiny_spec_text().replace(student, 'arch = "with-table"\nwidth = "2"')), plugins)
+
+
+def test_a_pass_with_a_bad_config_still_gets_its_teacher_checked(write_spec):
+    text = tiny_spec_text().replace('teacher = "vit"\nepochs = 2', 'teacher = "dino"\nepochs = "2"')
+    code, output = validate(write_spec, text)
+    assert code == 2
+    assert "passes[0].epochs: Input should be a valid integer" in output
+    assert "passes[0].teacher: unknown teacher 'dino'; valid: vit" in output
+
+
+def test_duplicate_teacher_names_are_listed_once_among_the_valid_ones(write_spec):
+    second = '[[teachers]]\nname = "vit"\narch = "vit_tiny_patch4"\ntrain = { epochs = 1 }\n\n[student]'
+    text = tiny_spec_text().replace("[student]", second).replace('teacher = "vit"', 'teacher = "dino"')
+    code, output = validate(write_spec, text)
+    assert code == 2
+    assert "teachers[1].name: duplicate teacher name 'vit'" in output
+    assert "passes[0].teacher: unknown teacher 'dino'; valid: vit\n" in output + "\n"
+    assert "vit, vit" not in output
+
+
+def test_unknown_pass_lists_only_passes_a_spec_may_use(write_spec):
+    code, output = validate(write_spec, tiny_spec_text().replace('use = "eval.linear-probe"', 'use = "nope"'))
+    assert code == 2 and "passes[1].use: unknown pass 'nope'" in output
+    valid = output.split("valid: ", 1)[1]
+    assert "distill.feature" in valid and "eval.linear-probe" in valid
+    for source_pass in ("teacher.train", "teacher.load", "student.init", "student.onnx"):
+        assert source_pass not in valid
