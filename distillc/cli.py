@@ -41,6 +41,12 @@ def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
     _state["debug"] = debug
+    # Third-party deprecation chatter (Brevitas' fx backport, the TorchScript ONNX exporter that
+    # Brevitas' QCDQ export needs) is noise on a user's terminal; --debug keeps it.
+    if not debug:
+        warnings.filterwarnings("ignore", module=r"brevitas(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
 
 
 def handled(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -305,11 +311,6 @@ def _format_metrics(metrics: dict[str, Any], prefix: str = "") -> str:
 
 def main() -> None:
     """Console-script entry point."""
-    # Third-party deprecation chatter (Brevitas' fx backport, the TorchScript ONNX exporter that
-    # Brevitas' QCDQ export needs) is noise to a user; tests still see it.
-    warnings.filterwarnings("ignore", module=r"brevitas(\.|$)")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-    warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
     app(prog_name="distillc")
 
 

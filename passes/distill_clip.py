@@ -1,0 +1,162 @@
+"""``distill.clip-matryoshka`` (TinyVLM): a CLIP-style teacher into a tiny student with Matryoshka embeddings.
+
+The student gets a Matryoshka head (``Linear(embed_dim -> max(dims))``) and trains with it, so
+that at every nested width ``d`` its embedding carries the teacher's image embedding:
+``1 - cos(W[:, :d] @ h[:d], t)`` averaged over ``dims``, where ``t`` is the teacher's (cached)
+embedding of the clean image and ``W`` one shared, nested linear map into the teacher's space
+(a training aid, dropped after the pass).  See :mod:`distillc.passes.matryoshka`.
+
+Class embeddings are decoupled from the student (``class_embeddings``):
+
+- ``"text"``: the teacher's text tower encodes the token ids in ``text_tokens`` (a ``.npy`` of
+  shape ``(classes, context_length)``; distillc has no tokenizer);
+- ``"file"``: precomputed teacher-space embeddings, ``(classes, D)``, from ``.npy`` or
+  ``.safetensors``;
+- ``"prototypes"``: mean normalized student embeddings of ``shots`` labelled images per class.
+
+Teacher-space class embeddings ``t_c`` enter the student's space through the same nested map:
+``e_c = W^T t_c / |t_c|``.  Then ``h[:d] . e_c[:d] = (W[:, :d] h[:d]) . t_c / |t_c|``, so
+ranking classes by that dot product in the student's space ranks them exactly as the teacher's
+cosine ranks the mapped embedding, at every ``d``, with one ``(classes, max(dims))`` matrix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from distillc import hookimpl
+from distillc.errors import PassError
+from distillc.pass_api import PassContext
+from distillc.passes.matryoshka import ClassEmbeddings, MatryoshkaConfig, MatryoshkaObjective, MatryoshkaPass
+from distillc.spec import LaxPath
+
+
+class ClipMatryoshka(MatryoshkaPass):
+    name = "distill.clip-matryoshka"
+    description = "TinyVLM: match a CLIP-style teacher's embedding at every Matryoshka dim; text/file/prototype classes"
+    center_targets = False  # text and file class embeddings live in the teacher's own (uncentered) space
+
+    class Config(MatryoshkaConfig):
+        teacher: str = Field(description="a [[teachers]] entry (a CLIP teacher for text class embeddings)")
+        train_backbone: bool = Field(True, description="train the student with the head (else only the head trains)")
+        augment: float = Field(0.3, ge=0.0, le=1.0, description="strength of the student's view augmentation")
+        class_embeddings: Literal["text", "file", "prototypes"] = Field(
+            "prototypes", description="where class embeddings come from")
+        text_tokens: LaxPath | None = Field(None, description="class_embeddings = 'text': .npy of token ids "
+                                                              "(classes, context_length)")
+        embeddings_file: LaxPath | None = Field(None, description="class_embeddings = 'file': .npy or .safetensors "
+                                                                  "of teacher-space embeddings (classes, D)")
+
+        @model_validator(mode="after")
+        def _source_files(self) -> "ClipMatryoshka.Config":
+            needs = {"text": "text_tokens", "file": "embeddings_file"}
+            wanted = needs.get(self.class_embeddings)
+            for source, key in needs.items():
+                given = getattr(self, key) is not None
+                if key == wanted and not given:
+                    raise ValueError(f"class_embeddings = {source!r} needs {key}")
+                if key != wanted and given:
+                    raise ValueError(f"{key} is only read with class_embeddings = {source!r} "
+                                     f"(this pass has {self.class_embeddings!r})")
+            return self
+
+    def class_embeddings(self, ctx: PassContext, model: Any,
+                         objective: MatryoshkaObjective) -> tuple[ClassEmbeddings | None, dict[str, Any]]:
+        cfg = self.config
+        if cfg.class_embeddings == "prototypes":
+            return super().class_embeddings(ctx, model, objective)
+        import numpy as np
+
+        teacher_space = self._text_embeddings(ctx) if cfg.class_embeddings == "text" else self._file_embeddings(ctx)
+        if teacher_space.ndim != 2 or teacher_space.shape[1] != objective.target_dim:
+            raise PassError(self.name, f"class embeddings of shape {tuple(teacher_space.shape)} do not fit teacher "
+                                       f"{cfg.teacher!r}, whose embedding is {objective.target_dim} wide "
+                                       f"(expected (classes, {objective.target_dim}))")
+        data = ctx.data
+        if data.labelled and teacher_space.shape[0] != data.num_classes:
+            raise PassError(self.name, f"{teacher_space.shape[0]} class embeddings for {data.num_classes} classes "
+                                       f"in the data")
+        names = list(data.class_names) if data.labelled else [str(i) for i in range(teacher_space.shape[0])]
+        unit = teacher_space / np.maximum(np.linalg.norm(teacher_space, axis=1, keepdims=True), 1e-12)
+        student_space = unit @ objective.nested_map.numpy()
+        classes = ClassEmbeddings.quantize(student_space, dims=cfg.dims, classes=names, metric="dot",
+                                           source=cfg.class_embeddings)
+        metrics = {}
+        if data.labelled:
+            metrics["teacher_zero_shot_top1"] = self._teacher_top1(ctx, unit)
+        return classes, metrics
+
+    def _teacher_top1(self, ctx: PassContext, unit: Any) -> float:
+        """The teacher's own zero-shot top-1 with the same class embeddings: the student's ceiling."""
+        from distillc.training import embed_all
+
+        teacher = ctx.teachers[self.config.teacher].build(ctx.plugins)
+        images = embed_all(teacher, ctx.data.val_x, fn=lambda m, b: m.embed(b)).numpy()
+        return float(((images @ unit.T).argmax(axis=1) == ctx.data.val_y.numpy()).mean())
+
+    # -- class embedding sources ----------------------------------------------------------------------
+
+    def _file(self, ctx: PassContext, key: str) -> Path:
+        given = getattr(self.config, key)
+        path = ctx.spec.resolve(given)
+        if path is None or not path.is_file():
+            raise PassError(self.name, f"{key}: file not found: {str(given)!r} (looked at {path})")
+        return path
+
+    def _text_embeddings(self, ctx: PassContext) -> Any:
+        import numpy as np
+        import torch
+
+        path = self._file(ctx, "text_tokens")
+        teacher = ctx.teachers[self.config.teacher].build(ctx.plugins)
+        if not getattr(teacher, "has_text_tower", False) or not hasattr(teacher, "encode_text"):
+            raise PassError(self.name, f"teacher {self.config.teacher!r} has no text tower; use class_embeddings = "
+                                       "'file' (precomputed text embeddings) or 'prototypes'")
+        tokens = _read_array(path, self.name, "text_tokens")
+        context = getattr(teacher, "context_length", tokens.shape[-1])
+        if tokens.ndim != 2 or tokens.shape[1] != context or not np.issubdtype(tokens.dtype, np.integer):
+            raise PassError(self.name, f"text_tokens: expected integer token ids of shape (classes, {context}), got "
+                                       f"{tokens.dtype} {tuple(tokens.shape)}")
+        if tokens.min() < 0 or tokens.max() >= getattr(teacher, "vocab_size", tokens.max() + 1):
+            raise PassError(self.name, f"text_tokens: ids must be in 0..{teacher.vocab_size - 1}")
+        with torch.no_grad():
+            return teacher.encode_text(torch.from_numpy(tokens.astype(np.int64))).float().numpy()
+
+    def _file_embeddings(self, ctx: PassContext) -> Any:
+        import numpy as np
+
+        embeddings = _read_array(self._file(ctx, "embeddings_file"), self.name, "embeddings_file")
+        if not np.issubdtype(embeddings.dtype, np.floating):
+            raise PassError(self.name, f"embeddings_file: expected float embeddings, got {embeddings.dtype}")
+        return embeddings.astype(np.float32)
+
+
+def _read_array(path: Path, pass_name: str, key: str) -> Any:
+    """One array from ``.npy`` (no pickle) or ``.safetensors`` (its only tensor, or ``embeddings``)."""
+    import numpy as np
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            tensors = load_file(str(path))
+            if len(tensors) == 1:
+                return next(iter(tensors.values()))
+            if "embeddings" in tensors:
+                return tensors["embeddings"]
+            raise PassError(pass_name, f"{key}: {path.name} holds {sorted(tensors)}; give one tensor or one named "
+                                       "'embeddings'")
+    except (OSError, ValueError) as exc:
+        raise PassError(pass_name, f"{key}: cannot read {path}: {exc}") from None
+    raise PassError(pass_name, f"{key}: {path.name} is not .npy or .safetensors")
+
+
+@hookimpl
+def distillc_register_passes(registry: Any) -> None:
+    registry.add(ClipMatryoshka)

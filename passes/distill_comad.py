@@ -1,0 +1,321 @@
+"""``distill.comad``: consensus-oriented masked distillation from two or more frozen teachers.
+
+After CoMAD (multi-teacher, masked, token-level distillation into a small student):
+
+1. **Tokens.** Each teacher's patch tokens of the clean training image are computed once
+   (:func:`~distillc.passes.distill_base.teacher_targets`, cached).  The student's tokens are
+   its patch tokens (a token-producing student such as ``vit-mcu``) or, for a CNN, its last
+   stage map read as one token per position.  Every token map is resized to one common grid
+   (``grid``; default the student's token grid, or the finest teacher grid for a CNN).
+2. **Adapters.** Each teacher's tokens enter the student's width through ``Linear(D_t -> D_s)``
+   and ``LayerNorm``.  The linear part starts as the projection on the teacher tokens' leading
+   principal directions; by default it stays there (``train_adapters = false``), since an
+   adapter trained against the student on the target side can drift to targets that are
+   merely easy (in the limit, constant).
+3. **Asymmetric masks.** The student sees a random ``student_keep`` fraction of the patches
+   (the rest of the image is zeroed); each teacher gets its own, lighter random mask
+   (``teacher_keep``, one value or one per teacher).  Teachers see clean images, so their masks
+   act on tokens: a teacher contributes only where its mask keeps the token (where no teacher
+   keeps a token, all of them do).
+4. **Consensus gate.** Per token, a softmax over the teachers of
+   ``(alpha * cos(student, adapted teacher) + (1 - alpha) * mean cos(teacher, other teachers))
+   / gate_temperature``; the gate is a weighting, not a path for gradients (it is detached).
+   The target token is the gate-weighted mix of the adapted teacher tokens.
+5. **Loss.** KL between the channel softmaxes (temperature ``temperature``) of the student's
+   (layer-normed) tokens and the target on the tokens the student saw, plus ``feature_weight``
+   times a KL on the reconstructed map: a small decoder (3x3 conv, GELU, 1x1 conv) gets the
+   student's map with every masked position replaced by a learned mask token and must rebuild
+   the whole target map; its KL compares, per channel, the softmax over positions
+   (channel-wise distillation), so the map loss is about where each feature fires.  Adapters,
+   decoder and mask token are training aids and leave with the pass.
+
+Metrics report the gate: each teacher's mean weight, how often it dominates a token, and the
+mean gate entropy (0 = one teacher decides, 1 = uniform).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from distillc import hookimpl
+from distillc.errors import PassError
+from distillc.pass_api import PassContext
+from distillc.passes.distill_base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
+
+#: Teacher tokens used to find an adapter's principal directions.
+_PCA_TOKENS = 8192
+
+
+class ComadObjective(Objective):
+    """The CoMAD loss (see the module docstring) for one student and its teachers."""
+
+    def __init__(self, ctx: PassContext, cfg: Any):
+        super().__init__(ctx)
+        self.cfg = cfg
+        self.teachers = list(cfg.teachers)
+        keep = cfg.teacher_keep
+        self.teacher_keeps = list(keep) if isinstance(keep, list) else [keep] * len(self.teachers)
+        self._reset_stats(-1)
+
+    def setup(self, student: Any, device: Any) -> None:
+        import torch
+        from torch import nn
+
+        cfg = self.cfg
+        image_size = int(self.ctx.data.train_x.shape[-1])
+        probe = self.ctx.data.train_x[:2].to(device)
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            sample = student_map(student, probe)
+        student.train(was_training)
+        self.student_dim = int(sample.shape[1])
+        maps = [teacher_targets(self.ctx, name, "patch_tokens", lambda m, b: m.patch_tokens(b))
+                for name in self.teachers]
+        default_grid = int(sample.shape[-1]) if hasattr(student, "patch_tokens") else max(m.shape[-1] for m in maps)
+        self.grid = cfg.grid or default_grid
+        if image_size % self.grid:
+            raise PassError("distill.comad", f"grid {self.grid} does not divide the image size {image_size}; "
+                                             f"set grid to a divisor of {image_size}")
+        # Teacher tokens on the common grid, (images, grid*grid, D_t), kept on the CPU.
+        self.tokens = [resize_map(m, self.grid).flatten(2).transpose(1, 2).contiguous() for m in maps]
+        adapters = nn.ModuleList(pca_adapter(t, self.student_dim) for t in self.tokens)
+        adapters.requires_grad_(cfg.train_adapters)
+        self.heads = nn.ModuleDict({"adapters": adapters, "decoder": masked_decoder(self.student_dim)}).to(device)
+
+    def loss(self, student: Any, batch: Batch) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        from distillc.plugins.augment import apply_patch_mask
+
+        cfg, grid = self.cfg, self.grid
+        size = len(batch.idx)
+        student_keep, teacher_keep = comad_masks(size, grid, cfg.student_keep, self.teacher_keeps, batch.generator)
+        student_keep, teacher_keep = student_keep.to(batch.x.device), teacher_keep.to(batch.x.device)
+        feats = resize_map(student_map(student, apply_patch_mask(batch.x, student_keep)), grid)
+        tokens = F.layer_norm(feats.flatten(2).transpose(1, 2).float(), (self.student_dim,))  # (B, N, D_s)
+
+        with torch.set_grad_enabled(self.cfg.train_adapters and torch.is_grad_enabled()):
+            adapted = torch.stack([adapter(t[batch.idx].to(batch.x.device))
+                                   for adapter, t in zip(self.heads["adapters"], self.tokens)]).float()
+        gate = consensus_gate(tokens.detach(), adapted.detach(), teacher_keep, alpha=cfg.gate_alpha,
+                              temperature=cfg.gate_temperature)  # (B, N, T)
+        target = torch.einsum("bnt,tbnd->bnd", gate, adapted)
+        token_loss = token_kl(tokens, target, cfg.temperature, student_keep)
+
+        decoded = self.heads["decoder"](feats.float(), student_keep)
+        map_loss = map_kl(decoded.flatten(2).float(), target.transpose(1, 2), cfg.temperature)
+        self._track(batch, gate, student_keep, teacher_keep)
+        return token_loss + cfg.feature_weight * map_loss
+
+    # -- gate statistics --------------------------------------------------------------------------
+
+    def _reset_stats(self, epoch: int) -> None:
+        count = len(self.teachers)
+        self._epoch, self._tokens, self._images = epoch, 0, 0
+        self._weight, self._wins = [0.0] * count, [0.0] * count
+        self._entropy, self._student_kept, self._teacher_kept = 0.0, 0.0, [0.0] * count
+
+    def _track(self, batch: Batch, gate: Any, student_keep: Any, teacher_keep: Any) -> None:
+        import math
+
+        import torch
+
+        if batch.epoch != self._epoch:  # report the last epoch only
+            self._reset_stats(batch.epoch)
+        with torch.no_grad():
+            g = gate.detach().float().reshape(-1, gate.shape[-1])
+            self._tokens += g.shape[0]
+            self._images += student_keep.shape[0]
+            self._weight = [a + b for a, b in zip(self._weight, g.sum(0).tolist())]
+            wins = torch.bincount(g.argmax(1), minlength=g.shape[1]).tolist()
+            self._wins = [a + b for a, b in zip(self._wins, wins)]
+            entropy = -(g * g.clamp_min(1e-12).log()).sum(1) / max(math.log(g.shape[1]), 1e-12)
+            self._entropy += float(entropy.sum())
+            self._student_kept += float(student_keep.float().sum())
+            self._teacher_kept = [a + b for a, b in zip(self._teacher_kept, teacher_keep.float().sum((1, 2)).tolist())]
+
+    def metrics(self) -> dict[str, Any]:
+        tokens, n = max(self._tokens, 1), len(self.teachers)
+        return {
+            "grid": self.grid,
+            "gate": {
+                "mean_weight": {t: w / tokens for t, w in zip(self.teachers, self._weight)},
+                "dominant_fraction": {t: w / tokens for t, w in zip(self.teachers, self._wins)},
+                "entropy": self._entropy / tokens if n > 1 else 0.0,
+            },
+            "student_keep_fraction": self._student_kept / tokens,
+            "teacher_keep_fraction": {t: k / tokens for t, k in zip(self.teachers, self._teacher_kept)},
+        }
+
+
+class ComadDistillation(DistillationPass):
+    name = "distill.comad"
+    description = "CoMAD: consensus-gated, asymmetrically masked token distillation from 2+ frozen teachers"
+
+    class Config(DistillConfig):
+        teachers: list[str] = Field(min_length=2, description="names of two or more [[teachers]] entries")
+        student_keep: float = Field(0.25, gt=0.0, le=1.0, description="fraction of patches the student sees")
+        teacher_keep: float | list[float] = Field(0.5, description="fraction of tokens each teacher keeps: one value, "
+                                                                   "or one per teacher")
+        temperature: float = Field(1.0, gt=0.0, description="softmax temperature of both KL terms")
+        feature_weight: float = Field(1.0, ge=0.0, description="weight of the reconstructed-map KL")
+        gate_alpha: float = Field(0.5, ge=0.0, le=1.0, description="gate mix: 1 = student affinity only, "
+                                                                   "0 = teacher agreement only")
+        gate_temperature: float = Field(0.1, gt=0.0, description="softmax temperature of the consensus gate")
+        grid: int | None = Field(None, ge=1, description="side of the common token grid; default the student's "
+                                                         "(a ViT) or the finest teacher's (a CNN)")
+        train_adapters: bool = Field(False, description="train the teacher adapters with the student")
+
+        @field_validator("teachers")
+        @classmethod
+        def _distinct(cls, names: list[str]) -> list[str]:
+            if len(set(names)) != len(names):
+                raise ValueError("each teacher may be listed once")
+            return names
+
+        @model_validator(mode="after")
+        def _keeps(self) -> Any:
+            keeps = self.teacher_keep if isinstance(self.teacher_keep, list) else [self.teacher_keep]
+            if isinstance(self.teacher_keep, list) and len(keeps) != len(self.teachers):
+                raise ValueError(f"teacher_keep lists {len(keeps)} values for {len(self.teachers)} teachers")
+            if any(not 0.0 < k <= 1.0 for k in keeps):
+                raise ValueError(f"teacher_keep values must be in (0, 1], got {keeps}")
+            return self
+
+    def objective(self, ctx: PassContext) -> Objective:
+        return ComadObjective(ctx, self.config)
+
+
+# -- pieces (public: the tests pin them) ------------------------------------------------------------
+
+
+def student_map(student: Any, x: Any) -> Any:
+    """The student's tokens as a map ``(B, D, h, w)``: its patch tokens, or a CNN's last stage map."""
+    if hasattr(student, "patch_tokens"):
+        return student.patch_tokens(x)
+    if hasattr(student, "forward_stages"):
+        return student.forward_stages(x)[-1]
+    raise PassError("distill.comad", f"the student ({type(student).__name__}) has neither patch_tokens nor "
+                                     "forward_stages: it produces no tokens to distil into")
+
+
+def resize_map(feature_map: Any, grid: int) -> Any:
+    """A ``(B, D, h, w)`` map on a ``grid x grid`` grid: area-averaged down, bilinear up."""
+    import torch.nn.functional as F
+
+    height, width = feature_map.shape[-2:]
+    if (height, width) == (grid, grid):
+        return feature_map
+    if height >= grid and width >= grid:
+        return F.adaptive_avg_pool2d(feature_map, grid)
+    return F.interpolate(feature_map, size=(grid, grid), mode="bilinear", align_corners=False)
+
+
+def comad_masks(batch: int, grid: int, student_keep: float, teacher_keeps: list[float],
+                generator: Any) -> tuple[Any, Any]:
+    """Asymmetric keep masks: the student's ``(B, grid*grid)`` and one per teacher ``(T, B, grid*grid)``.
+
+    Every mask keeps exactly ``max(1, round(keep * grid * grid))`` tokens per image, each drawn
+    independently, so the teachers' masks differ from the student's and from each other.
+    """
+    import torch
+
+    from distillc.plugins.augment import random_patch_mask
+
+    student = random_patch_mask(batch, grid, student_keep, generator)
+    teachers = torch.stack([random_patch_mask(batch, grid, keep, generator) for keep in teacher_keeps])
+    return student, teachers
+
+
+def consensus_gate(student: Any, teachers: Any, keep: Any, *, alpha: float, temperature: float) -> Any:
+    """Per-token teacher weights ``(B, N, T)`` that sum to 1 over the teachers.
+
+    ``student`` is ``(B, N, D)``, ``teachers`` the adapted teacher tokens ``(T, B, N, D)`` and
+    ``keep`` ``(T, B, N)`` bool (a teacher's masked tokens get weight 0, unless no teacher keeps
+    the token).  The logit of teacher ``t`` is ``alpha * cos(student, t) + (1 - alpha) *
+    mean_{u != t} cos(t, u)``, divided by ``temperature``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    count = teachers.shape[0]
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teachers.float(), dim=-1)
+    affinity = torch.einsum("bnd,tbnd->tbn", s, t)
+    if count > 1:
+        total = t.sum(0, keepdim=True)
+        agreement = ((t * total).sum(-1) - (t * t).sum(-1)) / (count - 1)
+    else:
+        agreement = torch.ones_like(affinity)
+    logits = (alpha * affinity + (1.0 - alpha) * agreement) / temperature
+    keep = keep.bool() | ~keep.bool().any(0, keepdim=True)
+    logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.softmax(logits, dim=0).permute(1, 2, 0)
+
+
+def token_kl(student: Any, target: Any, temperature: float, visible: Any) -> Any:
+    """KL(target || student) of channel softmaxes per token, averaged over the ``visible`` tokens."""
+    import torch.nn.functional as F
+
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    p = F.softmax(target / temperature, dim=-1)
+    per_token = F.kl_div(log_q, p, reduction="none").sum(-1)
+    weights = visible.float()
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0) * temperature ** 2
+
+
+def map_kl(decoded: Any, target: Any, temperature: float) -> Any:
+    """KL(target || decoded) of the per-channel softmaxes over positions; both ``(B, D, N)``."""
+    import torch.nn.functional as F
+
+    log_q = F.log_softmax(decoded / temperature, dim=-1)
+    p = F.softmax(target / temperature, dim=-1)
+    return F.kl_div(log_q, p, reduction="none").sum(-1).mean() * temperature ** 2
+
+
+def masked_decoder(dim: int) -> Any:
+    """The reconstruction decoder: masked positions become a learned mask token, then a 3x3 conv,
+    GELU and a 1x1 conv rebuild the whole ``(B, dim, grid, grid)`` map from the visible ones."""
+    import torch
+    from torch import nn
+
+    class MaskedDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mask_token = nn.Parameter(torch.zeros(dim))
+            self.body = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GELU(), nn.Conv2d(dim, dim, 1))
+
+        def forward(self, feature_map: Any, keep: Any) -> Any:
+            size, _, height, width = feature_map.shape
+            visible = keep.view(size, 1, height, width)
+            return self.body(torch.where(visible, feature_map, self.mask_token.view(1, dim, 1, 1)))
+
+    return MaskedDecoder()
+
+
+def pca_adapter(tokens: Any, out_dim: int) -> Any:
+    """``Linear(D_t -> out_dim)`` + ``LayerNorm(out_dim)``, the linear part set to project on the
+    leading principal directions of ``tokens`` ``(images, N, D_t)`` (random directions beyond them)."""
+    import torch
+    from torch import nn
+
+    flat = tokens.reshape(-1, tokens.shape[-1]).float()
+    if len(flat) > _PCA_TOKENS:
+        flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:_PCA_TOKENS]]
+    mean = flat.mean(0)
+    _, _, vh = torch.linalg.svd(flat - mean, full_matrices=False)
+    linear = nn.Linear(tokens.shape[-1], out_dim)
+    with torch.no_grad():
+        rows = min(out_dim, vh.shape[0])
+        linear.weight[:rows] = vh[:rows]
+        linear.bias.copy_(-linear.weight @ mean)
+    return nn.Sequential(linear, nn.LayerNorm(out_dim))
+
+
+@hookimpl
+def distillc_register_passes(registry: Any) -> None:
+    registry.add(ComadDistillation)

@@ -1,0 +1,155 @@
+"""distill.comad: asymmetric masks, the consensus gate, and compiles with ViT and CNN students."""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+
+import pytest
+import torch
+
+from distillc.errors import SpecError
+from distillc.passes.distill_comad import comad_masks, consensus_gate, resize_map
+from distillc.pipeline import compile_spec
+from distillc.plugin_manager import load_plugins
+from distillc.progress import SilentProgress
+from distillc.spec import load_spec
+
+SPEC = """
+[distillc]
+spec_version = 1
+name = "{name}"
+
+[data]
+source = "sklearn-digits"
+image_size = 8
+val_fraction = 0.25
+channels = 1
+
+[[teachers]]
+name = "coarse"
+arch = "vit_tiny_patch4"
+depth = 1
+train = {{ epochs = 1, batch_size = 256, lr = 3e-3 }}
+
+[[teachers]]
+name = "fine"
+arch = "vit_tiny_patch2"
+depth = 1
+train = {{ epochs = 1, batch_size = 256, lr = 3e-3 }}
+
+[student]
+{student}
+
+[[passes]]
+use = "distill.comad"
+teachers = ["coarse", "fine"]
+epochs = 1
+batch_size = 256
+{options}
+"""
+
+VIT_STUDENT = 'arch = "vit-mcu"\npatch_size = 4\ndim = 32\ndepth = 1'
+CNN_STUDENT = 'arch = "mobilenetv2"\nwidth = 0.35\nlast_channels = 32'
+
+
+def spec_text(name: str, student: str = VIT_STUDENT, options: str = "") -> str:
+    return textwrap.dedent(SPEC).format(name=name, student=student, options=options)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """One folder (and cache) for every compile here: the two teachers train once."""
+    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    return tmp_path_factory.mktemp("comad")
+
+
+def compile_(folder, name: str, **kwargs):
+    path = folder / f"{name}.toml"
+    path.write_text(spec_text(name, **kwargs))
+    return compile_spec(path, progress=SilentProgress(), until="distill.comad")
+
+
+def test_masks_keep_the_configured_fraction_and_differ_per_teacher():
+    gen = torch.Generator().manual_seed(0)
+    student, teachers = comad_masks(64, 4, 0.25, [0.5, 0.75], gen)
+    assert student.shape == (64, 16) and teachers.shape == (2, 64, 16)
+    assert (student.sum(1) == 4).all()
+    assert (teachers[0].sum(1) == 8).all() and (teachers[1].sum(1) == 12).all()
+    assert (student != teachers[0]).any() and (teachers[0] != teachers[1][:, :16]).any()
+
+
+def test_gate_sums_to_one_per_token_and_skips_masked_teachers():
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(3, 5, 8, generator=gen)
+    teachers = torch.randn(3, 3, 5, 8, generator=gen)
+    keep = torch.rand(3, 3, 5, generator=gen) > 0.5
+    keep[0] |= ~keep.any(0)
+    keep[:, 0, 0] = False  # the one token no teacher keeps: every teacher counts there
+    gate = consensus_gate(student, teachers, keep, alpha=0.5, temperature=0.1)
+    assert gate.shape == (3, 5, 3)
+    torch.testing.assert_close(gate.sum(-1), torch.ones(3, 5))
+    masked = ~keep.permute(1, 2, 0)
+    masked[0, 0] = False
+    assert (gate[masked] == 0).all()
+    assert (gate[0, 0] > 0).all()
+
+
+def test_gate_follows_the_student_at_alpha_one_and_the_majority_at_alpha_zero():
+    base = torch.randn(1, 1, 16)
+    other = torch.randn(1, 1, 16)
+    teachers = torch.stack([base, base + 0.01 * other, other])  # two agree, one is an outlier
+    keep = torch.ones(3, 1, 1, dtype=torch.bool)
+    follows = consensus_gate(other, teachers, keep, alpha=1.0, temperature=0.01)
+    assert follows[0, 0].argmax() == 2
+    majority = consensus_gate(other, teachers, keep, alpha=0.0, temperature=0.01)
+    assert majority[0, 0, 2] < 1e-3
+
+
+def test_resize_map_averages_down_and_interpolates_up():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert resize_map(x, 2).shape == (1, 1, 2, 2)
+    assert resize_map(x, 2)[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4
+    assert resize_map(torch.ones(1, 3, 1, 1), 2).shape == (1, 3, 2, 2)
+    assert resize_map(x, 4) is x
+
+
+def test_vit_student_distils_from_two_teachers_and_reports_the_gate(folder):
+    result = compile_(folder, "vit")
+    metrics = result.report["metrics"]["distill.comad"]
+    assert math.isfinite(metrics["loss"]) and metrics["grid"] == 2
+    gate = metrics["gate"]
+    assert set(gate["mean_weight"]) == {"coarse", "fine"}
+    assert sum(gate["mean_weight"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert sum(gate["dominant_fraction"].values()) == pytest.approx(1.0)
+    assert 0.0 <= gate["entropy"] <= 1.0
+    assert metrics["student_keep_fraction"] == pytest.approx(0.25)
+    assert metrics["teacher_keep_fraction"] == {"coarse": pytest.approx(0.5), "fine": pytest.approx(0.5)}
+    before = result.plan.store.load(result.plan.steps[2].key)
+    after = result.artifact
+    assert after.arch == "vit-mcu" and after.meta["distilled_by"] == "distill.comad"
+    assert any(not torch.equal(before.state[k], after.state[k]) for k in before.state)
+
+
+def test_cnn_student_distils_through_its_last_stage_map(folder):
+    result = compile_(folder, "cnn", student=CNN_STUDENT, options="teacher_keep = [0.5, 0.75]\ngrid = 4")
+    metrics = result.report["metrics"]["distill.comad"]
+    assert metrics["grid"] == 4 and math.isfinite(metrics["loss"])
+    assert metrics["student_keep_fraction"] == pytest.approx(0.25)
+    assert metrics["teacher_keep_fraction"] == {"coarse": pytest.approx(0.5), "fine": pytest.approx(0.75)}
+    assert result.ran == ["student", "distill.comad"]  # the teachers came from the cache
+
+
+@pytest.mark.parametrize("options, message", [
+    ('teachers = ["coarse"]', r"passes\[0\]\.teachers: .*at least 2"),
+    ('teacher_keep = [0.5]', "teacher_keep lists 1 values for 2 teachers"),
+    ('teacher_keep = 1.5', r"teacher_keep values must be in \(0, 1\]"),
+    ("student_keep = 0.0", r"passes\[0\]\.student_keep"),
+])
+def test_bad_configs_are_spec_errors_naming_the_key(write_spec, options, message):
+    text = spec_text("bad", options=options)
+    if options.startswith("teachers"):
+        text = text.replace('teachers = ["coarse", "fine"]\n', "")
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_spec(text), load_plugins())
