@@ -1,0 +1,83 @@
+"""train.supervised: the same student trained on the labels, handed on without its classifier."""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from distillc.errors import PassError
+from distillc.pipeline import compile_spec
+from distillc.progress import SilentProgress
+
+SPEC = """
+[distillc]
+spec_version = 1
+name = "supervised"
+
+[data]
+{data}
+image_size = 8
+val_fraction = 0.85
+channels = 1
+
+[student]
+arch = "mobilenetv2"
+width = 0.35
+last_channels = 32
+
+[[passes]]
+use = "train.supervised"
+batch_size = 256
+epochs = 2
+lr = 1e-2
+"""
+
+DIGITS = 'source = "sklearn-digits"'
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread per process is faster than two fighting
+    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    yield tmp_path_factory.mktemp("supervised")
+    torch.set_num_threads(threads)
+
+
+def compile_(folder, data: str = DIGITS):
+    path = folder / "spec.toml"
+    path.write_text(textwrap.dedent(SPEC).format(data=data))
+    return compile_spec(path, progress=SilentProgress(), until="train.supervised")
+
+
+@pytest.fixture(scope="module")
+def result(folder):
+    return compile_(folder)
+
+
+def test_reports_validation_top1_of_its_head_and_a_falling_loss(result):
+    metrics = result.report["metrics"]["train.supervised"]
+    assert 0.0 <= metrics["val_top1"] <= 1.0 and metrics["classes"] == 10
+    assert math.isfinite(metrics["loss"]) and metrics["loss"] < metrics["first_loss"]
+    assert metrics["head_params"] == 32 * 10 + 10  # one linear layer on the 32-wide embedding
+
+
+def test_the_student_leaves_without_the_classifier(result):
+    metrics = result.report["metrics"]
+    assert metrics["train.supervised"]["params"] == metrics["student"]["params"]
+    step = next(s for s in result.plan.steps if s.id == "train.supervised")
+    artifact = result.plan.store.load(step.key)
+    assert artifact.meta["distilled_by"] == "train.supervised"
+    assert not any(k.startswith("classifier") for k in artifact.state)
+
+
+def test_unlabelled_data_is_a_pass_error(folder):
+    images = np.random.default_rng(0).random((64, 8, 8), dtype=np.float32)
+    np.savez(folder / "unlabelled.npz", x=images)
+    with pytest.raises(PassError, match="train.supervised.*needs labelled data"):
+        compile_(folder, data='source = "npz"\npath = "unlabelled.npz"')
