@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.35, help="MobileNetV2 student width")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--views", type=int, default=2, help="ca-dssl: cached weak views per image")
-    parser.add_argument("--blocks", default="[1, -1]", help="bootleg: teacher blocks (a TOML list)")
+    parser.add_argument("--blocks", default="[-2, -1]", help="bootleg: teacher blocks (a TOML list)")
     args = parser.parse_args()
     os.environ.setdefault("DISTILLC_DISABLE_PLUGIN_AUTOLOAD", "1")
     pass_name = PASS_NAMES[args.method]
