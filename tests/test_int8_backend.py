@@ -66,24 +66,13 @@ class SigmoidNet(nn.Module):
         return self.c2(self.act(self.c1(x)))
 
 
-def _randomize_batchnorm(model):
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.3, 0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """TinyNet quantized, exported, compiled to a bundle and built with the host driver."""
     torch.manual_seed(0)
     work = tmp_path_factory.mktemp("tiny")
     calib = torch.randn(32, 3, 16, 16)
-    qmodel = quantize(_randomize_batchnorm(TinyNet()), calib)
+    qmodel = quantize(testing.randomize_batchnorm(TinyNet()), calib)
     onnx_path = export_qcdq(qmodel, calib[:1], work / "tiny.onnx")
     manifest = compile_onnx_to_bundle(onnx_path, work / "bundle", name="tiny")
     exe = testing.build_host_driver(work / "bundle", work / "build")

@@ -189,6 +189,15 @@ def random_convnet(seed: int):
     head_pool = rng.choice(["global", "avg"]) if spatial >= 4 and spatial % 2 == 0 else "global"
     classes = rng.randint(2, 12)
     model = _SpecNet(specs, head_pool, channels, spatial, classes, nn, torch)
+    return randomize_batchnorm(model), (1, in_ch, size, size)
+
+
+def randomize_batchnorm(model):
+    """Give every BatchNorm non-trivial statistics and affine terms (so folding is exercised);
+    returns the model in eval mode."""
+    import torch
+    from torch import nn
+
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             with torch.no_grad():
@@ -196,7 +205,7 @@ def random_convnet(seed: int):
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.3, 0.3)
-    return model.eval(), (1, in_ch, size, size)
+    return model.eval()
 
 
 def _SpecNet(specs, head_pool, channels, spatial, classes, nn, torch):

@@ -46,27 +46,38 @@ def count_macs(model: "nn.Module", input_shape: tuple[int, ...]) -> int:
         nonlocal total
         total += int(module.extra_macs(inputs, output))
 
-    handles = []
+    hooks = []
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
+            hooks.append((module, conv_hook))
         elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
+            hooks.append((module, linear_hook))
         if callable(getattr(module, "extra_macs", None)):
-            handles.append(module.register_forward_hook(extra_hook))
+            hooks.append((module, extra_hook))
+    run_with_hooks(model, input_shape, hooks)
+    return total
 
+
+def run_with_hooks(model: "nn.Module", input_shape: tuple[int, ...], hooks: list) -> None:
+    """One no-grad forward of a zero input with ``(module, forward_hook)`` pairs attached.
+
+    The model runs in eval mode (BatchNorm must not update its statistics) on its own device;
+    the hooks are removed and the training mode restored afterwards.
+    """
+    import torch
+
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
     was_training = model.training
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     try:
-        model.eval()  # BatchNorm must not update its running statistics while we count
+        model.eval()
         with torch.no_grad():
             model(torch.zeros(input_shape, device=device))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return total
 
 
 def count_conv_weights(model: "nn.Module") -> int:

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distillc.errors import SpecError
+from distillc.plugins.models import run_with_hooks
 
 #: Stage widths as multiples of ``width``.
 STAGE_MULTIPLIERS = (1, 2, 2, 4)
@@ -280,18 +281,7 @@ def _record_calls(model: nn.Module, input_shape: tuple[int, ...]) -> list[_Call]
                            tuple(output.shape) if isinstance(output, torch.Tensor) else ()))
 
     leaves = [m for m in model.modules() if not list(m.children()) and m is not model]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    was_training = model.training
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    run_with_hooks(model, input_shape, [(m, hook) for m in leaves])
     return calls
 
 
