@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -58,6 +58,8 @@ class Pass(abc.ABC):
       (``makes`` is then the widest type it can return, for listings).
     - ``uses_data``: whether the dataset's fingerprint belongs in the cache key.
     - ``tools``: distributions whose versions belong in the cache key (e.g. ``("torch",)``).
+    - ``distributed``: under torchrun the pass runs on every rank together (it trains
+      data-parallel, see ``distillc.distributed``); otherwise rank 0 runs it alone.
     """
 
     name: ClassVar[str]
@@ -69,6 +71,7 @@ class Pass(abc.ABC):
     passthrough: ClassVar[bool] = False
     uses_data: ClassVar[bool] = False
     tools: ClassVar[tuple[str, ...]] = ()
+    distributed: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig):
         self.config = config
@@ -82,6 +85,18 @@ class Pass(abc.ABC):
         many = getattr(self.config, "teachers", None)
         names = ([single] if isinstance(single, str) else []) + (list(many) if isinstance(many, list) else [])
         return names
+
+    def link(self, upstream: Sequence["Pass"], source: str) -> None:
+        """Called once when the plan is built, with the flow passes that run before this one.
+
+        A pass that builds on an earlier pass's settings resolves them here (the QAT pass finds
+        the distillation objective it keeps) and raises :class:`~distillc.errors.SpecError`
+        with ``source`` (the step's place in the spec) when it cannot.  The default does nothing.
+        """
+
+    def linked_key(self) -> dict[str, Any]:
+        """What :meth:`link` resolved that changes this pass's output: it joins the cache key."""
+        return {}
 
     @abc.abstractmethod
     def run(self, artifact: Artifact | None, ctx: "PassContext") -> PassResult:

@@ -199,7 +199,11 @@ def _link_and_check(steps: list[Step], spec: Spec) -> None:
     """Connect each flow step to the previous one and check the artifact types agree."""
     teacher_ids = {t.name: f"teacher:{t.name}" for t in spec.teachers}
     previous: Step | None = None
+    flow_passes: list[Pass] = []
     for step in steps:
+        if step.flow:
+            step.pass_.link(list(flow_passes), step.source)
+            flow_passes.append(step.pass_)
         step.teacher_ids = {name: teacher_ids[name] for name in step.pass_.teachers()}
         cls = type(step.pass_)
         if not step.flow:
@@ -228,6 +232,7 @@ def _key_payload(step: Step, keys: dict[str, str], data_fp: Any, spec: Spec) -> 
         "pass": cls.name,
         "version": cls.version,
         "config": step.pass_.config.model_dump(mode="json"),
+        **({"linked": linked} if (linked := step.pass_.linked_key()) else {}),
         "input": keys.get(step.input_id) if step.input_id else None,
         "teachers": {n: keys[tid] for n, tid in sorted(step.teacher_ids.items())},
         "data": data_fp() if cls.uses_data else None,

@@ -1,27 +1,45 @@
 """``quantize.brevitas-qat``: quantization-aware training of the student with Brevitas.
 
 Graph-mode quantization (BatchNorm folded into the convolutions), per-channel weights (8 bits,
-or fewer), 8-bit activations, calibration on training images, then QAT epochs that keep a
-label-free distillation objective: with ``teacher`` set, the frozen teacher keeps teaching
-(cosine between the projected student embedding and the teacher's); without it, the quantized
-student learns to reproduce its own FP32 embedding.  FP32 and INT8 linear-probe top-1 are
-reported side by side when the data has labels.
+or fewer), 8-bit activations, calibration on training images, then QAT epochs that keep the
+spec's label-free distillation objective, so the teacher keeps teaching while the student is
+quantized.  ``objective`` picks it:
+
+- ``"auto"`` (default): ``"feature"`` when ``teacher`` is set, else the objective of the last
+  distillation pass before this one in ``[[passes]]`` (CA-DSSL, Bootleg, CoMAD, CLIP-Matryoshka,
+  ``train.supervised``... any :class:`~distillc.passes.distill_base.DistillationPass`), else
+  ``"self"``;
+- the ``use`` name of such a pass: its objective, built from that pass's spec keys;
+- ``"feature"``: cosine to ``teacher``'s embedding through a linear projector initialised by
+  least squares on the FP32 student;
+- ``"self"``: the quantized student reproduces its own FP32 embedding.
+
+A borrowed objective's heads (projectors, adapters, predictors) start fresh: the distillation
+pass dropped its own.  They first train alone on the frozen quantized student for
+``head_warmup_epochs``, so that QAT does not start with large, meaningless gradients.  FP32 and
+INT8 linear-probe top-1 are reported side by side when the data has labels.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distillc import hookimpl
 from distillc.artifacts import QuantTorchModel, TorchModel
+from distillc.errors import SpecError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
+from distillc.passes.distill_base import Batch, DistillationPass, Objective
+from distillc.passes.distill_feature import FeatureObjective
+
+_BUILTIN_OBJECTIVES = ("auto", "self", "feature")
 
 
 class BrevitasQat(Pass):
     name = "quantize.brevitas-qat"
-    version = "2"  # 2: projector starts from the least-squares fit
+    version = "3"  # 3: keeps any distillation pass's objective (objective = "auto")
     description = "Brevitas QAT (BN folded, per-channel weights) keeping the distillation objective"
     takes = TorchModel
     makes = QuantTorchModel
@@ -36,79 +54,164 @@ class BrevitasQat(Pass):
         epochs: int = Field(1, ge=0, le=100_000, description="QAT epochs; 0 = calibration only (PTQ)")
         lr: float = Field(1e-4, gt=0.0, le=1.0)
         batch_size: int = Field(128, ge=2)
-        teacher: str | None = Field(None, description="a [[teachers]] entry that keeps teaching during QAT")
-        augment: float = Field(0.0, ge=0.0, le=1.0, description="augmentation strength of the student's view")
+        objective: str = Field("auto", description="objective QAT keeps: 'auto', 'self', 'feature', or the `use` "
+                                                   "name of an earlier distillation pass in [[passes]]")
+        teacher: str | None = Field(None, description="teacher of the 'feature' objective ('auto' then means 'feature')")
+        head_warmup_epochs: int = Field(1, ge=0, le=1000, description="epochs training a borrowed objective's "
+                                                                      "fresh heads alone before QAT")
+        augment: float = Field(0.0, ge=0.0, le=1.0, description="student view augmentation ('feature' and 'self')")
         probe: bool = Field(True, description="report FP32 and INT8 linear-probe top-1 (labelled data)")
+
+        @model_validator(mode="after")
+        def _objective_needs(self) -> "BrevitasQat.Config":
+            if self.objective == "feature" and self.teacher is None:
+                raise ValueError("objective = 'feature' needs `teacher`")
+            if self.teacher is not None and self.objective not in ("auto", "feature"):
+                raise ValueError(f"`teacher` is the 'feature' objective's teacher; objective {self.objective!r} "
+                                 f"brings its own teachers: remove `teacher`")
+            return self
+
+    def __init__(self, config: PassConfig):
+        super().__init__(config)
+        self._source: DistillationPass | None = None  # the pass whose objective QAT keeps
+        self._kind = self._builtin_kind()
+
+    def _builtin_kind(self) -> str:
+        cfg = self.config
+        if cfg.objective == "auto":
+            return "feature" if cfg.teacher is not None else "self"
+        return cfg.objective
+
+    def link(self, upstream: Sequence[Pass], source: str) -> None:
+        cfg = self.config
+        distillers = [p for p in upstream if isinstance(p, DistillationPass)]
+        self._source, self._kind = None, self._builtin_kind()
+        if cfg.objective == "auto" and cfg.teacher is None and distillers:
+            self._source = distillers[-1]
+        elif cfg.objective not in _BUILTIN_OBJECTIVES:
+            named = [p for p in distillers if p.name == cfg.objective]
+            if not named:
+                earlier = ", ".join(sorted({p.name for p in distillers})) or "none"
+                raise SpecError(f"objective {cfg.objective!r} is not a distillation pass earlier in [[passes]] "
+                                f"(earlier distillation passes: {earlier}; or use 'auto', 'self', 'feature')",
+                                f"{source}.objective")
+            self._source = named[-1]
+        if self._source is not None:
+            self._kind = self._source.name
+
+    def linked_key(self) -> dict[str, Any]:
+        if self._source is None:
+            return {"objective": self._kind}
+        p = self._source
+        return {"objective": {"pass": p.name, "version": p.version, "config": p.config.model_dump(mode="json")}}
+
+    def teachers(self) -> list[str]:
+        if self._source is not None:
+            return self._source.teachers()
+        return [self.config.teacher] if self.config.teacher is not None else []
 
     def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
         import torch
-        import torch.nn.functional as F
 
-        from distillc.passes.distill_base import teacher_targets
-        from distillc.passes.distill_feature import projection_head
+        from distillc.passes.distill_base import train_with_objective
         from distillc.passes.eval_probe import linear_probe_top1
-        from distillc.passes.int8.brevitas import quantize
-        from distillc.plugins.augment import Augment
-        from distillc.training import batches, embed_all, epoch_generator, run_epochs
+        from distillc.passes.int8.brevitas import QuantStudent, quantize
+        from distillc.training import count_params
 
         cfg = self.config
         data = ctx.data
+        # Brevitas's fake-quant graph runs in FP32 on the CPU: bf16 autocast would change the
+        # rounding that the integer backend reproduces.
+        device = torch.device("cpu")
         torch.manual_seed(ctx.seed)
-        float_model = artifact.build(ctx.plugins)
-        metrics: dict[str, Any] = {}
+        float_model = artifact.build(ctx.plugins).eval()
+        metrics: dict[str, Any] = {"objective": self._kind}
         if cfg.probe and data.labelled:
             metrics["fp32"] = {"top1": linear_probe_top1(float_model, data)}
 
-        student_embeddings = embed_all(float_model, data.train_x)
-        if cfg.teacher is not None:
-            targets = teacher_targets(ctx, cfg.teacher, "embed", lambda m, b: m.embed(b))
-        else:
-            targets = student_embeddings
-        targets = F.normalize(targets, dim=1)
-
-        # Brevitas QAT runs on the CPU here: its fake-quant graph gains little from bf16 autocast.
         qmodel = quantize(float_model, data.train_x[: cfg.calib_images], weight_bits=cfg.weight_bits,
                           act_bits=cfg.act_bits, per_channel=cfg.per_channel)
-        embed_dim = artifact.meta.get("embed_dim") or targets.shape[1]
-        if cfg.teacher:
-            # Start from the best linear map of the FP32 student onto the teacher (ridge least
-            # squares): a random projector would send large, meaningless gradients into the
-            # freshly quantized student in the first QAT steps.
-            projector = projection_head(embed_dim, 0, targets.shape[1])
-            fit_linear(projector, student_embeddings, targets)
-        else:
-            projector = torch.nn.Identity()
-        params = list(qmodel.parameters()) + list(projector.parameters())
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
-        augment = Augment(strength=cfg.augment, flip=False)
-
-        def epoch_fn(epoch: int) -> tuple[float, int]:
-            gen = epoch_generator(ctx.seed, epoch)
-            qmodel.train()
-            total, seen = 0.0, 0
-            for idx in batches(len(data.train_x), cfg.batch_size, gen, drop_last=True):
-                z = projector(qmodel(augment(data.train_x[idx], gen)))
-                loss = 1.0 - F.cosine_similarity(z, targets[idx], dim=1).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(idx)
-                seen += len(idx)
-            return total / max(seen, 1), seen
-
-        losses = run_epochs(progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir, description=ctx.step_id,
-                            epochs=cfg.epochs, epoch_fn=epoch_fn,
-                            state={"qmodel": qmodel, "projector": projector, "optimizer": optimizer})
+        student = QuantStudent(qmodel, float_model, data.train_x[:2])
+        objective = self._objective(ctx, float_model)
+        objective.setup(student, device)
+        if self._source is not None and cfg.head_warmup_epochs and count_params(objective.heads):
+            # Fresh heads first learn to read the frozen quantized student.
+            student.requires_grad_(False)
+            warm = dataclasses.replace(ctx, checkpoint_dir=ctx.checkpoint_dir / "heads")
+            head_losses = train_with_objective(warm, student, objective, epochs=cfg.head_warmup_epochs,
+                                               lr=getattr(self._source.config, "lr", 1e-3), batch_size=cfg.batch_size,
+                                               weight_decay=0.0, device=device, description=f"{ctx.step_id} heads")
+            student.requires_grad_(True)
+            metrics["head_warmup_loss"] = head_losses[-1]
+        losses = train_with_objective(ctx, student, objective, epochs=cfg.epochs, lr=cfg.lr,
+                                      batch_size=cfg.batch_size, weight_decay=0.0, device=device,
+                                      description=ctx.step_id, schedule=False)
         qmodel.eval()
         if losses:
             metrics["loss"] = losses[-1]
+            metrics["first_loss"] = losses[0]
+        metrics.update({k: v for k, v in objective.metrics().items() if k not in metrics})
         if "fp32" in metrics:
             metrics["int8"] = {"top1": linear_probe_top1(qmodel, data)}
         quant = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "per_channel": cfg.per_channel}
         state = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.state_dict().items()}
         out = QuantTorchModel(role="student", arch=artifact.arch, options=artifact.options, state=state,
-                              meta={**artifact.meta, "quant": quant}, head=artifact.head, quant=quant)
+                              meta={**artifact.meta, "quant": quant, "qat_objective": self._kind},
+                              head=artifact.head, quant=quant)
         return PassResult(out, metrics)
+
+    def _objective(self, ctx: PassContext, float_model: Any) -> Objective:
+        if self._source is not None:
+            return self._source.objective(ctx)
+        if self._kind == "feature":
+            return FittedFeatureObjective(ctx, teacher=self.config.teacher, augment=self.config.augment,
+                                           float_model=float_model)
+        return SelfObjective(ctx, float_model=float_model, augment=self.config.augment)
+
+
+class SelfObjective(Objective):
+    """The quantized student reproduces the FP32 student's embedding of the clean image (cosine)."""
+
+    def __init__(self, ctx: PassContext, *, float_model: Any, augment: float):
+        super().__init__(ctx)
+        self.float_model = float_model
+        self.augment_strength = augment
+
+    def setup(self, student: Any, device: Any) -> None:
+        import torch.nn.functional as F
+        from torch import nn
+
+        from distillc.plugins.augment import Augment
+        from distillc.training import embed_all
+
+        self.targets = F.normalize(embed_all(self.float_model, self.ctx.data.train_x), dim=1)
+        self.augment = Augment(strength=self.augment_strength, flip=False)
+        self.heads = nn.ModuleDict()
+
+    def loss(self, student: Any, batch: Batch) -> Any:
+        import torch.nn.functional as F
+
+        z = student(self.augment(batch.x, batch.generator))
+        return 1.0 - F.cosine_similarity(z.float(), self.targets[batch.idx].to(z.device), dim=1).mean()
+
+
+class FittedFeatureObjective(FeatureObjective):
+    """``distill.feature``'s objective with a linear projector fitted by least squares first.
+
+    A random projector would send large, meaningless gradients into the freshly quantized
+    student in the first QAT steps; the ridge fit from the FP32 student's embeddings to the
+    teacher's starts from the best linear map instead.
+    """
+
+    def __init__(self, ctx: PassContext, *, teacher: str, augment: float, float_model: Any):
+        super().__init__(ctx, teacher=teacher, projector_hidden=0, augment=augment)
+        self.float_model = float_model
+
+    def setup(self, student: Any, device: Any) -> None:
+        from distillc.training import embed_all
+
+        super().setup(student, device)
+        fit_linear(self.heads, embed_all(self.float_model, self.ctx.data.train_x), self.targets)
 
 
 def fit_linear(layer: Any, x: Any, y: Any, ridge: float = 1e-3) -> None:

@@ -136,3 +136,121 @@ def _output_is_quantized(qmodel: nn.Module) -> bool:
         if proxy is not None and getattr(proxy, "is_quant_enabled", False):
             return True
     return False
+
+
+# -- the float student's API on a quantized student ---------------------------------------------
+
+
+class QuantStudent(nn.Module):
+    """A quantized student that keeps the float student's training API.
+
+    Distillation objectives call ``student(x)``, read ``embed_dim`` and ``stage_channels``, and
+    may call ``forward_stages(x)``.  Brevitas's graph-mode quantization returns a traced graph
+    that has only ``forward``; this wrapper adds the rest.  ``forward_stages`` runs a second graph
+    over the *same* quantized modules that returns the (requantized) outputs of the modules the
+    float model's ``forward_stages`` returns, so stage losses train the quantized weights.
+    """
+
+    def __init__(self, qmodel: nn.Module, float_model: nn.Module, example: torch.Tensor):
+        super().__init__()
+        self.qmodel = qmodel
+        self.embed_dim = getattr(float_model, "embed_dim", None)
+        self.stage_channels = list(getattr(float_model, "stage_channels", []) or [])
+        self._stages: nn.Module | None = None
+        self._stages_error = f"{type(float_model).__name__} has no forward_stages"
+        if hasattr(float_model, "forward_stages"):
+            try:
+                self._stages = tap_graph(qmodel, stage_modules(float_model, example))
+            except ValueError as exc:
+                self._stages_error = str(exc)
+                self.stage_channels = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qmodel(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self._stages is None:
+            raise ValueError(f"the quantized student cannot return its stages: {self._stages_error}")
+        return [_value(t) for t in self._stages(x)]
+
+
+def stage_modules(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The qualified names of the modules whose outputs ``model.forward_stages`` returns.
+
+    Found by running it once with forward hooks: each returned tensor must be the very output of
+    a module (the outermost one when nested modules return the same tensor).
+    """
+    produced: dict[int, str] = {}
+    handles = []
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                produced[id(output)] = name  # outer modules finish last and overwrite inner ones
+        return record
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            stages = model.forward_stages(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    names = []
+    for i, stage in enumerate(stages):
+        if id(stage) not in produced:
+            raise ValueError(f"stage {i} of {type(model).__name__}.forward_stages is not the output of a module")
+        names.append(produced[id(stage)])
+    return names
+
+
+def tap_graph(qmodel: nn.Module, module_names: list[str]) -> nn.Module:
+    """A graph module sharing ``qmodel``'s modules that returns the outputs of ``module_names``.
+
+    ``qmodel`` is Brevitas's traced graph (possibly wrapped by :class:`_OutputQuantized`).  The
+    output of module ``m`` is the last node traced inside ``m``, followed through the quantizer
+    Brevitas inserted after it when there is one, so the tap is the value the next layer reads.
+    """
+    graph_module = qmodel.inner if isinstance(qmodel, _OutputQuantized) else qmodel
+    graph = getattr(graph_module, "graph", None)
+    if graph is None:
+        raise ValueError("the quantized student is not a traced graph")
+    nodes = list(graph.nodes)
+    taps = []
+    for name in module_names:
+        inside = [n for n in nodes if _traced_inside(n, name)]
+        if not inside:
+            raise ValueError(f"no traced node belongs to module {name!r}")
+        node = inside[-1]
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and not users[0].meta.get("nn_module_stack"):
+            node = users[0]  # the requantizer Brevitas inserted after the module
+        taps.append(node)
+    new_graph = type(graph)()
+    mapping: dict = {}
+    new_graph.graph_copy(graph, mapping)
+    new_graph.output(tuple(mapping[node] for node in taps))
+    taps_module = type(graph_module).__mro__[1](graph_module, new_graph)
+    taps_module.graph.eliminate_dead_code()
+    taps_module.recompile()
+    return taps_module
+
+
+def _traced_inside(node: object, module_name: str) -> bool:
+    stack = getattr(node, "meta", {}).get("nn_module_stack") or {}
+    prefix = module_name + "."
+    for key, value in stack.items():
+        path = value[0] if isinstance(value, tuple) else key
+        if path == module_name or str(path).startswith(prefix):
+            return True
+    return False
+
+
+def _value(t: object) -> torch.Tensor:
+    """The float tensor of a Brevitas QuantTensor (or ``t`` itself)."""
+    return getattr(t, "value", t)
