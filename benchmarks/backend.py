@@ -73,6 +73,9 @@ def main() -> None:
         run = run_on_qemu(tmp / "bundle", example, tmp / "qemu")
         print(f"QEMU {run.machine}: {run.instructions_per_inference:,} instructions per inference, "
               f"{run.instructions_per_inference / entries['macs']:.2f} per MAC")
+        print(f"model flash (the bundle's objects, before the linker drops unused code): "
+              f"{run.model_flash_bytes:,} B = {run.model_flash_bytes / weights:.3f}x INT8 weights "
+              f"= {run.model_flash_bytes / (weights + 32 * 1024):.3f}x (INT8 weights + 32 KB)")
         print(f"whole example program (model + newlib + startup): flash {run.flash_bytes:,} B "
               f"= {run.flash_bytes / (weights + 32 * 1024):.3f}x (INT8 weights + 32 KB), RAM {run.ram_bytes:,} B")
 

@@ -290,7 +290,8 @@ def _print_summary(report: dict[str, Any]) -> None:
                 f"weights in flash {memory['weights_bytes']} B")
         if qemu:
             line += (f", {qemu['machine']}: {qemu['instructions_per_inference']} instructions per inference, "
-                     f"program flash {qemu['program_flash_bytes']} B")
+                     f"model flash {qemu['model_flash_bytes']} B (whole example program "
+                     f"{qemu['program_flash_bytes']} B)")
         out.print(line)
     out.print(f"report: {Path(report['workdir']) / 'report.json'}  ({report['total_seconds']:.1f} s)")
 

@@ -88,6 +88,7 @@ class VerifyQemu(_Verify):
         def on_qemu(bundle: Bundle, inputs: Any) -> tuple[Any, dict[str, Any]]:
             run = run_on_qemu(bundle.path, inputs, ctx.scratch / "build", machine=self.config.machine)
             return run.outputs, {"machine": run.machine, "instructions_per_inference": run.instructions_per_inference,
+                                 "model_flash_bytes": run.model_flash_bytes,
                                  "program_flash_bytes": run.flash_bytes, "program_ram_bytes": run.ram_bytes,
                                  "stack_bytes": run.stack_bytes}
 

@@ -20,7 +20,7 @@ checkpoints only fit the default sizes. This module imports no torch (the CLI st
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from distillc import hookimpl
 from distillc.plugins.models.archs import vit_arch_table
@@ -54,10 +54,10 @@ VIT_ZOO: dict[str, tuple[str, str]] = {
 
 def _vit_builder(arch: str) -> Any:
     def build(image_size: int, in_chans: int = 3, depth: int | None = None,
-              mlp_ratio: float = 4.0) -> Any:
+              mlp_ratio: float = 4.0, pool: Literal["cls", "avg"] = "cls") -> Any:
         from distillc.plugins.models.vit import build_vit
 
-        return build_vit(arch, img_size=image_size, in_chans=in_chans, depth=depth, mlp_ratio=mlp_ratio)
+        return build_vit(arch, img_size=image_size, in_chans=in_chans, depth=depth, mlp_ratio=mlp_ratio, pool=pool)
 
     build.__name__ = arch
     build.__doc__ = f"{arch}: timm-compatible ViT (load DINO/MAE/MoCo v3/iBOT weights without timm)."
@@ -66,10 +66,11 @@ def _vit_builder(arch: str) -> Any:
 
 def _zoo_builder(name: str, arch: str, checkpoint: str) -> Any:
     def build(image_size: int, in_chans: int = 3, depth: int | None = None, embed_dim: int | None = None,
-              num_heads: int | None = None, mlp_ratio: float = 4.0, patch_size: int | None = None) -> Any:
+              num_heads: int | None = None, mlp_ratio: float = 4.0, patch_size: int | None = None,
+              pool: Literal["cls", "avg"] = "cls") -> Any:
         from distillc.plugins.models.vit import build_vit
 
-        overrides: dict[str, Any] = {"mlp_ratio": mlp_ratio}
+        overrides: dict[str, Any] = {"mlp_ratio": mlp_ratio, "pool": pool}
         if embed_dim is not None:
             overrides["embed_dim"] = embed_dim
             if num_heads is None:  # keep 64-wide heads, as every published ViT size has
@@ -82,7 +83,8 @@ def _zoo_builder(name: str, arch: str, checkpoint: str) -> Any:
 
     build.__name__ = name
     build.__doc__ = (f"{name}: {arch} for {checkpoint}. Overrides (depth, embed_dim, num_heads, "
-                     f"mlp_ratio, patch_size) keep the key names, for shallow test and demo teachers.")
+                     f"mlp_ratio, patch_size) keep the key names, for shallow test and demo teachers; "
+                     f"pool = 'avg' embeds by the normed mean patch token (a fine-tuned MAE's global pool).")
     return build
 
 

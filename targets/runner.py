@@ -37,6 +37,7 @@ class QemuRun:
     instructions_per_inference: int  # their median (the lower middle one for an even count)
     elf_path: Path
     flash_bytes: int  # text + data of the whole example program (model, newlib, startup)
+    model_flash_bytes: int  # text + data of the bundle's own objects (what the model adds to a firmware)
     ram_bytes: int  # data + bss, the reserved stack included
     stack_bytes: int  # stack the program used at most
     machine: str
@@ -78,8 +79,9 @@ def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,
     check_newlib(arm_gcc)
     build = _prepare_build_dir(Path(workdir) / machine, rows)
     elf = build / "example.elf"
-    _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes)
+    objects = _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes)
     flash_bytes, ram_bytes = _elf_size(arm_size, elf)
+    model_flash_bytes = sum(_elf_size(arm_size, obj)[0] for obj in objects)
 
     result = run_tool(board.qemu_command(qemu, elf),
                       what=f"the bundle's example program on QEMU {machine} ({elf})",
@@ -95,7 +97,7 @@ def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,
                             f"{machine}: run it with a larger stack_bytes")
     return QemuRun(outputs=outputs, instructions=tuple(instructions),
                    instructions_per_inference=int(statistics.median_low(instructions)),
-                   elf_path=elf, flash_bytes=flash_bytes, ram_bytes=ram_bytes,
+                   elf_path=elf, flash_bytes=flash_bytes, model_flash_bytes=model_flash_bytes, ram_bytes=ram_bytes,
                    stack_bytes=used, machine=machine)
 
 
@@ -130,17 +132,27 @@ def _prepare_build_dir(build: Path, rows: np.ndarray) -> Path:
 
 
 def _link_elf(arm_gcc: str, board: Board, bundle_dir: Path, sources: list[Path], build: Path,
-              elf: Path, stack_bytes: int) -> None:
+              elf: Path, stack_bytes: int) -> list[Path]:
+    """Compiles the bundle's sources to objects, links them with the example program, and
+    returns the bundle's objects (their sizes are the model's own flash)."""
     if stack_bytes <= 0 or stack_bytes % 8:
         raise DistillcError(f"stack_bytes must be a positive multiple of 8, not {stack_bytes}")
-    run_tool([arm_gcc, *command_line(board.cpu_flags), *command_line(ARM_FLAGS),
-              *command_line(C_FLAGS), f"-I{bundle_dir / 'include'}", f"-I{CORTEX_M_DIR}",
-              build / "main.c", *sources, CORTEX_M_DIR / "startup.c",
+    compile_flags = [*command_line(board.cpu_flags), *command_line(ARM_FLAGS), *command_line(C_FLAGS),
+                     f"-I{bundle_dir / 'include'}", f"-I{CORTEX_M_DIR}"]
+    objects_dir = build / "bundle-objects"
+    objects_dir.mkdir(parents=True, exist_ok=True)
+    objects = [objects_dir / f"{source.stem}.o" for source in sources]
+    for source, obj in zip(sources, objects):
+        run_tool([arm_gcc, *compile_flags, "-c", source, "-o", obj],
+                 what=f"compiling {source} for {board.description} with arm-none-eabi-gcc",
+                 timeout=COMPILE_TIMEOUT_S)
+    run_tool([arm_gcc, *compile_flags, build / "main.c", *objects, CORTEX_M_DIR / "startup.c",
               *command_line(ARM_LINK_FLAGS), "-T", CORTEX_M_DIR / "mps2.ld",
               f"-Wl,--defsym=__stack_size={stack_bytes}", f"-Wl,-Map={elf.with_suffix('.map')}",
               "-o", elf, *command_line(LIBS)],
-             what=f"compiling {bundle_dir} for {board.description} with arm-none-eabi-gcc",
+             what=f"linking the example program for {board.description} with arm-none-eabi-gcc",
              timeout=COMPILE_TIMEOUT_S)
+    return objects
 
 
 def _elf_size(arm_size: str, elf: Path) -> tuple[int, int]:

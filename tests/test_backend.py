@@ -46,6 +46,8 @@ def test_compile_ends_with_a_bundle_verified_on_host_and_qemu(stm32_build):
     assert qemu["machine"] == "mps2-an500" and qemu["instructions_per_inference"] > manifest["macs"]
     memory = manifest["memory"]
     assert memory["arena_floor_bytes"] <= memory["arena_bytes"] <= 1.05 * memory["arena_floor_bytes"]
+    # The model's own flash holds its constants plus code, and is less than the whole program.
+    assert memory["weights_bytes"] < qemu["model_flash_bytes"] < qemu["program_flash_bytes"]
     assert manifest["spec_sha256"] and "eval.linear-probe" in manifest["metrics"]
     assert manifest["target"]["name"] == "stm32h7" and manifest["target"]["flash_kb"] == 2048
     for rel in ("include/distillc_model.h", "src/distillc_model.c", "Makefile", "CMakeLists.txt", "examples/main.c"):

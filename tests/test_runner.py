@@ -136,6 +136,7 @@ def test_qemu_run_matches_reference_and_measures_the_program(bundle, inputs, tmp
     assert run.instructions_per_inference in run.instructions
     assert run.elf_path.is_file()
     assert run.flash_bytes > 0 and run.ram_bytes > 32 * 1024  # the reserved stack counts
+    assert 0 < run.model_flash_bytes < run.flash_bytes  # the model alone: no newlib, no start-up
     assert 0 < run.stack_bytes < 32 * 1024
 
 

@@ -398,6 +398,28 @@ def test_zoo_teacher_taps_hidden_blocks_and_gives_cls_and_patch_tokens(teachers)
     torch.testing.assert_close(model.patch_tokens(x).flatten(2).transpose(1, 2), tokens[:, 1:])
 
 
+def test_avg_pool_embeds_a_fine_tuned_mae_by_its_fc_norm_of_the_mean_patch_token(teachers):
+    """pool = "avg": the last block's patch tokens are averaged, then normed by fc_norm (loaded as norm)."""
+    cls_model = teachers.get("mae_vitb16")(image_size=32, depth=2, embed_dim=64).eval()
+    state = {k: v for k, v in cls_model.state_dict().items() if not k.startswith("norm.")}
+    gen = torch.Generator().manual_seed(0)
+    state["fc_norm.weight"] = 1 + torch.rand(64, generator=gen)
+    state["fc_norm.bias"] = torch.rand(64, generator=gen)
+    avg_model = teachers.get("mae_vitb16")(image_size=32, depth=2, embed_dim=64, pool="avg").eval()
+    load_into(avg_model, state, source="fine-tuned MAE")
+    x = torch.rand(3, 3, 32, 32)
+    last = avg_model.forward_hidden(x, [-1])[0]
+    expected = nn.functional.layer_norm(last[:, 1:].mean(dim=1), (64,), state["fc_norm.weight"], state["fc_norm.bias"],
+                                        eps=avg_model.norm.eps)
+    torch.testing.assert_close(avg_model.embed(x), expected)
+    assert not torch.allclose(avg_model.embed(x), avg_model.forward_tokens(x)[:, 0])
+    # The option is typed: the spec refuses anything else.
+    options = builder_options_model(teachers.get("mae_vitb16"))
+    assert options.model_validate({"pool": "avg"}).pool == "avg"
+    with pytest.raises(Exception, match="pool"):
+        options.model_validate({"pool": "max"})
+
+
 def test_torchscript_archive_is_refused_with_a_conversion_hint(tmp_path):
     import zipfile
 

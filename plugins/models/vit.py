@@ -103,6 +103,10 @@ class VisionTransformer(nn.Module):
         num_heads: attention heads (must divide ``embed_dim``).
         mlp_ratio: MLP hidden width as a multiple of D.
         num_classes: adds a linear ``head`` on the CLS embedding when > 0.
+        pool: the embedding: ``"cls"`` (the final-normed CLS token, as DINO, MoCo v3, iBOT and
+            MAE's linear probe use) or ``"avg"`` (the mean of the last block's patch tokens,
+            then the final norm: timm's global pool with ``fc_norm``, which is how a fine-tuned
+            MAE checkpoint embeds; its ``fc_norm`` loads as ``norm``).
 
     Attributes:
         embed_dim, patch_size, grid (patches per side), num_blocks.
@@ -110,8 +114,10 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
-                 mlp_ratio: float = 4.0, num_classes: int = 0):
+                 mlp_ratio: float = 4.0, num_classes: int = 0, pool: str = "cls"):
         super().__init__()
+        if pool not in ("cls", "avg"):
+            raise SpecError(f"ViT pool must be 'cls' or 'avg', got {pool!r}")
         if patch_size < 1 or img_size < patch_size or img_size % patch_size:
             raise SpecError(f"ViT img_size {img_size} must be a positive multiple of "
                             f"patch_size {patch_size}")
@@ -127,6 +133,7 @@ class VisionTransformer(nn.Module):
         self.grid = img_size // patch_size
         self.num_blocks = depth
         self.num_classes = num_classes
+        self.pool = pool
 
         # Registration order gives timm's state_dict order: own parameters, then children.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -182,7 +189,13 @@ class VisionTransformer(nn.Module):
         return [outputs[i] for i in wanted]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The final-normed CLS token, (B, D)."""
+        """The embedding (B, D): the final-normed CLS token, or with ``pool = "avg"`` the
+        final norm of the mean patch token."""
+        if self.pool == "avg":
+            x = self._embed_tokens(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.norm(x[:, 1:].mean(dim=1))
         return self.forward_tokens(x)[:, 0]
 
     def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
