@@ -91,7 +91,66 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VisionTransformer(nn.Module):
+class TokenAPI:
+    """The token API shared by every ViT here (the teachers and the ``vit-mcu`` student).
+
+    A class using it has ``cls_token``, ``pos_embed``, ``blocks``, ``norm``, ``embed_dim``,
+    ``grid``, ``num_blocks`` and ``_embed_tokens(x) -> (B, 1 + N, D)``; ``_model_name`` names it
+    in errors.
+    """
+
+    _model_name = "ViT"
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def _as_map(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of ``tokens`` (B, 1 + N, D) as a map (B, D, grid, grid)."""
+        # reshape(-1, ...) rather than the batch size: the ONNX graph then has no Shape op.
+        return tokens[:, 1:].transpose(1, 2).reshape(-1, self.embed_dim, self.grid, self.grid)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm, (B, 1 + N, D); token 0 is CLS."""
+        x = self._embed_tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_hidden(self, x: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
+        """Outputs of the listed blocks (0-based, negative counts from the end), in that order.
+
+        Each is (B, 1 + N, D), taken straight from the block (before the final norm).
+        Blocks after the deepest one asked for are not run.
+        """
+        wanted = []
+        for index in blocks:
+            if not -self.num_blocks <= index < self.num_blocks:
+                raise SpecError(f"{self._model_name} block index {index} is out of range for a "
+                                f"{self.num_blocks}-block model")
+            wanted.append(index % self.num_blocks)
+        if not wanted:
+            return []
+        outputs: dict[int, torch.Tensor] = {}
+        x = self._embed_tokens(x)
+        for i in range(max(wanted) + 1):
+            x = self.blocks[i](x)
+            outputs[i] = x
+        return [outputs[i] for i in wanted]
+
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed patch tokens as a feature map, (B, D, grid, grid)."""
+        return self._as_map(self.forward_tokens(x))
+
+
+class VisionTransformer(TokenAPI, nn.Module):
     """A ViT whose ``state_dict`` keys and shapes equal timm's ``VisionTransformer``.
 
     Args:
@@ -144,49 +203,10 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else None
         self._init_weights()
 
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-
     def _embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
-
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final norm, (B, 1 + N, D); token 0 is CLS."""
-        x = self._embed_tokens(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def forward_hidden(self, x: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
-        """Outputs of the listed blocks (0-based, negative counts from the end), in that order.
-
-        Each is (B, 1 + N, D), taken straight from the block (before the final norm).
-        Blocks after the deepest one asked for are not run.
-        """
-        wanted = []
-        for index in blocks:
-            if not -self.num_blocks <= index < self.num_blocks:
-                raise SpecError(f"ViT block index {index} is out of range for a "
-                                f"{self.num_blocks}-block model")
-            wanted.append(index % self.num_blocks)
-        if not wanted:
-            return []
-        outputs: dict[int, torch.Tensor] = {}
-        x = self._embed_tokens(x)
-        for i in range(max(wanted) + 1):
-            x = self.blocks[i](x)
-            outputs[i] = x
-        return [outputs[i] for i in wanted]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding (B, D): the final-normed CLS token, or with ``pool = "avg"`` the
@@ -197,11 +217,6 @@ class VisionTransformer(nn.Module):
                 x = block(x)
             return self.norm(x[:, 1:].mean(dim=1))
         return self.forward_tokens(x)[:, 0]
-
-    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-normed patch tokens as a feature map, (B, D, grid, grid)."""
-        tokens = self.forward_tokens(x)[:, 1:]
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, self.grid, self.grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The CLS embedding (B, D), or head logits (B, num_classes) when a head exists."""

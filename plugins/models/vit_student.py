@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from distillc.errors import SpecError
+from distillc.plugins.models.vit import TokenAPI
 
 _LN_EPS = 1e-6
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -81,7 +82,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MCUViT(nn.Module):
+class MCUViT(TokenAPI, nn.Module):
     """A small ViT student: patch embedding, CLS token, learned positions, pre-norm blocks.
 
     Args:
@@ -98,6 +99,8 @@ class MCUViT(nn.Module):
         embed_dim, grid, num_blocks, stage_channels (one map per block, see
         :meth:`forward_stages`).
     """
+
+    _model_name = "vit-mcu"
 
     def __init__(self, image_size: int = 32, patch_size: int = 4, in_chans: int = 3, dim: int = 64,
                  depth: int = 6, heads: int = 2, mlp_ratio: float = 2.0, act: str = "relu"):
@@ -135,17 +138,6 @@ class MCUViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
         self._init_weights()
 
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-
     def config(self) -> dict:
         """Constructor kwargs that rebuild this exact architecture (weights aside)."""
         return {"image_size": self.image_size, "patch_size": self.patch_size, "in_chans": self.in_chans,
@@ -158,38 +150,6 @@ class MCUViT(nn.Module):
         # graph then has no Shape/Expand/Where ops, only Slice, Mul and Add.
         cls = tokens[:, :1] * 0.0 + self.cls_token
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
-
-    def _as_map(self, tokens: torch.Tensor) -> torch.Tensor:
-        patches = tokens[:, 1:]
-        return patches.transpose(1, 2).reshape(-1, self.dim, self.grid, self.grid)
-
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final norm, (B, 1 + N, dim); token 0 is CLS."""
-        x = self._embed_tokens(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def forward_hidden(self, x: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
-        """Outputs of the listed blocks (0-based, negative from the end), before the final norm."""
-        wanted = []
-        for index in blocks:
-            if not -self.num_blocks <= index < self.num_blocks:
-                raise SpecError(f"vit-mcu block index {index} is out of range for a "
-                                f"{self.num_blocks}-block model")
-            wanted.append(index % self.num_blocks)
-        if not wanted:
-            return []
-        outputs: dict[int, torch.Tensor] = {}
-        x = self._embed_tokens(x)
-        for i in range(max(wanted) + 1):
-            x = self.blocks[i](x)
-            outputs[i] = x
-        return [outputs[i] for i in wanted]
-
-    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-normed patch tokens as a feature map, (B, dim, grid, grid)."""
-        return self._as_map(self.forward_tokens(x))
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Patch tokens as maps (B, dim, grid, grid) after every block; the last one is normed
