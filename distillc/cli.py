@@ -146,6 +146,10 @@ def compile_(
     from distillc.progress import RichProgress
 
     result = compile_spec(spec, workdir=workdir, force=force, until=until, progress=RichProgress(out))
+    from distillc import distributed
+
+    if not distributed.is_main():
+        return  # under torchrun, rank 0 prints the summary (docs/distributed.md)
     _print_summary(result.report)
     label = "bundle" if "bundle" in result.outputs else "workdir"
     out.print(f"{label}: {result.final_path}")

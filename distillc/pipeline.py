@@ -8,6 +8,7 @@ Types are checked and cache keys computed when the plan is built, before anythin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -21,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from distillc import __version__
+from distillc import __version__, distributed
 from distillc.artifacts import Artifact, Bundle, OnnxModel
 from distillc.cache import ArtifactStore, cache_key
 from distillc.errors import DistillcError, PluginError, SpecError
@@ -279,18 +280,33 @@ class CompileResult:
 
 def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None = None,
              force: str | None = None, until: str | None = None) -> CompileResult:
-    """Run every step that is not cached (or forced); stop after ``until`` if given."""
-    progress = progress or SilentProgress()
+    """Run every step that is not cached (or forced); stop after ``until`` if given.
+
+    Under torchrun every rank calls this with the same plan (docs/distributed.md): the steps of
+    a ``distributed`` pass run on every rank together, every other step on rank 0 alone.  Rank 0
+    alone stores artifacts, publishes outputs, writes report.json and shows progress; the other
+    ranks read what it stored and return after the last step they share.
+    """
+    distributed.init()
+    main, processes = distributed.is_main(), distributed.world_size()
+    progress = (progress or SilentProgress()) if main else SilentProgress()
     spec, store = plan.spec, plan.store
     forced_from = plan.index(plan.step(force, option="--force").id) if force else None
     stop_at = plan.index(plan.step(until, option="--until").id) if until else len(plan.steps) - 1
+    if processes > 1:
+        _agree_on_plan(plan)
+    shared_until = _last_shared_step(plan, stop_at, forced_from) if processes > 1 else -1
     plan.workdir.mkdir(parents=True, exist_ok=True)
     load_data = functools.cache(lambda: spec.load_data(plugins))
     artifacts: dict[str, Artifact] = {}
 
     def artifact_of(step_id: str) -> Artifact:
         if step_id not in artifacts:
-            artifacts[step_id] = store.load(plan.step(step_id, option="plan").key)
+            key = plan.step(step_id, option="plan").key
+            if not main and not store.has(key):
+                raise DistillcError(f"rank {distributed.rank()} cannot find rank 0's artifact of {step_id!r} in "
+                                    f"{store.root}: under torchrun the cache must be on storage every rank sees")
+            artifacts[step_id] = store.load(key)
         return artifacts[step_id]
 
     started = time.perf_counter()
@@ -298,29 +314,42 @@ def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None 
     rows: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     for index, step in enumerate(plan.steps[: stop_at + 1]):
+        if index > shared_until and not main:
+            rows.append({**step.describe(), "status": "rank 0", "seconds": 0.0})
+            continue
         forced = forced_from is not None and index >= forced_from
         cached = step.cached and not forced
-        plugins.hook.distillc_pass_started(step=step, context=None)
+        if main:
+            plugins.hook.distillc_pass_started(step=step, context=None)
         t0 = time.perf_counter()
         if cached:
-            record = store.record(step.key)
-            result_metrics = record.get("metrics", {})
+            result_metrics = store.record(step.key).get("metrics", {}) if main else {}
             result = None
-        else:
+        elif main or type(step.pass_).distributed:
             result = _run_step(step, plan, plugins, progress, artifact_of, load_data, forced)
             artifacts[step.id] = result.artifact
             result_metrics = result.metrics
             ran.append(step.id)
+        else:
+            result, result_metrics = None, {}
+        if not cached and index <= shared_until:
+            # Rank 0 has stored the step; the others read that copy, exactly as a cached run would.
+            distributed.barrier()
+            if not main:
+                artifacts.pop(step.id, None)
         seconds = time.perf_counter() - t0
-        plugins.hook.distillc_pass_finished(step=step, context=None, result=result, seconds=seconds, cached=cached)
+        if main:
+            plugins.hook.distillc_pass_finished(step=step, context=None, result=result, seconds=seconds,
+                                                cached=cached)
         metrics[step.id] = result_metrics
-        rows.append({**step.describe(), "status": "cached" if cached else "ran", "seconds": round(seconds, 3)})
+        status = "cached" if cached else "ran" if result is not None else "rank 0"
+        rows.append({**step.describe(), "status": status, "seconds": round(seconds, 3)})
     for step in plan.steps[stop_at + 1:]:
         rows.append({**step.describe(), "status": "not run (--until)", "seconds": 0.0})
 
     final_step = plan.steps[stop_at]
-    final = artifact_of(final_step.id) if final_step.flow else None
-    outputs = _publish_outputs(plan, plugins, artifact_of, stop_at, metrics)
+    final = artifact_of(final_step.id) if final_step.flow and main else None
+    outputs = _publish_outputs(plan, plugins, artifact_of, stop_at, metrics) if main else {}
     report = {
         "distillc_version": __version__,
         "name": spec.name,
@@ -332,21 +361,50 @@ def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None 
         "plan": rows,
         "metrics": metrics,
         "outputs": outputs,
+        "world_size": processes,
         "total_seconds": round(time.perf_counter() - started, 3),
     }
-    (plan.workdir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if main:
+        (plan.workdir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return CompileResult(plan=plan, report=report, ran=ran, artifact=final, outputs=outputs)
+
+
+def _agree_on_plan(plan: Plan) -> None:
+    """Make every rank follow rank 0's plan: the same steps and keys, and rank 0's view of the cache.
+
+    A rank that starts late could otherwise find an entry rank 0 has just stored and skip a
+    step the others wait in.
+    """
+    mine = [(s.id, s.key) for s in plan.steps]
+    theirs, cached = distributed.broadcast((mine, [s.cached for s in plan.steps]))
+    if theirs != mine:
+        raise DistillcError(f"rank {distributed.rank()} planned other steps or cache keys than rank 0: every rank "
+                            "needs the same spec, data and distillc/tool versions")
+    for step, was_cached in zip(plan.steps, cached):
+        step.cached = was_cached
+
+
+def _last_shared_step(plan: Plan, stop_at: int, forced_from: int | None) -> int:
+    """The index of the last step that every rank runs together (-1: none, rank 0 works alone)."""
+    last = -1
+    for index, step in enumerate(plan.steps[: stop_at + 1]):
+        forced = forced_from is not None and index >= forced_from
+        if type(step.pass_).distributed and (forced or not step.cached):
+            last = index
+    return last
 
 
 def _run_step(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReporter, artifact_of: Any,
               load_data: Any, forced: bool) -> PassResult:
     store = plan.store
+    main = distributed.is_main()
     input_artifact = artifact_of(step.input_id) if step.input_id else None
-    scratch = plan.workdir / ".scratch" / step.id.replace(":", "-").replace("#", "-")
+    rank_suffix = "" if main else f"-rank{distributed.rank()}"
+    scratch = plan.workdir / ".scratch" / (step.id.replace(":", "-").replace("#", "-") + rank_suffix)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     checkpoint_dir = store.partial(step.key)
-    if forced:
+    if forced and main:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     ctx = PassContext(spec=plan.spec, plugins=plugins, progress=progress, scratch=scratch,
                       checkpoint_dir=checkpoint_dir, workdir=plan.workdir, step_id=step.id,
@@ -355,9 +413,11 @@ def _run_step(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReport
                       derived_dir=store.root / "derived",
                       data_fingerprint=step.key_payload.get("data") or "")
     progress.log(f"running {step.id}")
+    together = type(step.pass_).distributed
     t0 = time.perf_counter()
     try:
-        result = plugins.hook.distillc_run_pass(step=step, artifact=input_artifact, context=ctx)
+        with distributed.every_rank() if together else contextlib.nullcontext():
+            result = plugins.hook.distillc_run_pass(step=step, artifact=input_artifact, context=ctx)
     except DistillcError:
         raise
     except Exception as exc:
@@ -366,7 +426,11 @@ def _run_step(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReport
     made = step.makes
     if not isinstance(result, PassResult) or type(result.artifact) is not made:
         raise InternalPassError(step.id, TypeError(f"expected a PassResult holding a {made.kind}, got {result!r}"))
-    record = {**step.key_payload, "id": step.id, "metrics": result.metrics, "seconds": round(seconds, 3)}
+    if not main:  # rank 0 stores the result; run_plan has this rank read that copy
+        shutil.rmtree(scratch, ignore_errors=True)
+        return result
+    record = {**step.key_payload, "id": step.id, "metrics": result.metrics, "seconds": round(seconds, 3),
+              "world_size": distributed.world_size() if together else 1}
     same_as = artifact_key(plan, step.input_id) if result.artifact is input_artifact else None
     store.save(step.key, result.artifact, record, same_as=same_as, replace=forced)
     shutil.rmtree(scratch, ignore_errors=True)

@@ -1,9 +1,11 @@
-"""Shared training machinery: device choice, mixed precision, batching, resumable epochs.
+"""Shared training machinery: device choice, mixed precision, batching, resumable epochs, data parallelism.
 
 Training passes call :func:`run_epochs` with an ``epoch_fn`` that trains one epoch; this module
 owns the checkpoint written after every epoch (so an interrupted compile resumes from the last
 finished epoch) and the progress bar (epoch, loss, images/s).  Every epoch draws its randomness
 from a generator seeded by (seed, epoch), which is what makes a resumed run equal an unbroken one.
+Under torchrun, :class:`DataParallel` splits each global batch over the processes (see
+``distillc.distributed``).
 """
 
 from __future__ import annotations
@@ -16,15 +18,21 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from distillc import distributed
+
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def pick_device() -> torch.device:
-    """CUDA when present (real users train on GPUs), else CPU.  ``DISTILLC_DEVICE`` overrides."""
+    """CUDA when present (real users train on GPUs), else CPU.  ``DISTILLC_DEVICE`` overrides.
+
+    Under torchrun each process takes the GPU of its ``LOCAL_RANK`` (unless the override names one).
+    """
     forced = os.environ.get("DISTILLC_DEVICE")
-    if forced:
-        return torch.device(forced)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(forced or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and distributed.launched():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -43,7 +51,11 @@ def prepare(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator for one epoch; independent of how many epochs ran before (resumable)."""
+    """A CPU generator for one epoch; independent of how many epochs ran before (resumable).
+
+    Stream 0 draws the epoch's order; under torchrun, rank ``r > 0`` draws its own random
+    augmentations from stream ``r`` (see :meth:`DataParallel.generator`).
+    """
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + stream) % (2**63 - 1))
 
 
@@ -55,6 +67,104 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None, *, drop_
         yield order[start:start + batch_size]
 
 
+class DataParallel:
+    """The modules a training loop updates, trained data-parallel when several processes share the step.
+
+    ``batch_size`` stays the global batch.  Every process draws the same order (the epoch's
+    generator), takes its contiguous share of each global batch (:meth:`share`) and computes the
+    loss through DistributedDataParallel (:meth:`loss`), which averages the gradients; each
+    share's loss is weighted by its size, so one optimizer step equals the one-process step on
+    the whole global batch for a loss that is a mean over images.  On CUDA, BatchNorm becomes
+    SyncBatchNorm (statistics over the global batch); torch has no SyncBatchNorm on the CPU, so
+    there each process normalises with its own share's statistics.
+
+    Alone (no torchrun, or a step that rank 0 runs by itself) every method is the plain
+    single-process behaviour, so a one-process run is unchanged.  A loop reads::
+
+        parallel = DataParallel({"model": model, "head": head}, device)
+        for idx in batches(n, batch_size, gen):
+            part = parallel.share(idx)
+            if part is None:
+                continue
+            loss = parallel.loss(mean_loss, part)
+            optimizer.zero_grad()
+            parallel.backward(loss, part, idx)
+            optimizer.step()
+            total, seen = total + loss.item() * len(part), seen + len(part)
+        return parallel.epoch_mean(total, seen)
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], device: torch.device):
+        self.shared = distributed.data_parallel()
+        self.world = distributed.world_size() if self.shared else 1
+        self._ddp: torch.nn.Module | None = None
+        if self.shared:
+            if device.type == "cuda":  # in place: the layers keep their parameters and buffers
+                for module in modules.values():
+                    torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            self._ddp = distributed.wrap(_Trained(modules))
+
+    def share(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """This process's part of the global batch ``idx``; None (on every rank) to skip a batch
+        with fewer images than processes (only a short last batch can be one)."""
+        if not self.shared:
+            return idx
+        if len(idx) < self.world:
+            return None
+        return distributed.shard(idx)
+
+    def generator(self, seed: int, epoch: int, order: torch.Generator) -> torch.Generator:
+        """The generator this process draws its random augmentations from in ``epoch``.
+
+        Alone: ``order`` itself (the stream a one-process run has always used).  Shared: rank 0
+        keeps ``order`` and rank ``r`` draws from stream ``r``, so the processes augment their
+        shares independently (the same stream on every rank would give image ``i`` of every share
+        the same crop).  The draws therefore differ from a one-process run's: only training
+        without random augmentation matches it to rounding.
+        """
+        if not self.shared or distributed.rank() == 0:
+            return order
+        return epoch_generator(seed, epoch, stream=distributed.rank())
+
+    def loss(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """``fn(*args)``, the mean loss over this process's part, run where DDP sees it.
+
+        DDP must see the forward that builds the graph whose gradients it averages; an objective
+        calls the student and its heads directly, so the whole loss runs as DDP's forward.
+        """
+        return fn(*args) if self._ddp is None else self._ddp(fn, *args)
+
+    def backward(self, loss: torch.Tensor, part: torch.Tensor, idx: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (the mean over ``part``) as this process's share of the mean over ``idx``.
+
+        DDP averages the processes' gradients; weighting each mean by ``world * len(part) /
+        len(idx)`` makes that average the gradient of the mean over the whole global batch, also
+        when the parts differ by one image (equal parts: weight 1, nothing changes).
+        """
+        weight = self.world * len(part) / len(idx)
+        (loss if weight == 1.0 else loss * weight).backward()
+
+    def epoch_mean(self, total: float, seen: int) -> tuple[float, int]:
+        """The epoch's mean loss and image count over every process (``total`` = sum of loss x images)."""
+        total, seen = distributed.sum_all(total, seen) if self.shared else (total, seen)
+        return total / max(seen, 1), int(seen)
+
+
+class _Trained(torch.nn.Module):
+    """The trained modules under one parent, so that one DDP wraps them all.
+
+    Its forward runs the loss function it is given: DDP must see the forward that builds the
+    graph it reduces gradients for, and an objective calls the student and its heads directly.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.trained = torch.nn.ModuleDict(modules)
+
+    def forward(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        return fn(*args)
+
+
 def run_epochs(*, progress: Any, checkpoint_dir: Path, description: str, epochs: int,
                state: dict[str, Any], epoch_fn: Callable[[int], tuple[float, int]],
                extra: Callable[[], dict[str, Any]] | None = None) -> list[float]:
@@ -64,11 +174,20 @@ def run_epochs(*, progress: Any, checkpoint_dir: Path, description: str, epochs:
     optimizers, schedulers); they are checkpointed after every epoch and restored on resume.
     ``extra()`` may add fields to the progress line (e.g. the curriculum's strength).
     Returns the loss of every epoch.
+
+    When training is shared by several processes, rank 0 alone writes the checkpoint and decides
+    whether to resume; the others then read the same file (the cache must be on storage that
+    every rank sees).
     """
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_dir / CHECKPOINT_FILE
     start, losses = 0, []
-    if path.exists():
+    if distributed.agree(path.exists()):
+        if not path.exists():
+            from distillc.errors import DistillcError
+
+            raise DistillcError(f"rank {distributed.rank()} cannot read rank 0's checkpoint {path}: "
+                                "under torchrun the cache must be on storage that every rank sees")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         for name, obj in state.items():
             obj.load_state_dict(saved["state"][name])
@@ -81,8 +200,9 @@ def run_epochs(*, progress: Any, checkpoint_dir: Path, description: str, epochs:
             loss, images = epoch_fn(epoch)
             seconds = max(time.perf_counter() - t0, 1e-9)
             losses.append(float(loss))
-            _save_atomic(path, {"epoch": epoch + 1, "losses": losses,
-                                "state": {name: obj.state_dict() for name, obj in state.items()}})
+            if distributed.is_main():
+                _save_atomic(path, {"epoch": epoch + 1, "losses": losses,
+                                    "state": {name: obj.state_dict() for name, obj in state.items()}})
             fields = {"loss": float(loss), "images_per_s": round(images / seconds)}
             if extra is not None:
                 fields.update(extra())

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import Field
 
+from distillc import distributed
 from distillc.artifacts import TorchModel
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 
@@ -84,12 +85,18 @@ class Objective(abc.ABC):
 def train_with_objective(ctx: PassContext, model: "torch.nn.Module", objective: Objective, *, epochs: int,
                          lr: float, batch_size: int, weight_decay: float, device: "torch.device",
                          description: str, schedule: bool = True) -> list[float]:
-    """Train ``model`` and ``objective.heads`` for ``epochs`` (resumable); returns each epoch's loss."""
+    """Train ``model`` and ``objective.heads`` for ``epochs`` (resumable); returns each epoch's loss.
+
+    ``batch_size`` is the global batch: under torchrun every process trains on its share of each
+    batch and the gradients are averaged (:class:`~distillc.training.DataParallel`), and the
+    losses returned are means over all processes.
+    """
     import torch
 
-    from distillc.training import autocast, batches, epoch_generator, run_epochs
+    from distillc.training import DataParallel, autocast, batches, epoch_generator, run_epochs
 
     data = ctx.data
+    parallel = DataParallel({"model": model, "heads": objective.heads}, device)
     params = list(model.parameters()) + list(objective.heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     state: dict[str, Any] = {"model": model, "heads": objective.heads, "optimizer": optimizer}
@@ -105,22 +112,26 @@ def train_with_objective(ctx: PassContext, model: "torch.nn.Module", objective: 
     def epoch_fn(epoch: int) -> tuple[float, int]:
         current["epoch"] = epoch
         gen = epoch_generator(ctx.seed, epoch)
+        draws = parallel.generator(ctx.seed, epoch, gen)
         model.train()
         objective.heads.train()
         total, seen = 0.0, 0
         for idx in batches(n, batch_size, gen, drop_last=drop_last):
-            batch = Batch(idx=idx, x=data.train_x[idx].to(device, non_blocking=True), generator=gen, epoch=epoch,
+            part = parallel.share(idx)
+            if part is None:
+                continue
+            batch = Batch(idx=part, x=data.train_x[part].to(device, non_blocking=True), generator=draws, epoch=epoch,
                           epochs=epochs)
             with autocast(device):
-                loss = objective.loss(model, batch)
+                loss = parallel.loss(objective.loss, model, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            parallel.backward(loss, part, idx)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-        return total / max(seen, 1), seen
+            total += loss.item() * len(part)
+            seen += len(part)
+        return parallel.epoch_mean(total, seen)
 
     return run_epochs(progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir, description=description,
                       epochs=epochs, state=state, epoch_fn=epoch_fn,
@@ -131,13 +142,14 @@ class DistillationPass(Pass):
     """Base of the distillation passes: train the student with :meth:`objective`, drop the heads.
 
     A subclass sets ``name``, ``description``, a ``Config`` (a :class:`DistillConfig` subclass)
-    and implements :meth:`objective`.
+    and implements :meth:`objective`.  Under torchrun it trains on every rank together.
     """
 
     takes = TorchModel
     makes = TorchModel
     uses_data = True
     tools = ("torch",)
+    distributed = True
     Config: ClassVar[type[PassConfig]] = DistillConfig
 
     @abc.abstractmethod
@@ -176,7 +188,7 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
     with the teacher's cache key, the data fingerprint, the view's settings and ``view_seed``.
     ``view`` (an augmentation, called as ``view(x, generator)``) makes the teacher see a fixed
     augmented view; each ``view_seed`` is one such view of every image (see :func:`teacher_view`).
-    Stored as safetensors.
+    Stored as safetensors.  Under torchrun every process computes a share and rank 0 stores the whole.
     """
     from safetensors.torch import load_file, save_file
 
@@ -188,18 +200,23 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
     folder = (ctx.derived_dir or ctx.scratch) / "teacher-targets"
     path = folder / f"{key}.safetensors"
-    if path.exists():
+    if distributed.agree(path.exists()):
         return load_file(str(path))["targets"]
     device = pick_device()
     module = prepare(ctx.teachers[teacher].build(ctx.plugins), device)
     images = ctx.data.train_x
     if view is not None:
         images = teacher_view(images, view, view_seed)
-    targets = embed_all(module, images, fn=fn, batch_size=batch_size).contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"targets": targets}, str(tmp), metadata={k: str(v) for k, v in key_fields.items()})
-    os.replace(tmp, path)
+    # Under torchrun each process embeds its own run of whole batches; with the batches unchanged
+    # the gathered targets are the one-process targets, so the cache file does not depend on N.
+    start, stop = distributed.block_range(len(images), batch_size)
+    targets = distributed.gather_rows(embed_all(module, images[start:stop], fn=fn, batch_size=batch_size))
+    targets = targets.contiguous()
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({"targets": targets}, str(tmp), metadata={k: str(v) for k, v in key_fields.items()})
+        os.replace(tmp, path)
     return targets
 
 

@@ -35,6 +35,7 @@ class TeacherTrain(Pass):
     makes = TorchModel
     uses_data = True
     tools = ("torch",)
+    distributed = True
 
     class Config(_ArchConfig):
         epochs: int = Field(ge=1)
@@ -47,8 +48,8 @@ class TeacherTrain(Pass):
         import torch.nn.functional as F
 
         from distillc.plugins.augment import Augment
-        from distillc.training import (autocast, batches, count_params, embed_all, epoch_generator, pick_device,
-                                       prepare, run_epochs)
+        from distillc.training import (DataParallel, autocast, batches, count_params, embed_all, epoch_generator,
+                                       pick_device, prepare, run_epochs)
 
         cfg = self.config
         data = ctx.data
@@ -59,6 +60,7 @@ class TeacherTrain(Pass):
         device = pick_device()
         model = prepare(ctx.plugins.teachers.get(cfg.arch)(**options), device)
         head = torch.nn.Linear(model.embed_dim, data.num_classes).to(device)
+        parallel = DataParallel({"model": model, "head": head}, device)
         params = list(model.parameters()) + list(head.parameters())
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
@@ -66,22 +68,29 @@ class TeacherTrain(Pass):
                                                        pct_start=0.15)
         augment = Augment(strength=0.3, flip=False)
 
+        def classify_loss(x: Any, y: Any) -> Any:
+            return F.cross_entropy(head(model.embed(x)), y)
+
         def epoch_fn(epoch: int) -> tuple[float, int]:
             gen = epoch_generator(ctx.seed, epoch)
+            draws = parallel.generator(ctx.seed, epoch, gen)
             model.train()
             total, seen = 0.0, 0
             for idx in batches(len(data.train_x), cfg.batch_size, gen):
-                x = augment(data.train_x[idx], gen).to(device)
-                y = data.train_y[idx].to(device)
+                part = parallel.share(idx)
+                if part is None:
+                    continue
+                x = augment(data.train_x[part], draws).to(device)
+                y = data.train_y[part].to(device)
                 with autocast(device):
-                    loss = F.cross_entropy(head(model.embed(x)), y)
+                    loss = parallel.loss(classify_loss, x, y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                parallel.backward(loss, part, idx)
                 optimizer.step()
                 schedule.step()
-                total += loss.item() * len(idx)
-                seen += len(idx)
-            return total / seen, seen
+                total += loss.item() * len(part)
+                seen += len(part)
+            return parallel.epoch_mean(total, seen)
 
         losses = run_epochs(progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir, description=f"train {ctx.step_id}",
                             epochs=cfg.epochs, state={"model": model, "head": head, "optimizer": optimizer,
