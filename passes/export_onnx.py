@@ -69,7 +69,8 @@ def reference_session(onnx_path: Any) -> Any:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)  # a path or serialized bytes
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def check_with_onnxruntime(path: Any, inputs: Any, expected: Any, pass_name: str, tolerance: float) -> float:

@@ -29,6 +29,7 @@ BUNDLE_BOARD_DIR = Path("targets") / "mps2"
 BOARD_FILES = ("startup.c", "board.h", "mps2.ld", "arm-none-eabi.cmake")
 #: The example program, for the bundle and for distillc's runner alike.
 EXAMPLE_MAIN = CORTEX_M_DIR / "example_main.c"
+TRACE_MAIN = CORTEX_M_DIR / "trace_main.c"  # host debug build: every kernel's output (runner.trace_on_host)
 
 MODEL_HEADER = Path("include") / "distillc_model.h"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import struct
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DistillcError
-from .bundle_files import EXAMPLE_MAIN, ModelHeader, read_model_header, render_input_data
+from .bundle_files import EXAMPLE_MAIN, TRACE_MAIN, ModelHeader, read_model_header, render_input_data
 from .toolchain import (ARM_FLAGS, ARM_LINK_FLAGS, C_FLAGS, CORTEX_M_DIR, LIBS, Board,
                         check_newlib, command_line, excerpt, find_tool,
                         get_board, run_tool)
@@ -59,6 +60,31 @@ def run_on_host(bundle_dir: Path, inputs: np.ndarray, workdir: Path) -> np.ndarr
                       timeout=HOST_RUN_TIMEOUT_S)
     outputs, _, _ = _parse_report(result, len(rows), header, where="the host")
     return outputs
+
+
+def trace_on_host(bundle_dir: Path, inputs: np.ndarray, workdir: Path) -> list[dict[int, bytes]]:
+    """Builds the bundle for this computer with ``-DDISTILLC_TRACE`` and runs ``inputs`` (int8,
+    one per row); returns, per input, every kernel's output bytes by step index."""
+    bundle_dir = Path(bundle_dir)
+    header, sources = _check_bundle(bundle_dir)
+    rows = _as_rows(inputs, header)
+    gcc = find_tool("gcc")
+    build = _prepare_build_dir(Path(workdir) / "host-trace", rows)
+    shutil.copyfile(TRACE_MAIN, build / "main.c")
+    exe = build / "trace"
+    run_tool([gcc, *command_line(C_FLAGS), "-DDISTILLC_TRACE", f"-I{bundle_dir / 'include'}",
+              f"-I{bundle_dir / 'src'}", build / "main.c", *sources, "-o", exe, *command_line(LIBS)],
+             what=f"compiling {bundle_dir} with its kernel trace for the host with gcc", timeout=COMPILE_TIMEOUT_S)
+    run_tool([exe], what=f"the bundle's trace program on the host ({exe})", timeout=HOST_RUN_TIMEOUT_S, cwd=build)
+    blob = (build / "trace.bin").read_bytes()
+    traces: list[dict[int, bytes]] = [{} for _ in range(len(rows))]
+    offset = 0
+    while offset < len(blob):
+        example, step, size = struct.unpack_from("<3I", blob, offset)
+        offset += 12
+        traces[example][step] = blob[offset:offset + size]
+        offset += size
+    return traces
 
 
 def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,

@@ -270,7 +270,10 @@ def _internal_header(prog: Program, signatures: dict, weight_names: dict, name: 
     for tid, wname in weight_names.items():
         t = prog.tensor(tid)
         lines.append(f"extern const {_C_TYPES[t.dtype]} {wname}[{max(1, t.data.size)}];")
-    lines += ["", "#endif /* DISTILLC_INTERNAL_H */", ""]
+    lines += ["", "#ifdef DISTILLC_TRACE",
+              "/* Debug builds only (-DDISTILLC_TRACE): called after every kernel with its output. */",
+              "void distillc_trace(int step, const void *data, unsigned long bytes);", "#endif", "",
+              "#endif /* DISTILLC_INTERNAL_H */", ""]
     return "\n".join(lines)
 
 
@@ -344,6 +347,10 @@ def _executor_file(prog: Program, plan: MemoryPlan, signatures: dict, weight_nam
         for ctype, tid in zip(types, list(step.args) + [step.out]):
             args.append(f"({ctype.strip()}){_pointer_expr(prog.tensor(tid), plan, weight_names)}")
         lines.append(f"    {c_name}({', '.join(args)});")
+        out_ptr = _pointer_expr(out_t, plan, weight_names)
+        lines += ["#ifdef DISTILLC_TRACE",
+                  f"    distillc_trace({step.index}, {out_ptr}, {out_t.nbytes}UL);",
+                  "#endif"]
     lines += ["    return 0;", "}", ""]
     return "\n".join(lines)
 

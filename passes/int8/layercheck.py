@@ -1,0 +1,350 @@
+"""Kernel-by-kernel comparison of a bundle with onnxruntime.
+
+End to end, a bundle and onnxruntime may differ by more than one output step although every
+kernel is right.  onnxruntime computes each QCDQ layer in float32 (dequantize, float conv, float
+add, quantize); where the exact result lies within float32 rounding of a .5 tie, it can round to
+the other integer than the kernel, which computes the layer exactly in integers.  That one-step
+difference then travels through the later layers and may grow.
+
+This module checks each kernel on its own: the bundle's trace (every kernel's output, from a
+``-DDISTILLC_TRACE`` host build) gives each kernel's inputs, onnxruntime runs that kernel's
+part of the ONNX graph on exactly those inputs, and the two outputs are compared.  A kernel may
+differ only where onnxruntime's float32 value sits on a rounding tie (within ``TIE_WINDOW``
+steps of ``k + 0.5``); anything else is a lowering error, named by kernel and ONNX node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: How close (in output steps) onnxruntime's float32 value must be to a .5 tie for a one-step
+#: difference to count as float32 rounding.  float32 carries about 7 digits, so a layer value
+#: near 100 steps is off by about 1e-5 steps; 1e-3 leaves room for long sums.
+TIE_WINDOW = 1e-3
+
+_ELEMENTWISE = {"Relu", "Clip", "Add", "Sub", "Max", "Min", "Mul"}
+
+
+@dataclass
+class Region:
+    """The part of the ONNX graph one kernel computes: quantized tensors in, one quantized out."""
+
+    step: int
+    node: str
+    inputs: list[str]
+    output: str  # the quantized tensor the kernel writes
+    before_quantize: str | None  # the float tensor that output quantizes (None: no rounding, e.g. a clip)
+
+
+@dataclass
+class KernelReport:
+    """What :func:`compare_kernels` found."""
+
+    checked: list[int] = field(default_factory=list)
+    unchecked: dict[int, str] = field(default_factory=dict)  # step -> why
+    max_lsb: int = 0
+    differing: int = 0  # elements that differ by one step on a float32 tie
+    compared: int = 0
+    errors: list[str] = field(default_factory=list)  # kernels that differ otherwise
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.unchecked
+
+    def summary(self) -> dict[str, Any]:
+        return {"kernels_checked": len(self.checked), "kernel_max_lsb": self.max_lsb,
+                "kernel_tie_differences": self.differing, "kernel_values_compared": self.compared}
+
+
+#: Why a kernel has no region of its own: the next kernel finishes it, and both are checked together.
+JOINT = "computed together with the next kernel"
+
+_SHAPE_OPS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+_ANCHORS = {"Conv", "Gemm", "MatMul", "GlobalAveragePool", "AveragePool", "MaxPool", "ReduceMean", "Add", "Sub",
+            "Concat", "Transpose", "Clip"} | _SHAPE_OPS
+#: The ONNX op a kernel of this kind starts at; kinds not listed (element-wise, clip, copies) start anywhere.
+_STARTS = {"conv2d": {"Conv"}, "depthwise_conv2d": {"Conv"}, "dense": {"Gemm", "MatMul"},
+           "avg_pool": {"AveragePool"}, "global_avg_pool": {"GlobalAveragePool", "ReduceMean"},
+           "max_pool": {"MaxPool"}, "clip": {"Clip"}}
+
+
+def kernel_regions(model: Any, layers: list[dict]) -> dict[int, Region | str]:
+    """Each kernel's region of the (shape-inferred) ONNX graph, or why it has none.
+
+    A region starts at a compute node (a conv, a dense layer, a pooling, an add not fused into a
+    conv) and takes in the element-wise ops and quantizers after it, through a dequantize only
+    when that dequantized tensor has a single element-wise consumer (a fused residual add); its
+    output is the last quantized tensor reached.  Regions follow the graph's order, as the
+    kernels do (the manifest names each kernel's first ONNX node, not each call's), and each
+    kernel is paired with the next region whose output has as many elements as the kernel's.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constant = _constant_tensors(graph, producer)
+
+    found: list[tuple[str, list, str, str]] = []  # (node name, nodes, output, before quantize)
+    absorbed: set[str] = set()
+    for start in graph.node:
+        if start.op_type not in _ANCHORS or start.name in absorbed or start.output[0] in constant:
+            continue
+        nodes, output, before = [start], None, None
+        current = start.output[0]
+        if start.op_type == "Clip" and producer.get(start.input[0]) is not None \
+                and producer[start.input[0]].op_type == "QuantizeLinear":
+            output = current  # a narrow-range clip on its own: no rounding, so no tie to allow for
+        while True:
+            users = consumers.get(current, [])
+            if len(users) != 1:
+                break
+            user = users[0]
+            if user.op_type == "QuantizeLinear":
+                before, output = current, user.output[0]
+            elif user.op_type == "Clip" and producer[current].op_type == "QuantizeLinear":
+                output = user.output[0]  # narrow-range clip of the quantized value
+            elif user.op_type == "DequantizeLinear":
+                after = consumers.get(user.output[0], [])
+                # Go on into a fused residual add, or a requantization (Q(DQ(x)), fused too).
+                if len(after) != 1 or after[0].op_type not in _ELEMENTWISE | {"QuantizeLinear"}:
+                    break
+            elif user.op_type not in _ELEMENTWISE | _SHAPE_OPS:
+                break
+            nodes.append(user)
+            current = user.output[0]
+        absorbed.update(node.name for node in nodes)
+        if output is not None:
+            found.append((start, nodes, output, before))
+
+    shapes = {info.name: tuple(d.dim_value for d in info.type.tensor_type.shape.dim)
+              for info in list(graph.value_info) + list(graph.output)}
+    def size(index: int) -> int:
+        return int(np.prod(layers[index].get("output_shape") or ()))
+
+    def next_match(index: int, position: int) -> int | None:
+        # By element count: a kernel may write (1, C, 1, 1) where the graph flattens to (1, C) first.
+        starts = _STARTS.get(layers[index].get("op", ""))
+        return next((k for k in range(position, len(found))
+                     if int(np.prod(shapes.get(found[k][2], (-1,)))) == size(index)
+                     and (starts is None or found[k][0].op_type in starts)), None)
+
+    regions: dict[int, Region | str] = {}
+    position = 0
+    for index, layer in enumerate(layers):
+        match = next_match(index, position)
+        following = layers[index + 1] if index + 1 < len(layers) else {}
+        if following.get("op") == "elementwise" and size(index + 1) == size(index):
+            # An element-wise kernel finishes this region (e.g. requantizes a pooling).
+            regions[index] = JOINT
+            continue
+        if match is None:
+            regions[index] = (f"no quantized ONNX tensor of shape {list(layer.get('output_shape') or ())} "
+                              f"follows the previous kernel's")
+            continue
+        start, nodes, output, before = found[match]
+        name = start.name
+        position = match + 1
+        made = {out for node in nodes for out in node.output}
+        inputs = []
+        for node in nodes:
+            for tensor in node.input:
+                if not tensor or tensor in made or tensor in constant:
+                    continue
+                source = producer.get(tensor)
+                if source is not None and source.op_type == "DequantizeLinear":
+                    tensor = source.input[0]
+                if tensor not in inputs:
+                    inputs.append(tensor)
+        regions[index] = Region(step=index, node=name, inputs=inputs, output=output, before_quantize=before)
+    return regions
+
+
+def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.ndarray,
+                    traces: list[dict[int, bytes]], *, tolerance_lsb: int = 1) -> KernelReport:
+    """Compare every kernel's traced output with onnxruntime on the kernel's traced inputs."""
+    import onnx
+    from onnx import shape_inference
+    from onnx.utils import Extractor
+
+    from distillc.passes.export_onnx import reference_session
+
+    model = shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+    layers = manifest["layers"]
+    regions = kernel_regions(model, layers)
+    types = _tensor_types(model)
+    graph_input = model.graph.input[0].name
+    # Which buffer holds each quantized ONNX tensor: the model's input, or a kernel's output.
+    held_by: dict[str, int | str] = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] == graph_input:
+            held_by[node.output[0]] = "input"
+    producer = {out: node for node in model.graph.node for out in node.output}
+    constant = _constant_tensors(model.graph, producer)
+    report = KernelReport()
+    extractor = Extractor(model)
+    zero_points = _zero_points(model)
+    last = len(layers) - 1
+    for index, region in regions.items():
+        if isinstance(region, str):
+            report.unchecked[index] = region
+            continue
+        held_by[region.output] = index
+        needed = _traced_inputs(region.inputs, held_by, producer, constant)
+        missing = [name for name in needed if name not in held_by]
+        if missing:
+            report.unchecked[index] = f"reads {missing[0]!r}, which no traced buffer holds"
+            continue
+        earlier = index - 1
+        while report.unchecked.get(earlier) == JOINT or (earlier in report.unchecked and needed != region.inputs):
+            # Kernels before this one that split its work differently from the graph's quantizers:
+            # checked together with it, from the last quantized tensors they read.
+            report.unchecked.pop(earlier)
+            report.checked.append(earlier)
+            earlier -= 1
+        if needed != region.inputs:
+            region = Region(step=index, node=region.node, inputs=needed, output=region.output,
+                            before_quantize=region.before_quantize)
+        outputs = [region.output] + ([region.before_quantize] if region.before_quantize else [])
+        sub = extractor.extract_model(region.inputs, outputs)
+        session = reference_session(sub.SerializeToString())
+        out_zp = zero_points.get(region.output, 0)
+        c_dtype, c_zp = types[region.output], out_zp
+        if index == last:  # the model's output buffer has the manifest's type
+            c_dtype, c_zp = np.dtype(manifest["output"]["dtype"]), int(manifest["output"]["zero_point"])
+        scale = _scale_of(model, region.output)
+        worst, ties, errors = 0, 0, 0
+        for example, trace in enumerate(traces):
+            feeds = {}
+            for name in region.inputs:
+                holder = held_by[name]
+                shape = _shape(model, name)
+                if holder == "input":
+                    values = inputs[example].astype(np.int64)
+                else:
+                    values = _trace_values(trace[holder], int(np.prod(shape)), types[name])
+                feeds[name] = values.astype(types[name]).reshape(shape)
+            expected, *before = session.run(None, feeds)
+            want = expected.reshape(-1).astype(np.int64) - out_zp
+            got = _trace_values(trace[index], want.size, c_dtype) - c_zp
+            diff = np.abs(got - want)
+            report.compared += diff.size
+            worst = max(worst, int(diff.max(initial=0)))
+            off = np.nonzero(diff)[0]
+            if off.size:
+                if before:
+                    steps = before[0].reshape(-1)[off].astype(np.float64) / scale
+                    on_tie = np.abs(steps - np.floor(steps) - 0.5) <= TIE_WINDOW
+                else:
+                    on_tie = np.zeros(off.size, dtype=bool)
+                tie_ok = on_tie & (diff[off] == 1)
+                ties += int(tie_ok.sum())
+                errors += int((~tie_ok).sum())
+        report.checked.append(index)
+        report.max_lsb = max(report.max_lsb, worst)
+        report.differing += ties
+        if errors or worst > tolerance_lsb:
+            report.errors.append(f"kernel {index} ({layers[index].get('kernel')}, ONNX node {region.node}) differs "
+                                 f"from onnxruntime on its own inputs by up to {worst} LSB at {errors + ties} "
+                                 f"value(s), {errors} of them away from a float32 rounding tie")
+    return report
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _trace_values(raw: bytes, count: int, dtype: np.dtype) -> np.ndarray:
+    """A traced buffer's ``count`` integer values: of ``dtype``, or wider when the kernel keeps them so."""
+    if len(raw) != count * dtype.itemsize:
+        dtype = {2: np.dtype(np.int16), 4: np.dtype(np.int32)}.get(len(raw) // max(count, 1), dtype)
+    if len(raw) != count * dtype.itemsize:
+        raise ValueError(f"a traced buffer of {len(raw)} bytes cannot hold {count} values")
+    return np.frombuffer(raw, dtype=dtype).astype(np.int64)
+
+
+def _traced_inputs(inputs: list[str], held_by: dict, producer: dict, constant: set[str]) -> list[str]:
+    """``inputs``, each float one that no buffer holds replaced by the quantized tensors it is computed from."""
+    out: list[str] = []
+    pending = list(inputs)
+    for _ in range(64):  # a few nodes at most in practice
+        if not pending:
+            break
+        name = pending.pop(0)
+        node = producer.get(name)
+        if name in held_by or node is None or node.op_type == "QuantizeLinear":
+            if name not in out:
+                out.append(name)
+        elif node.op_type == "DequantizeLinear":
+            pending.append(node.input[0])
+        else:
+            pending.extend(n for n in node.input if n and n not in constant)
+    return out + [name for name in pending if name not in out]
+
+
+def _constant_tensors(graph: Any, producer: dict) -> set[str]:
+    """Names of tensors computed from initializers and Constant nodes alone (weights, scales)."""
+    constant = {init.name for init in graph.initializer}
+    for node in graph.node:  # nodes are topologically sorted
+        if node.op_type == "Constant" or (node.input and all(not n or n in constant for n in node.input)):
+            constant.update(node.output)
+    return constant
+
+
+def _tensor_types(model: Any) -> dict[str, np.dtype]:
+    from onnx import helper
+
+    types = {}
+    for info in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        elem = info.type.tensor_type.elem_type
+        if elem:
+            types[info.name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    return types
+
+
+def _shape(model: Any, name: str) -> tuple[int, ...]:
+    for info in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if info.name == name:
+            return tuple(d.dim_value for d in info.type.tensor_type.shape.dim)
+    raise KeyError(name)
+
+
+def _quantize_node(model: Any, name: str) -> Any:
+    producer = {out: node for node in model.graph.node for out in node.output}
+    node = producer[name]
+    if node.op_type == "Clip":
+        node = producer[node.input[0]]
+    return node
+
+
+def _const_value(model: Any, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+    raise KeyError(name)
+
+
+def _scale_of(model: Any, name: str) -> float:
+    return float(_const_value(model, _quantize_node(model, name).input[1]))
+
+
+def _zero_points(model: Any) -> dict[str, int]:
+    out = {}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            zp = int(_const_value(model, node.input[2]))
+            out[node.output[0]] = zp
+    for node in model.graph.node:
+        if node.op_type == "Clip" and node.input[0] in out and producer.get(node.input[0]) is not None:
+            out[node.output[0]] = out[node.input[0]]
+    return out
