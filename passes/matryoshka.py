@@ -140,6 +140,26 @@ class MatryoshkaPass(Pass):
                                      meta=meta, head=spec)
         return PassResult(out, metrics)
 
+    def qat_objective(self, ctx: PassContext, float_model: Any) -> "MatryoshkaObjective":
+        """The objective ``quantize.brevitas-qat`` keeps when it borrows this pass's: the same
+        nested loss on the quantized student (head included), against the same targets.
+
+        ``float_model`` is the FP32 student with its head; without a teacher the targets are its
+        backbone's embeddings, as they were for this pass.
+        """
+        from distillc.training import embed_all
+
+        cfg = self.config
+        if cfg.teacher is not None:
+            from distillc.passes.distill_base import teacher_targets
+
+            targets = teacher_targets(ctx, cfg.teacher, "embed", lambda m, b: m.embed(b))
+        else:
+            targets = embed_all(getattr(float_model, "backbone", float_model), ctx.data.train_x)
+        if self.center_targets:
+            targets = targets - targets.mean(0, keepdim=True)
+        return MatryoshkaObjective(ctx, dims=cfg.dims, targets=targets, augment=cfg.augment)
+
     def class_embeddings(self, ctx: PassContext, model: Any,
                          objective: "MatryoshkaObjective") -> "tuple[ClassEmbeddings | None, dict[str, Any]]":
         """The class embeddings to store and any metrics about them.

@@ -6,9 +6,9 @@ spec's label-free distillation objective, so the teacher keeps teaching while th
 quantized.  ``objective`` picks it:
 
 - ``"auto"`` (default): ``"feature"`` when ``teacher`` is set, else the objective of the last
-  distillation pass before this one in ``[[passes]]`` (CA-DSSL, Bootleg, CoMAD, CLIP-Matryoshka,
-  ``train.supervised``... any :class:`~distillc.passes.distill_base.DistillationPass`), else
-  ``"self"``;
+  distillation pass before this one in ``[[passes]]`` (CA-DSSL, Bootleg, CoMAD,
+  ``train.supervised``... any :class:`~distillc.passes.distill_base.DistillationPass`, and
+  ``matryoshka`` / ``distill.clip-matryoshka`` through their ``qat_objective``), else ``"self"``;
 - the ``use`` name of such a pass: its objective, built from that pass's spec keys;
 - ``"feature"``: cosine to ``teacher``'s embedding through a linear projector initialised by
   least squares on the FP32 student;
@@ -73,7 +73,7 @@ class BrevitasQat(Pass):
 
     def __init__(self, config: PassConfig):
         super().__init__(config)
-        self._source: DistillationPass | None = None  # the pass whose objective QAT keeps
+        self._source: Pass | None = None  # the pass whose objective QAT keeps
         self._kind = self._builtin_kind()
 
     def _builtin_kind(self) -> str:
@@ -84,7 +84,7 @@ class BrevitasQat(Pass):
 
     def link(self, upstream: Sequence[Pass], source: str) -> None:
         cfg = self.config
-        distillers = [p for p in upstream if isinstance(p, DistillationPass)]
+        distillers = [p for p in upstream if _keeps_objective(p)]
         self._source, self._kind = None, self._builtin_kind()
         if cfg.objective == "auto" and cfg.teacher is None and distillers:
             self._source = distillers[-1]
@@ -162,11 +162,19 @@ class BrevitasQat(Pass):
 
     def _objective(self, ctx: PassContext, float_model: Any) -> Objective:
         if self._source is not None:
+            if hasattr(self._source, "qat_objective"):
+                return self._source.qat_objective(ctx, float_model)
             return self._source.objective(ctx)
         if self._kind == "feature":
             return FittedFeatureObjective(ctx, teacher=self.config.teacher, augment=self.config.augment,
                                            float_model=float_model)
         return SelfObjective(ctx, float_model=float_model, augment=self.config.augment)
+
+
+def _keeps_objective(p: Pass) -> bool:
+    """Whether QAT can keep ``p``'s objective: a distillation pass, or a pass with ``qat_objective``
+    (``matryoshka`` and ``distill.clip-matryoshka``)."""
+    return isinstance(p, DistillationPass) or callable(getattr(p, "qat_objective", None))
 
 
 class SelfObjective(Objective):

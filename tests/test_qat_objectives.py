@@ -34,6 +34,7 @@ def spec_text(method: str, qat_options: str = "") -> str:
 CADSSL = 'use = "distill.ca-dssl"\nteacher = "vit"\nbatch_size = 256\nepochs = 1\nprojector_hidden = 16\n'
 BOOTLEG = 'use = "distill.bootleg"\nteacher = "vit"\nbatch_size = 256\nepochs = 1\npredictor_hidden = 0\n'
 SUPERVISED = 'use = "train.supervised"\nbatch_size = 256\nepochs = 1\n'
+MATRYOSHKA = 'use = "matryoshka"\nteacher = "vit"\ndims = [8, 16]\nbatch_size = 256\nepochs = 1\n'
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,8 @@ def test_an_objective_that_is_not_an_earlier_distillation_pass_is_a_spec_error(f
     (CADSSL, ("projector_params", "adapter_params", "feature_loss")),  # multi-scale: stage taps of the INT8 graph
     (BOOTLEG, ("predictor_params", "layer_loss")),
     (SUPERVISED, ()),
-], ids=["ca-dssl", "bootleg", "supervised"])
+    (MATRYOSHKA, ()),  # the nested loss through the quantized head
+], ids=["ca-dssl", "bootleg", "supervised", "matryoshka"])
 def test_qat_trains_with_the_methods_objective(folder, method, reported):
     result = compile_spec(write(folder, spec_text(method)), progress=SilentProgress(), until="quantize.brevitas-qat")
     name = re.search(r'use = "([\w.-]+)"', method).group(1)
