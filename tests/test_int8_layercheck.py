@@ -94,3 +94,10 @@ def test_verify_accepts_an_end_to_end_difference_only_when_every_kernel_matches(
     assert kernels["kernel_max_lsb"] <= 1 and kernels["kernels_checked"] > 10
     manifest = json.loads((result.final_path / "manifest.json").read_text())
     assert manifest["verification"]["host"]["kernels"] == kernels
+
+    # end_to_end = "strict" refuses the same difference, saying what the kernels showed.
+    from distillc.errors import PassError
+
+    path.write_text(path.read_text().replace('use = "host"', 'use = "host"\nbackend = { "verify.host" = { end_to_end = "strict" } }'))
+    with pytest.raises(PassError, match=r"by 3 LSB .*end_to_end = 'strict'.*Every kernel matches"):
+        compile_spec(path, progress=SilentProgress(), plugins=load_plugins(), until="verify.host")
