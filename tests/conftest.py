@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -72,3 +73,16 @@ def write_spec(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def module_folder(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """One folder (so one cache: teachers train once) for a whole test module, with one torch
+    thread: on 2 shared cores one thread per process is faster than two fighting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    yield tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    torch.set_num_threads(threads)

@@ -14,18 +14,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from distillc.passes.int8 import compile_onnx_to_bundle, export_qcdq, quantize, testing  # noqa: E402
+from distillc.passes.int8 import testing  # noqa: E402
 from distillc.passes.int8.layercheck import compare_kernels  # noqa: E402
 from distillc.targets.runner import run_on_host, trace_on_host  # noqa: E402
 
 
 def random_bundle(seed, tmp_path, weight_bits=8, act_bits=8):
-    model, shape = testing.random_convnet(seed)
-    torch.manual_seed(seed)
-    calib = torch.randn(32, *shape[1:])
-    qmodel = quantize(model, calib, weight_bits=weight_bits, act_bits=act_bits)
-    onnx_path = export_qcdq(qmodel, calib[:1], tmp_path / "model.onnx")
-    manifest = compile_onnx_to_bundle(onnx_path, tmp_path / "bundle", name=f"random{seed}")
+    onnx_path, manifest = testing.random_bundle(seed, tmp_path, weight_bits=weight_bits, act_bits=act_bits)
     return onnx_path, manifest, testing.quantized_inputs(manifest, 4, seed=seed)
 
 

@@ -7,7 +7,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from distillc.passes.int8 import compile_onnx_to_bundle, export_qcdq, quantize  # noqa: E402
 from distillc.passes.int8 import testing  # noqa: E402
 
 
@@ -17,13 +16,7 @@ CASES = [(0, 8, 8), (1, 8, 8), (2, 8, 8), (3, 8, 8), (4, 8, 8), (5, 8, 8), (6, 6
 
 @pytest.mark.parametrize("seed,weight_bits,act_bits", CASES)
 def test_random_convnet_matches_onnxruntime_within_one_lsb(seed, weight_bits, act_bits, tmp_path):
-    model, shape = testing.random_convnet(seed)
-    torch.manual_seed(seed)
-    calib = torch.randn(32, *shape[1:])
-    qmodel = quantize(model, calib, weight_bits=weight_bits, act_bits=act_bits)
-    onnx_path = export_qcdq(qmodel, calib[:1], tmp_path / "model.onnx")
-
-    manifest = compile_onnx_to_bundle(onnx_path, tmp_path / "bundle", name=f"random{seed}")
+    onnx_path, manifest = testing.random_bundle(seed, tmp_path, weight_bits=weight_bits, act_bits=act_bits)
     exe = testing.build_host_driver(tmp_path / "bundle", tmp_path / "build")
     q_inputs = testing.quantized_inputs(manifest, 16, seed=seed)
     expected = testing.ort_reference(onnx_path, manifest, q_inputs)

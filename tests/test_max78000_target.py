@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
-import torch
 
 from distillc.errors import TargetError
 from distillc.pipeline import build_plan, compile_spec
@@ -26,12 +24,8 @@ def spec_text(accelerator: str | None = None, student: str | None = None) -> str
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    yield tmp_path_factory.mktemp("max78000")
-    torch.set_num_threads(threads)
+def folder(module_folder):
+    return module_folder
 
 
 def compile_(folder, text):

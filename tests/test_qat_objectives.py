@@ -8,7 +8,6 @@ values the quantized graph's next layers read, with gradients reaching the quant
 from __future__ import annotations
 
 import math
-import os
 import re
 
 import pytest
@@ -38,13 +37,8 @@ MATRYOSHKA = 'use = "matryoshka"\nteacher = "vit"\ndims = [8, 16]\nbatch_size = 
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """One folder, so one cache: the teacher trains once for the whole module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    yield tmp_path_factory.mktemp("qat-objectives")
-    torch.set_num_threads(threads)
+def folder(module_folder):
+    return module_folder
 
 
 def write(folder, text: str):

@@ -151,6 +151,22 @@ def bundle_outputs(exe, manifest: dict, q_inputs: np.ndarray, work_dir) -> np.nd
 # Seeded random conv nets
 
 
+def random_bundle(seed: int, folder, *, weight_bits: int = 8, act_bits: int = 8) -> tuple:
+    """:func:`random_convnet` ``seed`` through Brevitas (calibrated on 32 seeded images), QCDQ
+    export and the backend into ``folder/bundle``; returns ``(onnx_path, manifest)``."""
+    import torch
+
+    from . import compile_onnx_to_bundle, export_qcdq, quantize
+
+    folder = Path(folder)
+    model, shape = random_convnet(seed)
+    torch.manual_seed(seed)
+    calib = torch.randn(32, *shape[1:])
+    qmodel = quantize(model, calib, weight_bits=weight_bits, act_bits=act_bits)
+    onnx_path = export_qcdq(qmodel, calib[:1], folder / "model.onnx")
+    return onnx_path, compile_onnx_to_bundle(onnx_path, folder / "bundle", name=f"random{seed}")
+
+
 def random_convnet(seed: int):
     """A small random conv net and its input shape ``(1, C, H, W)``.
 
