@@ -100,6 +100,9 @@ class _Verify(Pass):
             step, why = next(iter(report.unchecked.items()))
             raise PassError(self.name, f"{problem}; every kernel that could be checked on its own inputs matches "
                                        f"onnxruntime, but {len(report.unchecked)} could not (kernel {step}: {why})")
+        if report.differing == 0:
+            raise PassError(self.name, f"{problem}; yet every kernel matches onnxruntime exactly on its own inputs, "
+                                       f"so no rounding tie explains the difference")
         if self.config.end_to_end == "strict":
             raise PassError(self.name, f"{problem} (end_to_end = 'strict'). Every kernel matches onnxruntime on "
                                        f"its own inputs except {report.differing} value(s) on float32 rounding ties, "

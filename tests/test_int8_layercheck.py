@@ -65,9 +65,17 @@ def test_a_corrupted_kernel_is_named(tmp_path):
     assert all(not error.startswith(f"kernel {k} ") for error in report.errors for k in range(int(step)))
 
 
-def test_verify_accepts_an_end_to_end_difference_only_when_every_kernel_matches(write_spec, monkeypatch):
-    """An end-to-end difference (here: a reference moved by 3 steps) sends verify.host kernel by kernel."""
+def test_verify_accepts_an_end_to_end_difference_only_when_a_tie_explains_it(write_spec, monkeypatch):
+    """An end-to-end difference (here: a reference moved by 3 steps) sends verify.host kernel by kernel.
+
+    With every kernel exact, nothing explains it: the compile fails.  When the check finds a
+    kernel value on a float32 tie (simulated here: real ties need a trained model, see
+    docs/quickstart.md; compare_kernels itself is tested above on real bundles) it goes on,
+    unless end_to_end = "strict".
+    """
+    from distillc.errors import PassError
     from distillc.passes import verify
+    from distillc.passes.int8 import layercheck
     from distillc.pipeline import compile_spec
     from distillc.plugin_manager import load_plugins
     from distillc.progress import SilentProgress
@@ -82,17 +90,26 @@ def test_verify_accepts_an_end_to_end_difference_only_when_every_kernel_matches(
 
     monkeypatch.setattr(verify, "onnxruntime_outputs", shifted)
     path = write_spec(tiny_spec_text(distill_epochs=1))
+    with pytest.raises(PassError, match=r"by 3 LSB .*every kernel matches onnxruntime exactly .*no rounding tie"):
+        compile_spec(path, progress=SilentProgress(), plugins=load_plugins(), until="verify.host")
+
+    real_compare = layercheck.compare_kernels
+
+    def with_a_tie(*args, **kwargs):
+        report = real_compare(*args, **kwargs)
+        report.differing += 1
+        return report
+
+    monkeypatch.setattr(layercheck, "compare_kernels", with_a_tie)
     result = compile_spec(path, progress=SilentProgress(), plugins=load_plugins(), until="verify.host")
     host = result.report["metrics"]["verify.host"]
     assert host["max_lsb"] == 3
     kernels = host["kernels"]
-    assert kernels["kernel_max_lsb"] <= 1 and kernels["kernels_checked"] > 10
+    assert kernels["kernel_max_lsb"] <= 1 and kernels["kernels_checked"] > 10 and kernels["kernel_tie_differences"] == 1
     manifest = json.loads((result.final_path / "manifest.json").read_text())
     assert manifest["verification"]["host"]["kernels"] == kernels
 
     # end_to_end = "strict" refuses the same difference, saying what the kernels showed.
-    from distillc.errors import PassError
-
     path.write_text(path.read_text().replace('use = "host"', 'use = "host"\nbackend = { "verify.host" = { end_to_end = "strict" } }'))
     with pytest.raises(PassError, match=r"by 3 LSB .*end_to_end = 'strict'.*Every kernel matches"):
         compile_spec(path, progress=SilentProgress(), plugins=load_plugins(), until="verify.host")
