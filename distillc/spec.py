@@ -243,7 +243,7 @@ def load_spec(path: Path | str, plugins: Any) -> Spec:
     except ValidationError as exc:
         raise SpecError("\n".join(format_validation_error(exc, SpecFile))) from None
     problems: list[str] = []
-    spec_passes = _resolve_passes(file, plugins, problems)
+    spec_passes = _resolve_passes(file, plugins, problems, root=path.parent)
     target_cls, target_config = _resolve_target(file, plugins, problems)
     teacher_options = _resolve_teachers(file, plugins, problems)
     student_options = _resolve_student(file, plugins, problems)
@@ -259,7 +259,13 @@ def load_spec(path: Path | str, plugins: Any) -> Spec:
 # -- stage 2 ------------------------------------------------------------------------------------
 
 
-def _resolve_passes(file: SpecFile, plugins: Any, problems: list[str]) -> list[SpecPass]:
+def _resolve_passes(file: SpecFile, plugins: Any, problems: list[str], *, root: Path) -> list[SpecPass]:
+    """Each ``[[passes]]`` entry's class and validated config.
+
+    A pass config is validated with the context ``{"spec_root": root}`` (pydantic's validation
+    context), so a config that names files can resolve them the way the spec does (relative to
+    its folder), e.g. to put their content hash into the pass's cache key.
+    """
     resolved = []
     teacher_names = list(dict.fromkeys(t.name for t in file.teachers))
     listable = [e.name for e in plugins.passes if not _is_source_pass(e.obj)]
@@ -273,7 +279,7 @@ def _resolve_passes(file: SpecFile, plugins: Any, problems: list[str]) -> list[S
             problems.append(f"{path}.use: {entry.use!r} is a source pass distillc adds itself; "
                             "it cannot be listed in [[passes]]")
             continue
-        config = _validate_options(cls.Config, entry.options, path, problems)
+        config = _validate_options(cls.Config, entry.options, path, problems, context={"spec_root": root})
         if config is not None:
             resolved.append(SpecPass(index=i, name=entry.use, cls=cls, config=config))
         # An invalid config still names teachers worth checking: report both at once.
@@ -381,9 +387,9 @@ def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> Non
 
 
 def _validate_options(model: type[BaseModel], options: dict[str, Any], path: str, problems: list[str],
-                      section_keys: tuple[str, ...] = ()) -> Any:
+                      section_keys: tuple[str, ...] = (), context: dict[str, Any] | None = None) -> Any:
     try:
-        return model.model_validate(options)
+        return model.model_validate(options, context=context)
     except ValidationError as exc:
         problems.extend(format_validation_error(exc, model, prefix=path, section_keys=section_keys))
         return None

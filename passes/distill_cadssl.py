@@ -215,12 +215,9 @@ def augment_with_coordinates(augment: Any, x: Any, generator: Any) -> tuple[Any,
     batch, channels = x.shape[:2]
     identity = torch.eye(2, 3, dtype=x.dtype, device=x.device).expand(batch, 2, 3)
     coords = F.affine_grid(identity, [batch, 1, *x.shape[2:]], align_corners=False).permute(0, 3, 1, 2)
-    if augment.strength == 0.0:
-        return x, coords
-    # Augment has no public way to share its geometry with another tensor; its steps are called directly.
-    moved = augment._geometric(torch.cat([x, coords], dim=1), generator)
+    moved = augment.geometric(torch.cat([x, coords], dim=1), generator)
     image, coords = moved[:, :channels], moved[:, channels:]
-    return augment._erase(augment._photometric(image, generator), generator), coords
+    return augment.appearance(image, generator), coords
 
 
 def aligned_teacher_map(teacher_map: Any, coords: Any, size: tuple[int, int]) -> Any:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
 from distillc import hookimpl
 from distillc.errors import PassError
@@ -36,6 +36,7 @@ from distillc.spec import LaxPath
 
 class ClipMatryoshka(MatryoshkaPass):
     name = "distill.clip-matryoshka"
+    version = "2"  # 2: the content of text_tokens / embeddings_file is part of the cache key
     description = "TinyVLM: match a CLIP-style teacher's embedding at every Matryoshka dim; text/file/prototype classes"
     center_targets = False  # text and file class embeddings live in the teacher's own (uncentered) space
 
@@ -49,6 +50,9 @@ class ClipMatryoshka(MatryoshkaPass):
                                                               "(classes, context_length)")
         embeddings_file: LaxPath | None = Field(None, description="class_embeddings = 'file': .npy or .safetensors "
                                                                   "of teacher-space embeddings (classes, D)")
+        # sha256 of each class-embedding file given, read when the spec is validated (see
+        # ClipMatryoshka.linked_key): its content, not its path, decides what the pass makes.
+        _file_sha256: dict[str, str] = PrivateAttr(default_factory=dict)
 
         @model_validator(mode="after")
         def _source_files(self) -> "ClipMatryoshka.Config":
@@ -62,6 +66,26 @@ class ClipMatryoshka(MatryoshkaPass):
                     raise ValueError(f"{key} is only read with class_embeddings = {source!r} "
                                      f"(this pass has {self.class_embeddings!r})")
             return self
+
+        @model_validator(mode="after")
+        def _hash_files(self, info: ValidationInfo) -> "ClipMatryoshka.Config":
+            """Hash the class-embedding file, resolved like the spec resolves paths (relative to its
+            folder, given as the validation context's ``spec_root``).  A missing file is left to
+            the run, which names it."""
+            from distillc.pipeline import file_sha256
+
+            root = (info.context or {}).get("spec_root")
+            for key in ("text_tokens", "embeddings_file"):
+                given = getattr(self, key)
+                if root is not None and given is not None and (Path(root) / given).is_file():
+                    self._file_sha256[key] = file_sha256(Path(root) / given)
+            return self
+
+    def linked_key(self) -> dict[str, Any]:
+        """The class-embedding file's sha256 joins the cache key (its path is in the config), so
+        rewriting the file in place reruns the pass."""
+        hashes = self.config._file_sha256
+        return {**super().linked_key(), **({"file_sha256": dict(hashes)} if hashes else {})}
 
     def class_embeddings(self, ctx: PassContext, model: Any,
                          objective: MatryoshkaObjective) -> tuple[ClassEmbeddings | None, dict[str, Any]]:

@@ -5,7 +5,9 @@ After CoMAD (multi-teacher, masked, token-level distillation into a small studen
 1. **Tokens.** Each teacher's patch tokens of the clean training image are computed once
    (:func:`~distillc.passes.distill_base.teacher_targets`, cached).  The student's tokens are
    its patch tokens (a token-producing student such as ``vit-mcu``) or, for a CNN, its last
-   stage map read as one token per position.  Every token map is resized to one common grid
+   stage map read as one token per position, through a trainable 1x1 convolution
+   (``student_adapter``): a CNN's last map ends in a ReLU, and its zeros cannot take the
+   values of a layer-normalised target token.  Every token map is resized to one common grid
    (``grid``; default the student's token grid, or the finest teacher grid for a CNN).
 2. **Adapters.** Each teacher's tokens enter the student's width through ``Linear(D_t -> D_s)``
    and ``LayerNorm``.  The linear part starts as the projection on the teacher tokens' leading
@@ -26,8 +28,9 @@ After CoMAD (multi-teacher, masked, token-level distillation into a small studen
    times a KL on the reconstructed map: a small decoder (3x3 conv, GELU, 1x1 conv) gets the
    student's map with every masked position replaced by a learned mask token and must rebuild
    the whole target map; its KL compares, per channel, the softmax over positions
-   (channel-wise distillation), so the map loss is about where each feature fires.  Adapters,
-   decoder and mask token are training aids and leave with the pass.
+   (channel-wise distillation), so the map loss is about where each feature fires.  Adapters
+   (the teachers' and the student's), decoder and mask token are training aids and leave with
+   the pass.
 
 Metrics report the gate: each teacher's mean weight, how often it dominates a token, and the
 mean gate entropy (0 = one teacher decides, 1 = uniform).
@@ -83,7 +86,11 @@ class ComadObjective(Objective):
         self.tokens = [resize_map(m, self.grid).flatten(2).transpose(1, 2).contiguous() for m in maps]
         adapters = nn.ModuleList(pca_adapter(t, self.student_dim) for t in self.tokens)
         adapters.requires_grad_(cfg.train_adapters)
-        self.heads = nn.ModuleDict({"adapters": adapters, "decoder": masked_decoder(self.student_dim)}).to(device)
+        self.heads = nn.ModuleDict({"adapters": adapters, "decoder": masked_decoder(self.student_dim)})
+        adapt_student = cfg.student_adapter if cfg.student_adapter is not None else not hasattr(student, "patch_tokens")
+        if adapt_student:
+            self.heads["student_adapter"] = nn.Conv2d(self.student_dim, self.student_dim, 1)
+        self.heads.to(device)
 
     def loss(self, student: Any, batch: Batch) -> Any:
         import torch
@@ -95,7 +102,10 @@ class ComadObjective(Objective):
         size = len(batch.idx)
         student_keep, teacher_keep = comad_masks(size, grid, cfg.student_keep, self.teacher_keeps, batch.generator)
         student_keep, teacher_keep = student_keep.to(batch.x.device), teacher_keep.to(batch.x.device)
-        feats = resize_map(student_map(student, apply_patch_mask(batch.x, student_keep)), grid)
+        feats = student_map(student, apply_patch_mask(batch.x, student_keep))
+        if "student_adapter" in self.heads:
+            feats = self.heads["student_adapter"](feats)
+        feats = resize_map(feats, grid)
         tokens = F.layer_norm(feats.flatten(2).transpose(1, 2).float(), (self.student_dim,))  # (B, N, D_s)
 
         with torch.set_grad_enabled(self.cfg.train_adapters and torch.is_grad_enabled()):
@@ -142,6 +152,7 @@ class ComadObjective(Objective):
         tokens, n = max(self._tokens, 1), len(self.teachers)
         return {
             "grid": self.grid,
+            "student_adapter": "student_adapter" in self.heads,
             "gate": {
                 "mean_weight": {t: w / tokens for t, w in zip(self.teachers, self._weight)},
                 "dominant_fraction": {t: w / tokens for t, w in zip(self.teachers, self._wins)},
@@ -155,6 +166,7 @@ class ComadObjective(Objective):
 class ComadDistillation(DistillationPass):
     name = "distill.comad"
     description = "CoMAD: consensus-gated, asymmetrically masked token distillation from 2+ frozen teachers"
+    version = "2"  # 2: trainable 1x1-conv student adapter for CNN students (student_adapter)
 
     class Config(DistillConfig):
         teachers: list[str] = Field(min_length=2, description="names of two or more [[teachers]] entries")
@@ -169,6 +181,9 @@ class ComadDistillation(DistillationPass):
         grid: int | None = Field(None, ge=1, description="side of the common token grid; default the student's "
                                                          "(a ViT) or the finest teacher's (a CNN)")
         train_adapters: bool = Field(False, description="train the teacher adapters with the student")
+        student_adapter: bool | None = Field(None, description="pass the student's map through a trainable 1x1 "
+                                                               "convolution before matching; default: on for a CNN "
+                                                               "student (its map ends in a ReLU), off for a ViT")
 
         @field_validator("teachers")
         @classmethod

@@ -16,6 +16,13 @@ random erasing         probability 0.5 s, area fraction in [0.02, 0.02 + 0.23 s]
 Strength 0 returns the input unchanged, so a curriculum can ramp from clean images. The
 geometric steps (crop, translation, flip) are one affine resampling.
 
+An augmentation is two public halves, :meth:`Augment.geometric` (where each output pixel comes
+from) and :meth:`Augment.appearance` (colour, noise, erasing); calling the augmentation runs one
+after the other on the same generator.  A caller that must know where the pixels went (e.g. to
+align a teacher's feature map with the student's crop) runs ``geometric`` on the image with
+extra channels stacked onto it, such as a map of pixel coordinates, then ``appearance`` on the
+image channels alone: the result is the call's, draw for draw.
+
 Also here: :func:`random_patch_mask` and :func:`apply_patch_mask` for masked-image training.
 """
 
@@ -103,11 +110,27 @@ class Augment:
         if x.dim() != 4 or not x.is_floating_point():
             raise ValueError(f"Augment expects a float (B, C, H, W) batch, got {x.dtype} "
                              f"{tuple(x.shape)}")
+        return self.appearance(self.geometric(x, generator), generator)
+
+    def geometric(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The first half: crop, translation and flip as one affine resampling of every channel.
+
+        Every channel of an image moves the same way, so channels stacked onto the image (a
+        coordinate map, a mask) come out moved exactly as the image is.  Strength 0 returns ``x``.
+        """
         if self.strength == 0.0:
             return x
-        x = self._geometric(x, generator)
-        x = self._photometric(x, generator)
-        return self._erase(x, generator)
+        return self._geometric(x, generator)
+
+    def appearance(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The second half: brightness and contrast, noise, then random erasing (no pixel moves).
+
+        Called after :meth:`geometric` on the same generator, it completes the augmentation
+        ``self(x, generator)`` would have made.  Strength 0 returns ``x``.
+        """
+        if self.strength == 0.0:
+            return x
+        return self._erase(self._photometric(x, generator), generator)
 
     def _geometric(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Crop, translation and flip as one affine map sampled with grid_sample."""

@@ -295,6 +295,16 @@ def test_augment_keeps_shape_dtype_and_range(strength, channels):
     assert not torch.equal(out, x)
 
 
+def test_geometric_then_appearance_is_the_augmentation_and_moves_stacked_channels_alike():
+    augment, x = Augment(strength=0.8, flip=True), batch()
+    whole = augment(x, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    moved = augment.geometric(torch.cat([x, x], dim=1), gen)
+    assert torch.equal(moved[:, :3], moved[:, 3:])
+    assert torch.allclose(augment.appearance(moved[:, :3], gen), whole, atol=1e-6)
+    assert Augment(strength=0.0).geometric(x) is x and Augment(strength=0.0).appearance(x) is x
+
+
 def test_weak_changes_images_less_than_strong():
     x = batch()
     weak = (Augment.weak()(x, torch.Generator().manual_seed(0)) - x).abs().mean()

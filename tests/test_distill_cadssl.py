@@ -137,7 +137,7 @@ def test_the_teacher_map_is_sampled_where_the_students_crop_looks():
     smooth = F.interpolate(torch.rand(6, 3, 4, 4), size=(16, 16), mode="bilinear", align_corners=False)
     augment = Augment(strength=1.0, flip=True)
     _, coords = augment_with_coordinates(augment, smooth, torch.Generator().manual_seed(2))
-    cropped = augment._geometric(smooth, torch.Generator().manual_seed(2))
+    cropped = augment.geometric(smooth, torch.Generator().manual_seed(2))
     assert (aligned_teacher_map(smooth, coords, (16, 16)) - cropped).abs().max() < 1e-4
 
 

@@ -134,3 +134,20 @@ def test_embeddings_of_the_wrong_width_are_refused(folder):
 def test_class_embedding_keys_are_checked_with_the_spec(write_spec, options, message):
     with pytest.raises(SpecError, match=message):
         load_spec(write_spec(spec_text("bad", options)), load_plugins())
+
+
+def test_rewriting_the_class_embeddings_file_changes_the_passes_cache_key(tmp_path):
+    from distillc.pipeline import build_plan
+
+    plugins = load_plugins()
+    (tmp_path / "spec.toml").write_text(spec_text("key", 'class_embeddings = "file"\nembeddings_file = "classes.npy"'))
+
+    def key() -> str:
+        plan = build_plan(load_spec(tmp_path / "spec.toml", plugins), plugins)
+        return plan.step("distill.clip-matryoshka", option="test").key
+
+    np.save(tmp_path / "classes.npy", np.zeros((10, 32), dtype=np.float32))
+    first = key()
+    assert key() == first
+    np.save(tmp_path / "classes.npy", np.ones((10, 32), dtype=np.float32))  # same path, other bytes
+    assert key() != first

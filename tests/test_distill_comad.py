@@ -119,6 +119,7 @@ def test_vit_student_distils_from_two_teachers_and_reports_the_gate(folder):
     result = compile_(folder, "vit")
     metrics = result.report["metrics"]["distill.comad"]
     assert math.isfinite(metrics["loss"]) and metrics["grid"] == 2
+    assert metrics["student_adapter"] is False  # a ViT's tokens are matched as they are
     gate = metrics["gate"]
     assert set(gate["mean_weight"]) == {"coarse", "fine"}
     assert sum(gate["mean_weight"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -136,6 +137,7 @@ def test_cnn_student_distils_through_its_last_stage_map(folder):
     result = compile_(folder, "cnn", student=CNN_STUDENT, options="teacher_keep = [0.5, 0.75]\ngrid = 4")
     metrics = result.report["metrics"]["distill.comad"]
     assert metrics["grid"] == 4 and math.isfinite(metrics["loss"])
+    assert metrics["student_adapter"] is True  # the ReLU map goes through a trainable 1x1 conv
     assert metrics["student_keep_fraction"] == pytest.approx(0.25)
     assert metrics["teacher_keep_fraction"] == {"coarse": pytest.approx(0.5), "fine": pytest.approx(0.75)}
     assert result.ran == ["student", "distill.comad"]  # the teachers came from the cache

@@ -62,3 +62,27 @@ def test_a_quantized_student_cannot_be_trained_as_a_float_one(write_spec):
     plugins = load_plugins()
     with pytest.raises(SpecError, match="'distill.feature#2' takes TorchModel.*makes QuantTorchModel"):
         build_plan(load_spec(write_spec(text), plugins), plugins)
+
+
+def test_export_check_counts_output_steps_for_a_quantized_model(tmp_path):
+    """Quantized exports are compared in output steps: a tie flipped by float32 order is one
+    step, a wrong export many; the step is the scale of the graph's last DequantizeLinear."""
+    import pytest
+
+    from distillc.errors import PassError
+    from distillc.passes.export_onnx import check_with_onnxruntime, output_scale, reference_session
+    from distillc.passes.int8 import testing
+
+    onnx_path, manifest = testing.random_bundle(0, tmp_path)
+    step = output_scale(onnx_path)
+    assert step == pytest.approx(manifest["output"]["scale"], rel=1e-6)
+    inputs = testing.dequantize(testing.quantized_inputs(manifest, 3), manifest["input"]).astype("float32")
+    session = reference_session(onnx_path)
+    name = session.get_inputs()[0].name
+    exact = np.concatenate([session.run(None, {name: inputs[i:i + 1]})[0] for i in range(3)])
+    one_off = exact.copy()
+    one_off[0, 0] += step
+    assert check_with_onnxruntime(onnx_path, inputs, one_off, "export.onnx", 2 * step * (1 + 1e-6)) == pytest.approx(step)
+    one_off[1, 0] += 3 * step
+    with pytest.raises(PassError, match="output step"):
+        check_with_onnxruntime(onnx_path, inputs, one_off, "export.onnx", 2 * step * (1 + 1e-6), unit="output step(s)")
