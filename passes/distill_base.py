@@ -202,8 +202,13 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
     path = folder / f"{key}.safetensors"
     if distributed.agree(path.exists()):
         return load_file(str(path))["targets"]
+    import torch
+
     device = pick_device()
-    module = prepare(ctx.teachers[teacher].build(ctx.plugins), device)
+    # Building the teacher draws a throw-away random init; fork the RNG so that a run computing
+    # the targets leaves the same random state as a run finding them cached.
+    with torch.random.fork_rng(devices=[]):
+        module = prepare(ctx.teachers[teacher].build(ctx.plugins), device)
     images = ctx.data.train_x
     if view is not None:
         images = teacher_view(images, view, view_seed)

@@ -112,6 +112,17 @@ def test_same_teacher_data_and_view_hit_the_cache(fake_ctx, teacher_calls):
         assert f.metadata()["view_seed"] == "0" and f.metadata()["teacher"] == "a" * 64
 
 
+def test_computing_targets_leaves_the_random_state_as_a_cache_hit_does(fake_ctx):
+    """A cold run must not draw from the global RNG (building the teacher), or its heads would be
+    initialised differently from a warm run's."""
+    torch.manual_seed(123)
+    teacher_targets(fake_ctx, "t", "embed", embed)  # computes
+    after_cold = torch.rand(3)
+    torch.manual_seed(123)
+    teacher_targets(fake_ctx, "t", "embed", embed)  # cached
+    assert torch.equal(torch.rand(3), after_cold)
+
+
 def test_new_view_seed_teacher_weights_data_or_view_make_new_files(fake_ctx):
     view = Augment(strength=0.3, flip=False)
     teacher_targets(fake_ctx, "t", "embed", embed, view=view, view_seed=0)
