@@ -8,18 +8,28 @@ from pathlib import Path
 
 import pytest
 
-TINY_SPEC = """
-[distillc]
-spec_version = 1
-name = "tiny"
-seed = {seed}
-
+#: The [data] section of every tiny spec: digits at 8 px (the source ships with scikit-learn).
+TINY_DATA = """
 [data]
 source = "sklearn-digits"
 image_size = 8
 val_fraction = 0.25
 channels = 1
+"""
 
+#: [distillc] (named ``{name}``, for ``.format``) and [data]: the head of the tests' own tiny specs.
+TINY_HEADER = """
+[distillc]
+spec_version = 1
+name = "{name}"
+""" + TINY_DATA
+
+TINY_SPEC = """
+[distillc]
+spec_version = 1
+name = "tiny"
+seed = {seed}
+""" + TINY_DATA + """
 [[teachers]]
 name = "vit"
 arch = "vit_tiny_patch4"

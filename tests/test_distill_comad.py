@@ -15,18 +15,9 @@ from distillc.pipeline import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from distillc.spec import load_spec
+from tests.conftest import TINY_HEADER
 
-SPEC = """
-[distillc]
-spec_version = 1
-name = "{name}"
-
-[data]
-source = "sklearn-digits"
-image_size = 8
-val_fraction = 0.25
-channels = 1
-
+SPEC = TINY_HEADER + """
 [[teachers]]
 name = "coarse"
 arch = "vit_tiny_patch4"

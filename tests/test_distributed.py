@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from distillc.cache import ArtifactStore
 from distillc.plugin_manager import load_plugins
 from distillc.training import embed_all
+from tests.conftest import TINY_DATA
 
 SPEC = """
 [distillc]
@@ -39,12 +40,7 @@ spec_version = 1
 name = "ddp"
 seed = 0
 
-[data]
-source = "sklearn-digits"
-image_size = 8
-val_fraction = 0.25
-channels = 1
-
+""" + TINY_DATA + """
 [[teachers]]
 name = "vit"
 arch = "vit_tiny_patch4"
