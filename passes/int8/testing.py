@@ -263,3 +263,70 @@ def _SpecNet(specs, head_pool, channels, spatial, classes, nn, torch):
             return self.fc(torch.flatten(x, 1))
 
     return SpecNet()
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-built QCDQ models whose layers land on exact rounding ties
+
+
+def tie_net(path, *, in_channels: int = 8, size: int = 6, channels: int = 8, residual: bool = False,
+            gain: int = 0, seed: int = 0) -> Path:
+    """Write a QCDQ ONNX model (opset 13) that meets float32 rounding ties on ordinary inputs.
+
+    ``conv1`` (``in_channels`` -> ``channels``, 1x1, generic scales) feeds ``conv2`` (1x1, weights
+    -1/0/1) whose requantization ratio is exactly 1/2 for every channel, so every odd accumulator
+    is a tie: the exact result rounds it half to even, onnxruntime's float32 conv lands a hair
+    above or below it.  ``residual`` adds ``conv1``'s output to ``conv2``'s (requantized again,
+    at a scale 2.3 times ``conv1``'s, so a one-step change of ``conv2`` moves the sum by a
+    fraction of a step); ``gain`` appends a 1x1 conv multiplying each channel by ``gain``
+    exactly, so a one-step difference becomes ``gain`` steps at the output.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    s_x = f32(0.0123)
+    s_w1 = rng.uniform(0.002, 0.01, channels).astype(f32)
+    w1 = rng.integers(-127, 128, (channels, in_channels, 1, 1)).astype(np.int8)
+    s_a = f32(s_x * s_w1.max() * 127 * np.sqrt(in_channels) / 4)
+    w2 = rng.integers(-1, 2, (channels, channels, 1, 1)).astype(np.int8)
+    s_w2 = np.full(channels, 0.5, f32)
+    s_y = f32(s_a)  # s_a * 0.5 / s_y == 1/2 exactly
+    inits = {"s_x": np.array(s_x), "zp": np.array(0, np.int8), "zp_w": np.zeros(channels, np.int8),
+             "w1": w1, "s_w1": s_w1, "s_a": np.array(s_a), "w2": w2, "s_w2": s_w2, "s_y": np.array(s_y)}
+    nodes = []
+
+    def quant(value, scale, name):  # Q then DQ; returns the dequantized name
+        nodes.append(helper.make_node("QuantizeLinear", [value, scale, "zp"], [name + "_q"], name=name + "_Q"))
+        nodes.append(helper.make_node("DequantizeLinear", [name + "_q", scale, "zp"], [name + "_dq"],
+                                      name=name + "_DQ"))
+        return name + "_dq"
+
+    def conv(x, weight, scale, name):
+        nodes.append(helper.make_node("DequantizeLinear", [weight, scale, "zp_w"], [name + "_w"], axis=0,
+                                      name=name + "_WDQ"))
+        nodes.append(helper.make_node("Conv", [x, name + "_w"], [name + "_out"], name=name))
+        return name + "_out"
+
+    x = quant("x", "s_x", "input")
+    a = quant(conv(x, "w1", "s_w1", "conv1"), "s_a", "conv1")
+    out = quant(conv(a, "w2", "s_w2", "conv2"), "s_y", "conv2")
+    if residual:
+        inits["s_z"] = np.array(f32(s_a * f32(2.3)))
+        nodes.append(helper.make_node("Add", [out, a], ["sum"], name="add"))
+        out = quant("sum", "s_z", "add")
+    if gain:
+        inits["w3"] = np.eye(channels, dtype=np.int8).reshape(channels, channels, 1, 1)
+        inits["s_w3"] = np.full(channels, gain, f32)
+        inits["s_o"] = inits["s_z" if residual else "s_y"]  # ratio s_in * gain / s_o == gain
+        out = quant(conv(out, "w3", "s_w3", "conv3"), "s_o", "conv3")
+    graph = helper.make_graph(
+        nodes, "ties", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_channels, size, size])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, channels, size, size])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path
