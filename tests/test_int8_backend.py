@@ -344,3 +344,23 @@ def test_onnxruntime_quantized_qdq_model_compiles_bit_exact(activation, tmp_path
     q_inputs = testing.quantized_inputs(manifest, 16, seed=1)
     expected = testing.ort_reference(qdq_path, manifest, q_inputs)
     assert np.array_equal(testing.bundle_outputs(exe, manifest, q_inputs, tmp_path), expected)
+
+
+def test_a_kernel_shared_by_several_layers_names_each_call_after_its_own_node(tmp_path):
+    """Convs of the same shape run one C kernel; the manifest still names each call's own
+    ONNX node, in the graph's order (verify and the kernel-by-kernel check report by node)."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(),
+                          *[m for _ in range(3) for m in (nn.Conv2d(6, 6, 1), nn.ReLU())],
+                          nn.Conv2d(6, 3, 1)).eval()
+    calib = torch.randn(8, 2, 6, 6)
+    onnx_path = export_qcdq(quantize(model, calib), calib[:1], tmp_path / "shared.onnx")
+    manifest = compile_onnx_to_bundle(onnx_path, tmp_path / "bundle", name="shared")
+    layers = manifest["layers"]
+    kernels = [layer["kernel"] for layer in layers]
+    assert len(set(kernels)) < len(kernels)  # a kernel runs more than one layer
+    convs = [f"{node.name} (Conv)" for node in onnx.load(str(onnx_path)).graph.node if node.op_type == "Conv"]
+    assert [layer["node"] for layer in layers] == convs
+    assert len({layer["name"] for layer in layers}) == len(layers)

@@ -86,9 +86,9 @@ def kernel_regions(model: Any, layers: list[dict]) -> dict[int, Region | str]:
     A region starts at a compute node (a conv, a dense layer, a pooling, an add not fused into a
     conv) and takes in the element-wise ops and quantizers after it, through a dequantize only
     when that dequantized tensor has a single element-wise consumer (a fused residual add); its
-    output is the last quantized tensor reached.  Regions follow the graph's order, as the
-    kernels do (the manifest names each kernel's first ONNX node, not each call's), and each
-    kernel is paired with the next region whose output has as many elements as the kernel's.
+    output is the last quantized tensor reached.  A kernel is paired with the region that starts
+    at the ONNX node its manifest entry names; failing that (a layer the lowering could not name),
+    with the next region, in graph order, whose output has as many elements as the kernel's.
     """
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
@@ -137,7 +137,13 @@ def kernel_regions(model: Any, layers: list[dict]) -> dict[int, Region | str]:
     def size(index: int) -> int:
         return int(np.prod(layers[index].get("output_shape") or ()))
 
+    by_node = {f"{entry[0].name} ({entry[0].op_type})": k for k, entry in enumerate(found)}
+
     def next_match(index: int, position: int) -> int | None:
+        named = by_node.get(layers[index].get("node", ""))
+        if named is not None and named >= position and \
+                int(np.prod(shapes.get(found[named][2], (-1,)))) == size(index):
+            return named
         # By element count: a kernel may write (1, C, 1, 1) where the graph flattens to (1, C) first.
         starts = _STARTS.get(layers[index].get("op", ""))
         return next((k for k in range(position, len(found))

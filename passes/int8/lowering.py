@@ -23,6 +23,8 @@ from __future__ import annotations
 from .qdq_to_int8 import LAYERS_ATTR, PASS_NAME, qdq_to_int8
 
 KERNELS_ATTR = "distillc.kernels"
+#: Module attribute: for each kernel call in ``main`` (by the name of the var it binds), its layer.
+CALLS_ATTR = "distillc.calls"
 
 
 def lower_int8(mod, *, allow_float_fallback: bool = False, pass_name: str = PASS_NAME):
@@ -45,7 +47,7 @@ def fuse_and_schedule(int_mod, *, pass_name: str = PASS_NAME):
             relax.transform.AnnotateTIROpPattern(),
         ])(int_mod)
         grouped = relax.transform.FuseOps()(_reductions_take_epilogues(annotated))
-        kernels = _group_layers(grouped, layers)
+        kernels, calls = _group_layers(annotated, grouped, layers)
         fused = tvm.transform.Sequential([
             relax.transform.FuseTIR(),
             # a kernel that only reshapes becomes R.reshape: a view, no copy, no arena bytes
@@ -55,6 +57,7 @@ def fuse_and_schedule(int_mod, *, pass_name: str = PASS_NAME):
     except Exception as err:  # an integer graph we built that TVM rejects is our bug
         raise RuntimeError(f"{pass_name}: TVM failed to legalize/fuse the int8 graph: {err}") from err
     fused = fused.with_attr(KERNELS_ATTR, json.dumps(kernels, sort_keys=True))
+    fused = fused.with_attr(CALLS_ATTR, json.dumps(calls, sort_keys=True))
     updates = {}
     for gvar, func in fused.functions.items():
         if isinstance(func, tirx.PrimFunc):
@@ -89,20 +92,71 @@ def _reductions_take_epilogues(mod):
     return mod
 
 
-def _group_layers(grouped, layers: dict) -> dict:
-    """For each fused group: the layer (op kind, ONNX node) of its first recorded binding."""
+def _group_layers(before, grouped, layers: dict) -> tuple[dict, dict]:
+    """For each fused group: the layer (op kind, ONNX node) of its first recorded binding; and for
+    each call of a group in ``main`` (by the name of the var it binds), the layer that call computes.
+
+    FuseOps gives groups with identical computations (two convs of the same shape) one function,
+    whose first binding names only one of their layers.  A call's own layer is found through its
+    weights: the group's first layer binding, with the call's arguments in place of the group's
+    parameters, reads the same constants as exactly one layer of ``before`` (the module FuseOps
+    ran on).  A layer without constants (a pooling) is the next layer of its kind in ``before``'s
+    order after the previous call's.
+    """
+    import tvm
     from tvm import relax
 
-    table = {}
+    def constants(args) -> list:
+        return [a for a in args if isinstance(a, tvm.ir.Constant)]
+
+    def call_args(value) -> list:  # a layer binding is call_tir(prim, (args...)) after LegalizeOps
+        if isinstance(value, relax.Call) and len(value.args) > 1 and isinstance(value.args[1], relax.Tuple):
+            return list(value.args[1].fields)
+        return list(getattr(value, "args", []))
+
+    layer_constants = []  # (constants, layer) of every layer binding of `before`
+    for block in before["main"].body.blocks:
+        for binding in block.bindings:
+            info = layers.get(binding.var.name)
+            if info is not None:
+                layer_constants.append((constants(call_args(binding.value)), {**info, "var": binding.var.name}))
+
+    by_group = {}  # GlobalVar -> (layer, its binding's arguments in terms of the group's parameters)
     for gvar, func in grouped.functions.items():
         if not isinstance(func, relax.Function) or gvar.name_hint == "main":
             continue
         for block in func.body.blocks:
             for binding in block.bindings:
                 info = layers.get(binding.var.name)
-                if info is not None and gvar.name_hint not in table:
-                    table[gvar.name_hint] = {**info, "var": binding.var.name}
-    return table
+                if info is not None and gvar not in by_group:
+                    by_group[gvar] = ({**info, "var": binding.var.name}, func.params, call_args(binding.value))
+
+    position = 0  # index in layer_constants just after the previous call's layer
+
+    def own_layer(group, call) -> dict:
+        nonlocal position
+        info, params, args = group
+        bound = dict(zip(params, call.args))
+        wanted = constants([bound.get(a, a) for a in args])
+        if wanted:
+            found = [k for k, (consts, _) in enumerate(layer_constants)
+                     if len(consts) == len(wanted) and all(c.same_as(w) for c, w in zip(consts, wanted))]
+        else:
+            found = [next((k for k in range(position, len(layer_constants))
+                           if layer_constants[k][1]["op"] == info["op"]), None)]
+        if len(found) != 1 or found[0] is None:
+            return info
+        position = found[0] + 1
+        return layer_constants[found[0]][1]
+
+    table, calls = {}, {}
+    for block in grouped["main"].body.blocks:
+        for binding in block.bindings:
+            op = getattr(binding.value, "op", None)
+            if isinstance(op, relax.GlobalVar) and op in by_group:
+                calls[binding.var.name] = own_layer(by_group[op], binding.value)
+                table.setdefault(op.name_hint, by_group[op][0])
+    return table, calls
 
 
 def schedule_kernel(func):

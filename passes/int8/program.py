@@ -21,7 +21,7 @@ import numpy as np
 
 from distillc.errors import PassError
 
-from .lowering import KERNELS_ATTR
+from .lowering import CALLS_ATTR, KERNELS_ATTR
 from .qdq_to_int8 import LAYERS_ATTR, read_quant_attr
 
 INPUT, OUTPUT, CONST, ACTIVATION = "input", "output", "const", "activation"
@@ -145,6 +145,7 @@ def extract_program(mod, *, pass_name: str = "plan-memory") -> Program:
     prog = Program(quant=read_quant_attr(mod))
     layers = json.loads(str(mod.attrs[LAYERS_ATTR])) if LAYERS_ATTR in mod.attrs else {}
     kernels = json.loads(str(mod.attrs[KERNELS_ATTR])) if KERNELS_ATTR in mod.attrs else {}
+    calls = json.loads(str(mod.attrs[CALLS_ATTR])) if CALLS_ATTR in mod.attrs else {}
     ids: dict = {}
     shapes: dict = {}  # declared shape of every Relax var (views differ from their tensor)
 
@@ -187,7 +188,7 @@ def extract_program(mod, *, pass_name: str = "plan-memory") -> Program:
             arg_shapes = [shapes.get(a, None) if isinstance(a, relax.Var) else None for a in args.fields]
             out_id = add_tensor(binding.var.name, binding.var.ty, ACTIVATION)
             ids[binding.var] = out_id
-            info = kernels.get(gvar.name_hint) or layers.get(binding.var.name) or {}
+            info = calls.get(binding.var.name) or kernels.get(gvar.name_hint) or layers.get(binding.var.name) or {}
             step = Step(len(prog.steps), info.get("var", binding.var.name), gvar.name_hint,
                         arg_ids, out_id, info.get("op", "elementwise"), info.get("node", ""))
             step.arg_shapes = [s or prog.tensors[t].shape for s, t in zip(arg_shapes, arg_ids)]
