@@ -42,6 +42,9 @@ def test_random_convnets_cover_the_lowered_ops():
     assert {k[1] for k in convs} == {1, 3}
     assert {k[2] for k in convs} == {1, 2}
     assert any(k[3] for k in convs)
-    assert {"AvgPool2d", "AdaptiveAvgPool2d", "Linear", "ReLU6"} <= kinds
+    assert {"AvgPool2d", "MaxPool2d", "AdaptiveAvgPool2d", "Linear", "ReLU6"} <= kinds
+    pools = {(m.kernel_size, m.stride) for seed, _, _ in CASES for m in testing.random_convnet(seed)[0].modules()
+             if type(m).__name__ == "MaxPool2d"}
+    assert pools == {(2, 2), (3, 1)}
     assert any(getattr(block, "residual", False) for seed, _, _ in CASES
                for block in testing.random_convnet(seed)[0].modules())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 
@@ -63,3 +64,16 @@ def test_report_records_the_verdict_and_the_student_passes_through(folder):
     metrics = result.report["metrics"]["check.max78000"]
     assert metrics == {"accelerator_fits": True, "violations": [], "weight_bits": 8}
     assert result.artifact.arch == "ai8x-cnn"
+
+
+def test_the_accelerator_friendly_student_compiles_to_a_verified_bundle(folder):
+    """ai8x-cnn through the whole max78000 backend: its max pooling (which no other built-in
+    student has) is lowered exactly, on the host and on the emulated Cortex-M4."""
+    path = folder / "bundle.toml"
+    path.write_text(spec_text("require", student=AI8X))
+    result = compile_spec(path, progress=SilentProgress())
+    manifest = json.loads((result.final_path / "manifest.json").read_text())
+    assert any(layer["op"] == "max_pool" for layer in manifest["layers"])
+    metrics = result.report["metrics"]
+    assert metrics["verify.host"]["max_lsb"] <= 1
+    assert metrics["verify.qemu"]["max_lsb"] <= 1 and metrics["verify.qemu"]["machine"] == "mps2-an386"

@@ -221,7 +221,22 @@ def _schedule(sch, blocked: bool) -> None:
         for consumer in consumers:
             sch.reverse_compute_at(consumer, loops[n_spatial - 1])
         sch.decompose_reduction(block, loops[n_spatial])
-        _unroll_reduction(sch, loops[n_spatial:])
+        if not _selects(stmt):
+            _unroll_reduction(sch, loops[n_spatial:])
+
+
+def _selects(block) -> bool:
+    """Whether a reduction combines by max/min (a pooling), i.e. reads its accumulator twice.
+
+    TVM's C printer names a repeated subexpression once per scope (``uint8_t v_ = out[i];``) and
+    reuses that name; in an unrolled window every step is in one scope, so ``max(out[i], x)``
+    would keep reading the value ``out[i]`` had before the first step.  Such reductions stay
+    loops: each iteration is its own scope.  (A sum reads its accumulator once, inline.)
+    """
+    from tvm import tirx
+
+    body = block.body
+    return isinstance(body, tirx.BufferStore) and isinstance(body.value, (tirx.Max, tirx.Min))
 
 
 def _unroll_reduction(sch, reduction_loops) -> None:

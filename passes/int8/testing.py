@@ -171,8 +171,9 @@ def random_convnet(seed: int):
     """A small random conv net and its input shape ``(1, C, H, W)``.
 
     Built from the ops the backend lowers: conv k1/k3 with stride 1/2, depthwise conv,
-    BatchNorm (folded by Brevitas), ReLU/ReLU6, residual adds, average pooling, global average
-    pooling and a final linear layer; channels 4..24, input 8..20 px.
+    BatchNorm (folded by Brevitas), ReLU/ReLU6, residual adds, average pooling, max pooling
+    (2x2 stride 2, or 3x3 stride 1 padded), global average pooling and a final linear layer;
+    channels 4..24, input 8..20 px.
     """
     import torch
     from torch import nn
@@ -185,10 +186,16 @@ def random_convnet(seed: int):
     channels, spatial = rng.randint(4, 24), size
     specs.append(("conv", in_ch, channels, 3, 1, "relu"))
     for _ in range(rng.randint(2, 4)):
-        kind = rng.choice(["conv", "conv", "dw", "res", "pool"])
+        kind = rng.choice(["conv", "conv", "dw", "res", "pool", "maxpool"])
         if kind == "pool" and spatial >= 4:
             specs.append(("pool", channels, channels, 2, 2, ""))
             spatial //= 2
+        elif kind == "maxpool":
+            if spatial >= 4 and rng.random() < 0.5:
+                specs.append(("maxpool", channels, channels, 2, 2, ""))
+                spatial //= 2
+            else:  # 3x3, stride 1, padded: the map keeps its size
+                specs.append(("maxpool", channels, channels, 3, 1, ""))
         elif kind == "res":
             specs.append(("res", channels, channels, 3, 1, rng.choice(["relu", "relu6"])))
         elif kind == "dw":
@@ -236,6 +243,9 @@ def _SpecNet(specs, head_pool, channels, spatial, classes, nn, torch):
             self.residual = kind == "res"
             if kind == "pool":
                 self.body = nn.AvgPool2d(k, stride)
+                return
+            if kind == "maxpool":
+                self.body = nn.MaxPool2d(k, stride, padding=k // 2 if stride == 1 else 0)
                 return
             groups = cin if kind == "dw" else 1
             self.body = nn.Sequential(
