@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "distillc.passes.eval_zeroshot",
     "distillc.passes.quantize_brevitas",
     "distillc.passes.check_max78000",
+    "distillc.passes.export_izer",
     "distillc.passes.export_onnx",
     "distillc.passes.simplify_onnx",
     "distillc.passes.tvm_int8",

@@ -42,26 +42,29 @@ class Max78000Config(TargetConfig):
     flash_kb: int | None = Field(512, ge=1, description="flash available to the model (KiB)")
     ram_kb: int | None = Field(128, ge=1, description="RAM available to the model's arena (KiB)")
     accelerator: Literal["report", "require", "off"] = Field(
-        "report", description="check the student against the CNN accelerator's limits: 'report' lists the "
-                              "violations in the metrics, 'require' makes any violation an error")
+        "report", description="check the student against the CNN accelerator's limits and write izer's "
+                              "inputs into the bundle (izer/): 'report' lists the violations in the metrics, "
+                              "'require' makes any violation an error")
 
 
 class Max78000Target(Target):
     name = "max78000"
-    description = ("MAX78000's Cortex-M4F core (C bundle; CNN accelerator limits checked); "
-                   "verified on QEMU mps2-an386 (Cortex-M4)")
+    description = ("MAX78000's Cortex-M4F core (C bundle; CNN accelerator limits checked, izer inputs "
+                   "written); verified on QEMU mps2-an386 (Cortex-M4)")
     Config = Max78000Config
 
     def backend_passes(self, makes: type) -> list[tuple[str, dict[str, Any]]]:
         from distillc.artifacts import QuantTorchModel, TorchModel
 
-        check = []
-        # An ONNX student has no PyTorch architecture to check.
-        if self.config.accelerator != "off" and makes in (TorchModel, QuantTorchModel):
-            check.append(("check.max78000", {"mode": self.config.accelerator}))
+        check, izer = [], []
+        if self.config.accelerator != "off":
+            # An ONNX student has no PyTorch architecture to check; izer's inputs come from the ONNX model.
+            if makes in (TorchModel, QuantTorchModel):
+                check.append(("check.max78000", {"mode": self.config.accelerator}))
+            izer.append(("export.izer", {"mode": self.config.accelerator}))
         return check + int8_backend(makes, target=self.name, flash_kb=self.config.flash_kb,
                                     ram_kb=self.config.ram_kb,
-                                    verify=[("verify.host", {}), ("verify.qemu", {"machine": "mps2-an386"})])
+                                    verify=[("verify.host", {}), ("verify.qemu", {"machine": "mps2-an386"})]) + izer
 
 
 @hookimpl
