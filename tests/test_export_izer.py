@@ -104,3 +104,13 @@ def test_a_network_the_accelerator_cannot_run_is_reported_or_refused(tmp_path):
     with pytest.raises(TargetError) as caught:
         strict.run(artifact, ctx)
     assert len(caught.value.violations) == len(reasons)
+
+
+def test_processors_take_one_channel_each_and_wide_layers_run_in_passes():
+    """ai8x-synthesis README: 'the number of processors is an integer division of the channel
+    count, rounded up to the next multiple of 4... 52 processors are required for 100 channels'."""
+    assert export_izer.processors_for(3) == (0b111, 1)
+    assert export_izer.processors_for(64) == ((1 << 64) - 1, 1)
+    assert export_izer.processors_for(100) == ((1 << 52) - 1, 2)
+    assert export_izer.processors_for(120) == ((1 << 60) - 1, 2)
+    assert export_izer.processors_for(256) == ((1 << 64) - 1, 4)
