@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from distillc import hookimpl
+from distillc import distributed, hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
 from distillc.passes.distill_base import (Batch, DistillConfig, DistillationPass, Objective, teacher_targets,
@@ -114,12 +114,15 @@ class CaDsslObjective(Objective):
         out: dict[str, Any] = {"projector_params": count_params(self.heads["projector"]),
                                "adapter_params": count_params(self.heads["adapters"]),
                                "stages": list(self.stage_ids), "teacher_views": self.cfg.teacher_views}
-        # Loss terms of the last epoch this run trained (none when a resumed run had nothing left).
-        for sums in self.sums.values():
-            n = max(sums["images"], 1)
-            out["embed_loss"] = float(sums["embed_loss"]) / n
+        # Loss terms of the last epoch this run trained, over every rank's share (none when a resumed
+        # run had nothing left).
+        last = next(iter(self.sums.values()), {"images": 0, "embed_loss": 0.0, "feature_loss": 0.0})
+        images, embed, feature = distributed.sum_all(last["images"], float(last["embed_loss"]),
+                                                     float(last["feature_loss"]))
+        if images:
+            out["embed_loss"] = embed / images
             if self.uses_features:
-                out["feature_loss"] = float(sums["feature_loss"]) / n
+                out["feature_loss"] = feature / images
         return out
 
     # -- helpers ----------------------------------------------------------------------------------

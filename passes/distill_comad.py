@@ -42,7 +42,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from distillc import hookimpl
+from distillc import distributed, hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
 from distillc.passes.distill_base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
@@ -149,17 +149,23 @@ class ComadObjective(Objective):
             self._teacher_kept = [a + b for a, b in zip(self._teacher_kept, teacher_keep.float().sum((1, 2)).tolist())]
 
     def metrics(self) -> dict[str, Any]:
-        tokens, n = max(self._tokens, 1), len(self.teachers)
+        n = len(self.teachers)
+        # The last epoch's statistics over every rank's share of it.
+        totals = distributed.sum_all(self._tokens, *self._weight, *self._wins, self._entropy, self._student_kept,
+                                     *self._teacher_kept)
+        tokens = max(totals[0], 1.0)
+        weight, wins = totals[1:1 + n], totals[1 + n:1 + 2 * n]
+        entropy, student_kept, teacher_kept = totals[1 + 2 * n], totals[2 + 2 * n], totals[3 + 2 * n:]
         return {
             "grid": self.grid,
             "student_adapter": "student_adapter" in self.heads,
             "gate": {
-                "mean_weight": {t: w / tokens for t, w in zip(self.teachers, self._weight)},
-                "dominant_fraction": {t: w / tokens for t, w in zip(self.teachers, self._wins)},
-                "entropy": self._entropy / tokens if n > 1 else 0.0,
+                "mean_weight": {t: w / tokens for t, w in zip(self.teachers, weight)},
+                "dominant_fraction": {t: w / tokens for t, w in zip(self.teachers, wins)},
+                "entropy": entropy / tokens if n > 1 else 0.0,
             },
-            "student_keep_fraction": self._student_kept / tokens,
-            "teacher_keep_fraction": {t: k / tokens for t, k in zip(self.teachers, self._teacher_kept)},
+            "student_keep_fraction": student_kept / tokens,
+            "teacher_keep_fraction": {t: k / tokens for t, k in zip(self.teachers, teacher_kept)},
         }
 
 

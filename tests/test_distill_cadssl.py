@@ -79,6 +79,24 @@ def test_reports_finite_loss_terms_that_decrease(trained):
     assert metrics["stages"] == [1, 2]  # [-3, -2] of the student's four stages
 
 
+def test_loss_terms_cover_every_ranks_share(folder, monkeypatch):
+    """Under torchrun each rank sums its own share; the reported terms are over all of them.
+    Simulated here: a second rank whose share saw as many images at zero loss halves the means."""
+    from distillc import distributed
+
+    calls = []
+
+    def two_ranks(*values):
+        calls.append(values)
+        return values if len(values) != 3 else (values[0] * 2, *values[1:])
+
+    monkeypatch.setattr(distributed, "sum_all", two_ranks)
+    metrics = compile_(folder, "epochs = 1\nlr = 2e-3").report["metrics"]["distill.ca-dssl"]
+    images, embed, feature = next(values for values in reversed(calls) if len(values) == 3)
+    assert metrics["embed_loss"] == pytest.approx(embed / (2 * images))
+    assert metrics["feature_loss"] == pytest.approx(feature / (2 * images))
+
+
 def test_projector_size_is_the_one_the_spec_sets(trained):
     metrics, _ = trained
     linear_bn_relu_linear = (STUDENT_EMBED * PROJECTOR_HIDDEN + PROJECTOR_HIDDEN + 2 * PROJECTOR_HIDDEN

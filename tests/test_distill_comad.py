@@ -124,6 +124,20 @@ def test_vit_student_distils_from_two_teachers_and_reports_the_gate(folder):
     assert any(not torch.equal(before.state[k], after.state[k]) for k in before.state)
 
 
+def test_gate_statistics_cover_every_ranks_share(folder, monkeypatch):
+    """Under torchrun the gate statistics are summed over the ranks before they are averaged.
+    Simulated: a second rank that saw as many tokens but added nothing halves every fraction."""
+    from distillc import distributed
+
+    def two_ranks(*values):
+        return values if len(values) < 4 else (values[0] * 2, *values[1:])
+
+    monkeypatch.setattr(distributed, "sum_all", two_ranks)
+    metrics = compile_(folder, "vit-ranks", options="lr = 2e-3").report["metrics"]["distill.comad"]
+    assert sum(metrics["gate"]["mean_weight"].values()) == pytest.approx(0.5, abs=1e-4)
+    assert metrics["student_keep_fraction"] == pytest.approx(0.125)
+
+
 def test_cnn_student_distils_through_its_last_stage_map(folder):
     result = compile_(folder, "cnn", student=CNN_STUDENT, options="teacher_keep = [0.5, 0.75]\ngrid = 4")
     metrics = result.report["metrics"]["distill.comad"]
