@@ -118,6 +118,18 @@ class FloatValue:
 
 
 @dataclass
+class PendingConcat:
+    """A concat of dequantized tensors with different quantizations, waiting for the
+    QuantizeLinear after it: each part is requantized to that output on its own (as
+    onnxruntime's float concat followed by one quantize rounds each element once), then the
+    integer parts are concatenated."""
+
+    parts: list
+    axis: int
+    shape: tuple
+
+
+@dataclass
 class _Boundary:
     """Quantization of the bundle's int8 input and output (recorded in the module attrs)."""
 
@@ -504,6 +516,15 @@ def _h_quantize(rw: _Rewriter, var, call, args):
         data.scale, scale
     ):
         return data.q
+    if isinstance(data, PendingConcat):
+        ints = []
+        for part in data.parts:
+            if part.q.dtype == dtype and part.zero_point == zp and _same_scale(part.scale, scale):
+                ints.append(part.q.expr)
+            else:
+                ints.append(rw.requantize(rw.to_accum(part), scale, zp, dtype, var).expr)
+        out = rw.emit_layer(relax.op.concat(ints, axis=data.axis), var, "concat")
+        return IntTensor(out, dtype, _shape_of(var))
     if isinstance(data, FloatValue):
         out = rw.emit_layer(relax.op.quantize(data.expr, relax.const(np.float32(scale)),
                                               relax.const(zp, dtype), axis=-1, out_dtype=dtype),
@@ -807,7 +828,7 @@ def _h_concat(rw: _Rewriter, var, call, args):
     first = parts[0]
     if not all(p.q.dtype == first.q.dtype and p.zero_point == first.zero_point
                and _same_scale(p.scale, first.scale) for p in parts):
-        return None
+        return PendingConcat(parts, int(call.attrs.axis), _shape_of(var))  # the next quantize decides
     out = rw.emit_layer(relax.op.concat([p.q.expr for p in parts], axis=int(call.attrs.axis)),
                         var, "concat")
     return Dequant(IntTensor(out, first.q.dtype, _shape_of(var)), first.scale, first.zero_point)
@@ -839,7 +860,8 @@ _HANDLERS = {
 }
 
 SUPPORTED_OPS = ("Conv (incl. depthwise, strided)", "Gemm/MatMul", "Add", "Relu", "Clip",
-                 "AveragePool", "GlobalAveragePool", "MaxPool", "Reshape/Flatten", "Concat")
+                 "AveragePool", "GlobalAveragePool", "MaxPool", "Reshape/Flatten",
+                 "Concat (requantized by the QuantizeLinear after it)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,7 +875,7 @@ def _shape_of(var) -> tuple:
 
 
 def _is_tensor_value(value) -> bool:
-    return isinstance(value, (IntTensor, Dequant, Const, Accum, FloatInput, FloatValue))
+    return isinstance(value, (IntTensor, Dequant, Const, Accum, FloatInput, FloatValue, PendingConcat))
 
 
 def _same_scale(a: float, b: float) -> bool:

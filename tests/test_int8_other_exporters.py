@@ -1,0 +1,108 @@
+"""QDQ models from another exporter: onnxruntime's ``quantize_static``.
+
+Unlike Brevitas it quantizes activations asymmetrically (uint8 with zero points), gives each
+input of a Concat its own scale, and quantizes Sub and Mul.  The bundle must match onnxruntime
+on them, and the kernel-by-kernel check (passes/int8/layercheck.py) must be able to check every
+kernel, since verify relies on it when an end-to-end difference needs explaining.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from distillc.passes.int8 import compile_onnx_to_bundle, testing  # noqa: E402
+from distillc.passes.int8.layercheck import compare_kernels  # noqa: E402
+from distillc.targets.runner import trace_on_host  # noqa: E402
+
+
+class Concat(nn.Module):
+    """Two branches with their own quantization, concatenated, then a 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1), nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        return self.c(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
+
+
+class SubMul(nn.Module):
+    """The difference of two convs, halved: quantized Sub and Mul by a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return (self.a(x) - self.b(x)) * 0.5
+
+
+class Pools(nn.Module):
+    """Padded 3x3 max pooling with stride 2, then 3x3 average pooling counting the padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.max, self.avg = nn.MaxPool2d(3, 2, padding=1), nn.AvgPool2d(3, 1, padding=1)
+
+    def forward(self, x):
+        return self.avg(self.max(torch.relu(self.a(x))))
+
+
+def quantize_static(model, folder):
+    """Float ONNX export, then onnxruntime's static QDQ quantization (uint8 activations, zero
+    points, per-channel int8 weights) calibrated on 16 seeded images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize
+
+    torch.manual_seed(0)
+    net, x = model().eval(), torch.randn(16, 3, 8, 8)
+    torch.onnx.export(net, x[:1], str(folder / "float.onnx"), input_names=["x"], dynamo=False, opset_version=13)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"x": x[i:i + 1].numpy()} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    ort_quantize(str(folder / "float.onnx"), str(folder / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    return folder / "qdq.onnx"
+
+
+@pytest.mark.parametrize("model", [Concat, SubMul, Pools], ids=lambda m: m.__name__)
+def test_an_onnxruntime_quantized_model_compiles_exactly_and_every_kernel_is_checked(model, tmp_path):
+    onnx_path = quantize_static(model, tmp_path)
+    manifest = compile_onnx_to_bundle(onnx_path, tmp_path / "bundle", name=model.__name__.lower())
+    inputs = testing.quantized_inputs(manifest, 8, seed=0)
+    exe = testing.build_host_driver(tmp_path / "bundle", tmp_path / "build")
+    got = testing.bundle_outputs(exe, manifest, inputs, tmp_path / "build")
+    assert np.abs(got - testing.ort_reference(onnx_path, manifest, inputs)).max() <= 1
+
+    traces = trace_on_host(tmp_path / "bundle", inputs[:4], tmp_path / "trace")
+    report = compare_kernels(onnx_path, manifest, inputs[:4], traces)
+    assert report.ok, (report.errors, report.unchecked)
+    assert sorted(report.checked) == list(range(len(manifest["layers"]))) and report.compared > 0
+
+
+def test_a_wrong_weight_in_a_concat_branch_is_found(tmp_path):
+    """The concat's branches are checked together with it (their outputs are requantized to the
+    concat's scale inside their kernels); an error in one still fails the check."""
+    import re
+
+    onnx_path = quantize_static(Concat, tmp_path)
+    manifest = compile_onnx_to_bundle(onnx_path, tmp_path / "bundle", name="concat")
+    weights_c = tmp_path / "bundle" / "src" / "distillc_weights.c"
+    text = weights_c.read_text()
+    body = text.index("{", text.index("distillc_w0[")) + 1  # the first conv's weights
+    first = re.match(r"\s*(-?\d+)", text[body:])
+    value = int(first.group(1))
+    weights_c.write_text(text[:body] + text[body:].replace(first.group(1), str(value - 60 if value > 0 else value + 60), 1))
+    inputs = testing.quantized_inputs(manifest, 4, seed=0)
+    report = compare_kernels(onnx_path, manifest, inputs, trace_on_host(tmp_path / "bundle", inputs, tmp_path / "trace"))
+    assert not report.ok and report.errors
