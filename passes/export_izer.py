@@ -134,6 +134,7 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
         return net, ["the model's input is not quantized by a QuantizeLinear"]
     net.input_scale = float(_const_value(model, first_q.input[1]))
     scale_in = net.input_scale  # real value of one unit of the current layer's input data
+    previous = first_q.output[0]  # the quantized tensor the next layer must read
     convs = [n for n in graph.node if n.op_type == "Conv"]
     for index, conv in enumerate(convs):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
@@ -165,6 +166,9 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
             reasons.append(f"{where}: its input is not a dequantized tensor")
             continue
         quantized_in, s_in = found
+        if quantized_in != previous:
+            reasons.append(f"{where}: reads {quantized_in!r}, not the previous layer's output (branches, residual "
+                           f"adds and layers other than convolutions are not exported)")
         if zero_points.get(quantized_in, 0):
             reasons.append(f"{where}: input zero point {zero_points[quantized_in]} (symmetric quantization only)")
         # After the conv: an optional ReLU, then the output's QuantizeLinear (and a narrow-range Clip).
@@ -176,6 +180,9 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
             reasons.append(f"{where}: not followed by a requantization")
             continue
         quantized_out = after.output[0]
+        clip = only_user(quantized_out)
+        if clip is not None and clip.op_type == "Clip":  # narrow range: the clipped tensor is the output
+            quantized_out = clip.output[0]
         if zero_points.get(quantized_out, 0):
             reasons.append(f"{where}: output zero point {zero_points[quantized_out]} (symmetric quantization only)")
         s_out = _scale_of(model, quantized_out)
@@ -190,7 +197,7 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
         net.layers.append(IzerLayer(name=f"conv{index}", node=where, weight=w, bias=b, shift=shift,
                                     kernel=kernel[0], pad=pads[0], relu=relu, pool=pool,
                                     pool_size=pool_size, pool_stride=pool_stride))
-        scale_in = t_out
+        scale_in, previous = t_out, quantized_out
     net.output_scale = scale_in
     if not convs:
         reasons.append("the model has no convolution")

@@ -114,3 +114,11 @@ def test_processors_take_one_channel_each_and_wide_layers_run_in_passes():
     assert export_izer.processors_for(100) == ((1 << 52) - 1, 2)
     assert export_izer.processors_for(120) == ((1 << 60) - 1, 2)
     assert export_izer.processors_for(256) == ((1 << 64) - 1, 4)
+
+
+def test_a_residual_add_is_named_as_a_reason(tmp_path):
+    """The exporter writes a chain of convolutions only: a conv reading a residual sum is refused."""
+    seed = next(s for s in range(40) if any(getattr(b, "residual", False) for b in testing.random_convnet(s)[0].modules()))
+    onnx_path, _ = testing.random_bundle(seed, tmp_path)
+    _, reasons = convert(onnx_path)
+    assert any("not the previous layer's output" in r for r in reasons), reasons
