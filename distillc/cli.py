@@ -223,6 +223,13 @@ def inspect(bundle: Path = typer.Argument(..., help="A bundle directory (with ma
         out.print(table)
     if manifest.get("matryoshka_dims"):
         out.print(f"Matryoshka dims: {manifest['matryoshka_dims']}")
+    izer = manifest.get("izer")
+    if izer and izer.get("exported"):
+        out.print(f"MAX78000 accelerator (izer/): {izer['layers']} layers, {izer['weights_bytes']} weight bytes, "
+                  f"output shifts {izer['output_shifts']}, embedding cosine vs onnxruntime >= "
+                  f"{izer['embedding_cosine_min']:.4f}; files: {', '.join(izer['files'])}")
+    elif izer:
+        out.print(f"MAX78000 accelerator: not exported ({'; '.join(izer.get('reasons', []))})")
 
 
 @app.command("run")

@@ -92,6 +92,16 @@ def test_inspect_shows_manifest_tables(tmp_path):
     assert result.exit_code == 0
     for text in ("arena_floor_bytes", "12345", "conv0", "[1, 1, 8, 8]"):
         assert text in result.output
+    assert "MAX78000" not in result.output
+    manifest["izer"] = {"exported": True, "layers": 9, "weights_bytes": 94096, "output_shifts": [0, -1],
+                        "embedding_cosine_min": 0.995, "files": ["network.yaml"]}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["inspect", str(bundle)], env={"COLUMNS": "200"})
+    assert "MAX78000 accelerator (izer/): 9 layers, 94096 weight bytes" in result.output
+    manifest["izer"] = {"exported": False, "reasons": ["/c/Conv (Conv): groups=8"]}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["inspect", str(bundle)], env={"COLUMNS": "200"})
+    assert "not exported (/c/Conv (Conv): groups=8)" in result.output
     missing = runner.invoke(app, ["inspect", str(tmp_path)])
     assert missing.exit_code == 2 and "not a bundle" in missing.output
 
