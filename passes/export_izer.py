@@ -104,16 +104,13 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
     import numpy as np
     import onnx
 
-    from distillc.passes.int8.layercheck import _const_value, _scale_of, _zero_points
+    from distillc.passes.int8.onnx_graph import const_value, index, scale_of
+    from distillc.passes.int8.onnx_graph import zero_points as quantizer_zero_points
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    zero_points = _zero_points(model)
+    producer, consumers = index(graph)
+    zero_points = quantizer_zero_points(model)
     constant_values = _constant_tensor_values(model)
     reasons: list[str] = []
     net = IzerNetwork()
@@ -127,12 +124,12 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
         node = producer.get(name)
         if node is None or node.op_type != "DequantizeLinear":
             return None
-        return node.input[0], _scale_of(model, node.input[0])
+        return node.input[0], scale_of(model, node.input[0])
 
     first_q = next((n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == graph.input[0].name), None)
     if first_q is None:
         return net, ["the model's input is not quantized by a QuantizeLinear"]
-    net.input_scale = float(_const_value(model, first_q.input[1]))
+    net.input_scale = float(const_value(model, first_q.input[1]))
     scale_in = net.input_scale  # real value of one unit of the current layer's input data
     previous = first_q.output[0]  # the quantized tensor the next layer must read
     convs = [n for n in graph.node if n.op_type == "Conv"]
@@ -185,7 +182,7 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
             quantized_out = clip.output[0]
         if zero_points.get(quantized_out, 0):
             reasons.append(f"{where}: output zero point {zero_points[quantized_out]} (symmetric quantization only)")
-        s_out = _scale_of(model, quantized_out)
+        s_out = scale_of(model, quantized_out)
         t_in = scale_in
         t_out = 2.0 * s_out if _unsigned(model, quantized_out) else s_out  # 0..127 spans uint8's 0..255
         if abs(t_in - (2.0 * s_in if _unsigned(model, quantized_in) else s_in)) > 1e-6 * t_in:
@@ -258,10 +255,10 @@ def _unsigned(model: Any, name: str) -> bool:
     """Whether a quantized tensor is uint8 (how Brevitas exports a ReLU's output)."""
     import numpy as np
 
-    from distillc.passes.int8.layercheck import _const_value, _quantize_node
+    from distillc.passes.int8.onnx_graph import const_value, quantize_node
 
-    node = _quantize_node(model, name)
-    return len(node.input) > 2 and _const_value(model, node.input[2]).dtype == np.uint8
+    node = quantize_node(model, name)
+    return len(node.input) > 2 and const_value(model, node.input[2]).dtype == np.uint8
 
 
 def _constant_tensor_values(model: Any) -> dict[str, Any]:
@@ -269,11 +266,11 @@ def _constant_tensor_values(model: Any) -> dict[str, Any]:
     import onnx
 
     from distillc.passes.export_onnx import reference_session
-    from distillc.passes.int8.layercheck import _constant_tensors
+    from distillc.passes.int8.onnx_graph import constant_tensors, index
 
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    constant = _constant_tensors(graph, producer)
+    producer, _ = index(graph)
+    constant = constant_tensors(graph, producer)
     initializers = {i.name for i in graph.initializer}
     wanted = [t for node in graph.node if node.op_type == "Conv" for t in node.input[1:]
               if t and t in constant and t not in initializers]
@@ -465,11 +462,10 @@ def _reference_maps(onnx_path: Any, inputs: Any, manifest: dict) -> list:
 
     from distillc.passes.export_onnx import reference_session
 
+    from distillc.passes.int8.onnx_graph import index
+
     model = onnx.load(str(onnx_path))
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    _, consumers = index(model.graph)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     end = net_last_output(convs[-1], consumers)
     model.graph.output.append(onnx.helper.make_tensor_value_info(end, onnx.TensorProto.FLOAT, None))

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from . import onnx_graph
+
 #: How close (in output steps) onnxruntime's float32 value must be to a .5 tie for a one-step
 #: difference to count as float32 rounding.  float32 carries about 7 digits, so a layer value
 #: near 100 steps is off by about 1e-5 steps; 1e-3 leaves room for long sums.
@@ -91,12 +93,8 @@ def kernel_regions(model: Any, layers: list[dict]) -> dict[int, Region | str]:
     with the next region, in graph order, whose output has as many elements as the kernel's.
     """
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    constant = _constant_tensors(graph, producer)
+    producer, consumers = onnx_graph.index(graph)
+    constant = onnx_graph.constant_tensors(graph, producer)
 
     found: list[tuple] = []  # (start node, nodes, output, before quantize, inner roundings)
     absorbed: set[str] = set()
@@ -171,7 +169,7 @@ def kernel_regions(model: Any, layers: list[dict]) -> dict[int, Region | str]:
         start, nodes, output, before, inner = found[match]
         name = start.name
         position = max(position, match + 1)
-        if _requantized_by_concat(model, output, consumers, producer):
+        if _requantized_by_concat(model, output, consumers):
             # The kernel writes its output already requantized for the concat after it (a tensor the
             # graph does not have); the concat's check, fed from the tensors before, covers it.
             regions[index] = JOINT
@@ -204,24 +202,24 @@ def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.
     model = shape_inference.infer_shapes(onnx.load(str(onnx_path)))
     layers = manifest["layers"]
     regions = kernel_regions(model, layers)
-    types = _tensor_types(model)
+    types = onnx_graph.tensor_types(model)
     graph_input = model.graph.input[0].name
     # Which buffer holds each quantized ONNX tensor: the model's input, or a kernel's output.
     held_by: dict[str, int | str] = {}
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] == graph_input:
             held_by[node.output[0]] = "input"
-    producer = {out: node for node in model.graph.node for out in node.output}
-    constant = _constant_tensors(model.graph, producer)
+    producer, _ = onnx_graph.index(model.graph)
+    constant = onnx_graph.constant_tensors(model.graph, producer)
     report = KernelReport()
     extractor = Extractor(model)
-    zero_points = _zero_points(model)
+    zero_points = onnx_graph.zero_points(model)
     last = len(layers) - 1
     for index, region in regions.items():
         if isinstance(region, str):
             report.unchecked[index] = region
             continue
-        count = int(np.prod(_shape(model, region.output)))
+        count = int(np.prod(onnx_graph.shape(model, region.output)))
         if len(traces[0][index]) not in (count * types[region.output].itemsize, count * 2, count * 4) \
                 and index != last:
             # The kernel writes an intermediate the graph does not have (a term of a fused subtraction,
@@ -246,9 +244,9 @@ def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.
             region = Region(step=index, node=region.node, inputs=needed, output=region.output,
                             before_quantize=region.before_quantize, inner=region.inner)
         outputs = [region.output] + ([region.before_quantize] if region.before_quantize else [])
-        size = int(np.prod(_shape(model, region.output)))
+        size = int(np.prod(onnx_graph.shape(model, region.output)))
         # Element by element only: an inner tensor of another size (none in practice) is not flipped.
-        inner = [(q, f) for q, f in region.inner if int(np.prod(_shape(model, q))) == size]
+        inner = [(q, f) for q, f in region.inner if int(np.prod(onnx_graph.shape(model, q))) == size]
         for quantized, value in inner:
             outputs += [quantized, value]
         sub = extractor.extract_model(region.inputs, outputs)
@@ -260,13 +258,13 @@ def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.
         c_dtype, c_zp = types[region.output], out_zp
         if index == last:  # the model's output buffer has the manifest's type
             c_dtype, c_zp = np.dtype(manifest["output"]["dtype"]), int(manifest["output"]["zero_point"])
-        scale = _scale_of(model, region.output)
+        scale = onnx_graph.scale_of(model, region.output)
         worst, ties, errors = 0, 0, 0
         for example, trace in enumerate(traces):
             feeds = {}
             for name in region.inputs:
                 holder = held_by[name]
-                shape = _shape(model, name)
+                shape = onnx_graph.shape(model, name)
                 if holder == "input":  # the bundle's int8 input; the graph may quantize it to uint8
                     values = (inputs[example].astype(np.int64) - int(manifest["input"]["zero_point"])
                               + zero_points.get(name, 0))
@@ -293,7 +291,7 @@ def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.
                 for k, (quantized, _) in enumerate(inner):
                     # Round the inner tensor the other way where it sat on a tie; does onnxruntime then agree?
                     q_values, f_values = inner_values[2 * k], inner_values[2 * k + 1]
-                    flipped, tied = _round_other_way(q_values, f_values, _scale_of(model, quantized),
+                    flipped, tied = _round_other_way(q_values, f_values, onnx_graph.scale_of(model, quantized),
                                                      zero_points.get(quantized, 0))
                     if not tied.any():
                         continue
@@ -315,7 +313,7 @@ def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _requantized_by_concat(model: Any, output: str, consumers: dict, producer: dict) -> bool:
+def _requantized_by_concat(model: Any, output: str, consumers: dict) -> bool:
     """Whether ``output`` is dequantized into a Concat whose output is quantized differently."""
     users = consumers.get(output, [])
     if len(users) != 1 or users[0].op_type != "DequantizeLinear":
@@ -326,8 +324,8 @@ def _requantized_by_concat(model: Any, output: str, consumers: dict, producer: d
     quantize = consumers.get(after[0].output[0], [])
     if len(quantize) != 1 or quantize[0].op_type != "QuantizeLinear":
         return False
-    mine, theirs = _quantize_node(model, output), quantize[0]
-    same = [_const_value(model, a).tolist() == _const_value(model, b).tolist()
+    mine, theirs = onnx_graph.quantize_node(model, output), quantize[0]
+    same = [onnx_graph.const_value(model, a).tolist() == onnx_graph.const_value(model, b).tolist()
             for a, b in zip(mine.input[1:], theirs.input[1:])]
     return not (all(same) and len(mine.input) == len(theirs.input))
 
@@ -378,67 +376,3 @@ def _traced_inputs(inputs: list[str], held_by: dict, producer: dict, constant: s
         else:
             pending.extend(n for n in node.input if n and n not in constant)
     return out + [name for name in pending if name not in out]
-
-
-def _constant_tensors(graph: Any, producer: dict) -> set[str]:
-    """Names of tensors computed from initializers and Constant nodes alone (weights, scales)."""
-    constant = {init.name for init in graph.initializer}
-    for node in graph.node:  # nodes are topologically sorted
-        if node.op_type == "Constant" or (node.input and all(not n or n in constant for n in node.input)):
-            constant.update(node.output)
-    return constant
-
-
-def _tensor_types(model: Any) -> dict[str, np.dtype]:
-    from onnx import helper
-
-    types = {}
-    for info in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        elem = info.type.tensor_type.elem_type
-        if elem:
-            types[info.name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-    return types
-
-
-def _shape(model: Any, name: str) -> tuple[int, ...]:
-    for info in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if info.name == name:
-            return tuple(d.dim_value for d in info.type.tensor_type.shape.dim)
-    raise KeyError(name)
-
-
-def _quantize_node(model: Any, name: str) -> Any:
-    producer = {out: node for node in model.graph.node for out in node.output}
-    node = producer[name]
-    if node.op_type == "Clip":
-        node = producer[node.input[0]]
-    return node
-
-
-def _const_value(model: Any, name: str) -> np.ndarray:
-    from onnx import numpy_helper
-
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            return numpy_helper.to_array(node.attribute[0].t)
-    raise KeyError(name)
-
-
-def _scale_of(model: Any, name: str) -> float:
-    return float(_const_value(model, _quantize_node(model, name).input[1]))
-
-
-def _zero_points(model: Any) -> dict[str, int]:
-    out = {}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
-            zp = int(_const_value(model, node.input[2]))
-            out[node.output[0]] = zp
-    for node in model.graph.node:
-        if node.op_type == "Clip" and node.input[0] in out and producer.get(node.input[0]) is not None:
-            out[node.output[0]] = out[node.input[0]]
-    return out
