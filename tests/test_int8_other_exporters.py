@@ -1,7 +1,8 @@
 """QDQ models from another exporter: onnxruntime's ``quantize_static``.
 
 Unlike Brevitas it quantizes activations asymmetrically (uint8 with zero points), gives each
-input of a Concat its own scale, and quantizes Sub and Mul.  The bundle must match onnxruntime
+input of a Concat its own scale, quantizes Sub and Mul, and keeps a Linear after a permute as
+a MatMul on a 4-D tensor.  The bundle must match onnxruntime
 on them, and the kernel-by-kernel check (passes/int8/layercheck.py) must be able to check every
 kernel, since verify relies on it when an end-to-end difference needs explaining.
 """
@@ -53,6 +54,17 @@ class Pools(nn.Module):
         return self.avg(self.max(torch.relu(self.a(x))))
 
 
+class Channels(nn.Module):
+    """A Linear over the channels of every pixel (permute to NHWC, MatMul on a 4-D tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.a(x).permute(0, 2, 3, 1)).flatten(1)
+
+
 def quantize_static(model, folder):
     """Float ONNX export, then onnxruntime's static QDQ quantization (uint8 activations, zero
     points, per-channel int8 weights) calibrated on 16 seeded images."""
@@ -75,7 +87,7 @@ def quantize_static(model, folder):
     return folder / "qdq.onnx"
 
 
-@pytest.mark.parametrize("model", [Concat, SubMul, Pools], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("model", [Concat, SubMul, Pools, Channels], ids=lambda m: m.__name__)
 def test_an_onnxruntime_quantized_model_compiles_exactly_and_every_kernel_is_checked(model, tmp_path):
     onnx_path = quantize_static(model, tmp_path)
     manifest = compile_onnx_to_bundle(onnx_path, tmp_path / "bundle", name=model.__name__.lower())

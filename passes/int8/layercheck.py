@@ -143,8 +143,10 @@ def kernel_regions(model: Any, layers: list[dict]) -> dict[int, Region | str]:
                 int(np.prod(shapes.get(found[named][2], (-1,)))) == size(index):
             return named
         # By element count: a kernel may write (1, C, 1, 1) where the graph flattens to (1, C) first.
+        # An element-wise kernel (no node of its own) may only finish the region next in line.
         starts = _STARTS.get(layers[index].get("op", ""))
-        return next((k for k in range(position, len(found))
+        last = position + 1 if layers[index].get("op") == "elementwise" else len(found)
+        return next((k for k in range(position, min(last, len(found)))
                      if int(np.prod(shapes.get(found[k][2], (-1,)))) == size(index)
                      and (starts is None or found[k][0].op_type in starts)), None)
 

@@ -655,17 +655,18 @@ def _h_matmul(rw: _Rewriter, var, call, args):
     a, b = args
     if not isinstance(a, Dequant) or not isinstance(b, Const) or not b.quantized:
         return None
-    if len(a.q.shape) != 2 or b.value.ndim != 2:
+    if len(a.q.shape) < 2 or b.value.ndim != 2:
         return None
     w_scale = _per_axis(b.scale, 1)
     if w_scale is None:
         raise rw.error(f"matmul '{rw.current}': weight scales must be per output feature")
     w_int = b.q - b.zp
     w_dtype = "int8" if w_int.min() >= -128 and w_int.max() <= 127 else "int16"
+    # (..., K) @ (K, N): a Linear on the last axis of any rank (e.g. after a permute to NHWC)
     mm = rw.emit_layer(relax.op.matmul(rw.centered(a), relax.const(w_int.astype(w_dtype)),
                                        out_dtype="int32"), var, "dense",
                        macs=int(np.prod(_shape_of(var))) * int(w_int.shape[0]))
-    scale = (np.float64(np.float32(a.scale)) * w_scale).reshape(1, -1)
+    scale = (np.float64(np.float32(a.scale)) * w_scale).reshape((1,) * (len(a.q.shape) - 1) + (-1,))
     return Accum([Term(mm, scale)], _shape_of(var), kind="dense")
 
 
