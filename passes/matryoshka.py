@@ -36,7 +36,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from distillc import hookimpl
+from distillc import distributed, hookimpl
 from distillc.artifacts import TorchModel
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassContext, PassResult
@@ -81,6 +81,7 @@ class MatryoshkaPass(Pass):
     makes = TorchModel
     uses_data = True
     tools = ("torch",)
+    distributed = True  # under torchrun every rank trains its share of each batch (DDP)
     Config = MatryoshkaConfig
     #: Remove the targets' mean before training (off where the target space itself matters).
     center_targets: bool = True
@@ -232,8 +233,9 @@ class MatryoshkaObjective(Objective):
         self._seen += len(batch.idx)
 
     def dim_losses(self) -> dict[str, float]:
-        """The last epoch's mean loss per dimension (``{"16": ..., "32": ...}``)."""
-        return {str(d): s / max(self._seen, 1) for d, s in zip(self.dims, self._sums)}
+        """The last epoch's mean loss per dimension (``{"16": ..., "32": ...}``), over every rank's share."""
+        seen, *sums = distributed.sum_all(self._seen, *self._sums)
+        return {str(d): s / max(seen, 1) for d, s in zip(self.dims, sums)}
 
 
 def matryoshka_losses(h: Any, weight: Any, target: Any, dims: list[int]) -> Any:

@@ -8,7 +8,8 @@ test, so both distillations start from the same teacher and the same student:
 - ``teacher:vit`` is cached in both (the distillation's teacher);
 - ``teacher:aux`` (trained, unused) is retrained by both ranks together: teacher.train under DDP;
 - ``student`` (student.init) runs on rank 0 alone while rank 1 waits, then reads rank 0's entry;
-- ``distill.feature`` trains on both ranks, each on half of every global batch of 64.
+- ``distill.feature`` trains on both ranks, each on half of every global batch of 64;
+- ``matryoshka`` (head and backbone) likewise, after it.
 
 The student is the MCU ViT (LayerNorm, no BatchNorm) with a linear projector and no
 augmentation: then two processes compute exactly the one-process step, up to float rounding (DDP
@@ -67,6 +68,14 @@ batch_size = {batch_size}
 projector_hidden = 0
 augment = 0.0
 
+[[passes]]
+use = "matryoshka"
+teacher = "vit"
+dims = [32, 192]
+train_backbone = true
+epochs = 1
+batch_size = {batch_size}
+
 [target]
 use = "host"
 """
@@ -85,15 +94,16 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
 
     shutil.copytree(one, two)
     shutil.rmtree(two / "derived")  # the teacher's targets are computed again, split over the ranks
-    for step in ("teacher:aux", "student", "distill.feature"):
+    for step in ("teacher:aux", "student", "distill.feature", "matryoshka"):
         shutil.rmtree(_entry(two, step))
     _compile([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"], spec, two,
              tmp_path / "build-two")
 
     report = json.loads((tmp_path / "build-two" / "report.json").read_text())
     assert report["world_size"] == 2
-    assert {row["id"]: row["status"] for row in report["plan"][:4]} == {
-        "teacher:vit": "cached", "teacher:aux": "ran", "student": "ran", "distill.feature": "ran"}
+    assert {row["id"]: row["status"] for row in report["plan"][:5]} == {
+        "teacher:vit": "cached", "teacher:aux": "ran", "student": "ran", "distill.feature": "ran",
+        "matryoshka": "ran"}
     assert _record(one, "distill.feature")["world_size"] == 1
     assert _record(two, "distill.feature")["world_size"] == 2
     assert _record(two, "teacher:aux")["world_size"] == 2
@@ -112,6 +122,15 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
     plain, shared = _embed(one, x), _embed(two, x)
     assert (plain - shared).abs().max() < EMBEDDING_TOLERANCE
 
+    # The Matryoshka head (and the backbone under it) trained on both ranks too.
+    assert _record(two, "matryoshka")["world_size"] == 2
+    head_plain, head_shared = _embed(one, x, step="matryoshka"), _embed(two, x, step="matryoshka")
+    assert head_plain.shape[1] == 192 and (head_plain - head_shared).abs().max() < EMBEDDING_TOLERANCE
+    one_losses = _record(one, "matryoshka")["metrics"]["loss_per_dim"]
+    two_losses = _record(two, "matryoshka")["metrics"]["loss_per_dim"]
+    assert one_losses.keys() == two_losses.keys() == {"32", "192"}
+    assert all(abs(one_losses[d] - two_losses[d]) < 1e-5 for d in one_losses)  # over both ranks' shares
+
     # The comparison can fail: half the batch (what a per-rank batch_size would mean) moves the
     # embeddings far outside the tolerance.
     spec.write_text(SPEC.format(batch_size=32))
@@ -124,7 +143,7 @@ def _compile(launcher: list[str], spec: Path, cache: Path, workdir: Path) -> Non
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env.update(DISTILLC_CACHE=str(cache), OMP_NUM_THREADS="1", DISTILLC_DEVICE="cpu")
     command = (launcher or [sys.executable]) + ["-m", "distillc.cli", "compile", str(spec), "--until",
-                                                "distill.feature", "--workdir", str(workdir)]
+                                                "matryoshka", "--workdir", str(workdir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -143,6 +162,6 @@ def _entry(cache: Path, step_id: str) -> Path:
     return ArtifactStore(cache).entry(_record(cache, step_id)["key"])
 
 
-def _embed(cache: Path, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    key = _record(cache, "distill.feature", batch_size=batch_size)["key"]
+def _embed(cache: Path, x: torch.Tensor, batch_size: int = 64, step: str = "distill.feature") -> torch.Tensor:
+    key = _record(cache, step, batch_size=batch_size)["key"]
     return embed_all(ArtifactStore(cache).load(key).build(load_plugins()), x)
