@@ -44,6 +44,16 @@ def main() -> None:
         for name, top1 in probe.get("teachers", {}).items():
             print(f"teacher {name} linear-probe top-1: {top1:.3f}")
         print(f"student parameters: {probe.get('params')}")
+    metrics = first.report["metrics"]
+    for step, keys in (("teacher:vit", ("supervised_val_top1",)),
+                       ("quantize.brevitas-qat", ("fp32", "int8", "objective")),
+                       ("codegen.c", ("arena_bytes", "arena_floor_bytes", "weights_bytes")),
+                       ("verify.host", ("max_lsb", "exact_fraction", "kernels")),
+                       ("verify.qemu", ("max_lsb", "instructions_per_inference", "model_flash_bytes",
+                                        "program_flash_bytes"))):
+        shown = {k: metrics[step][k] for k in keys if k in metrics.get(step, {})}
+        if shown:
+            print(f"{step}: {shown}")
 
 
 if __name__ == "__main__":
