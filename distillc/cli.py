@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -59,6 +60,9 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        columns = os.environ.get("COLUMNS", "")
+        if columns.isdigit():  # the width asked for now (rich reads COLUMNS once, at import)
+            out.width = err.width = int(columns)
         try:
             return command(*args, **kwargs)
         except typer.Exit:
