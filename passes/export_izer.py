@@ -88,6 +88,7 @@ class IzerNetwork:
     layers: list[IzerLayer] = field(default_factory=list)
     input_scale: float = 1.0  # real value of one unit of the input data
     output_scale: float = 1.0  # real value of one unit of the last layer's output data
+    output_tensor: str = ""  # the ONNX tensor (dequantized) the last layer's output stands for
     cpu_tail: list[str] = field(default_factory=list)  # ONNX ops left to the Cortex-M4F
 
 
@@ -199,8 +200,8 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
     if not convs:
         reasons.append("the model has no convolution")
     else:
-        last = consumers.get(net_last_output(convs[-1], consumers), [])
-        tail = _tail_ops(last, consumers)
+        net.output_tensor = _layer_end(convs[-1], consumers)
+        tail = _tail_ops(consumers.get(net.output_tensor, []), consumers)
         allowed = {"GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "QuantizeLinear", "DequantizeLinear", "Clip"}
         net.cpu_tail = [op for op in tail if op not in ("QuantizeLinear", "DequantizeLinear", "Clip")]
         reasons += [f"{op} after the last convolution (the CPU side takes only a global average pool)"
@@ -228,8 +229,8 @@ def quantize_layer(weight: Any, bias: Any, t_in: float, t_out: float) -> tuple[A
             np.clip(np.floor(b_real / 2.0**shift + 0.5), -128, 127).astype(np.int64), shift)
 
 
-def net_last_output(conv: Any, consumers: dict) -> str:
-    """The quantized (or dequantized) tensor that ends the last conv's layer."""
+def _layer_end(conv: Any, consumers: dict) -> str:
+    """The tensor that ends a conv's layer: after its ReLU, quantizer, clip and dequantizer."""
     name = conv.output[0]
     while True:
         users = consumers.get(name, [])
@@ -417,7 +418,7 @@ class ExportIzer(Pass):
 
         # Check the conversion: izer's arithmetic against onnxruntime, embedding by embedding.
         inputs = quantize_inputs(ctx.data.val_x[: self.config.images].numpy(), manifest["input"])
-        reference = _reference_maps(artifact.reference, inputs, manifest)
+        reference = _reference_maps(artifact.reference, net, inputs, manifest)
         cosines, worst = [], 0.0
         for image, expected in zip(inputs, reference):
             got = simulate(net, image.astype(np.int64)).astype(np.float64) * net.output_scale
@@ -455,19 +456,15 @@ class ExportIzer(Pass):
         return sorted(["network.yaml", checkpoint, sample_name, "README.md"])
 
 
-def _reference_maps(onnx_path: Any, inputs: Any, manifest: dict) -> list:
-    """onnxruntime's dequantized output of the last convolution's layer (before the CPU tail)."""
+def _reference_maps(onnx_path: Any, net: IzerNetwork, inputs: Any, manifest: dict) -> list:
+    """onnxruntime's dequantized output of ``net``'s last layer (before the CPU tail), per input."""
     import numpy as np
     import onnx
 
     from distillc.passes.export_onnx import reference_session
 
-    from distillc.passes.int8.onnx_graph import index
-
     model = onnx.load(str(onnx_path))
-    _, consumers = index(model.graph)
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    end = net_last_output(convs[-1], consumers)
+    end = net.output_tensor
     model.graph.output.append(onnx.helper.make_tensor_value_info(end, onnx.TensorProto.FLOAT, None))
     session = reference_session(model.SerializeToString())
     name = session.get_inputs()[0].name

@@ -66,7 +66,7 @@ def test_a_convertible_model_matches_onnxruntime_and_a_wrong_shift_does_not(tmp_
     assert reasons == [] and len(net.layers) == 2 and not any(layer.relu or layer.pool for layer in net.layers)
     manifest = compile_onnx_to_bundle(onnx_path, tmp_path / "bundle", name="net")
     inputs = testing.quantized_inputs(manifest, 4, seed=0)
-    reference = export_izer._reference_maps(onnx_path, inputs, manifest)
+    reference = export_izer._reference_maps(onnx_path, net, inputs, manifest)
 
     def worst_steps(network):
         return max(np.abs(simulate(network, x.astype(np.int64)) * network.output_scale - want).max()
