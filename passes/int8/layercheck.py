@@ -246,16 +246,13 @@ def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.
             region = Region(step=index, node=region.node, inputs=needed, output=region.output,
                             before_quantize=region.before_quantize, inner=region.inner)
         outputs = [region.output] + ([region.before_quantize] if region.before_quantize else [])
-        size = int(np.prod(onnx_graph.shape(model, region.output)))
         # Element by element only: an inner tensor of another size (none in practice) is not flipped.
-        inner = [(q, f) for q, f in region.inner if int(np.prod(onnx_graph.shape(model, q))) == size]
+        inner = [(q, f) for q, f in region.inner if int(np.prod(onnx_graph.shape(model, q))) == count]
         for quantized, value in inner:
             outputs += [quantized, value]
         sub = extractor.extract_model(region.inputs, outputs)
         session = reference_session(sub.SerializeToString())
-        # For each inner rounding: the rest of the region from that quantized tensor on.
-        tails = [reference_session(extractor.extract_model([quantized] + region.inputs, [region.output]).SerializeToString())
-                 for quantized, _ in inner]
+        tails: dict[int, Any] = {}  # inner rounding -> the rest of the region from it on (built when needed)
         out_zp = zero_points.get(region.output, 0)
         c_dtype, c_zp = types[region.output], out_zp
         if index == last:  # the model's output buffer has the manifest's type
@@ -297,6 +294,9 @@ def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.
                                                      zero_points.get(quantized, 0))
                     if not tied.any():
                         continue
+                    if k not in tails:
+                        tail = extractor.extract_model([quantized] + region.inputs, [region.output])
+                        tails[k] = reference_session(tail.SerializeToString())
                     tail_feeds = dict(feeds, **{quantized: flipped})
                     alternative = tails[k].run(None, tail_feeds)[0].reshape(-1).astype(np.int64) - out_zp
                     tie_ok |= tied.reshape(-1)[off] & (alternative[off] == got[off])
