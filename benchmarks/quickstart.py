@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/quickstart.py [--spec examples/quickstart/spec.toml]
 
+Any example runs the same way, e.g. ``--spec examples/max78000/spec.toml`` (which adds the
+accelerator export's figures).
+
 Uses a fresh temporary work directory and cache, so it never touches your own build.
 """
 
@@ -50,7 +53,8 @@ def main() -> None:
                        ("codegen.c", ("arena_bytes", "arena_floor_bytes", "weights_bytes")),
                        ("verify.host", ("max_lsb", "exact_fraction", "kernels")),
                        ("verify.qemu", ("max_lsb", "instructions_per_inference", "model_flash_bytes",
-                                        "program_flash_bytes"))):
+                                        "program_flash_bytes")),
+                       ("export.izer", ("exported", "layers", "embedding_cosine_min", "embedding_cosine_mean"))):
         shown = {k: metrics[step][k] for k in keys if k in metrics.get(step, {})}
         if shown:
             print(f"{step}: {shown}")
