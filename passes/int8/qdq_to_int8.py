@@ -126,7 +126,6 @@ class PendingConcat:
 
     parts: list
     axis: int
-    shape: tuple
 
 
 @dataclass
@@ -512,14 +511,12 @@ def _h_quantize(rw: _Rewriter, var, call, args):
         return _quantize_const(data, scale_c, zp_c, call)
     if dtype not in ("int8", "uint8"):
         raise rw.error(f"QuantizeLinear '{rw.current}' to {dtype} is not supported")
-    if isinstance(data, Dequant) and data.q.dtype == dtype and data.zero_point == zp and _same_scale(
-        data.scale, scale
-    ):
+    if isinstance(data, Dequant) and _quantized_as(data, dtype, zp, scale):
         return data.q
     if isinstance(data, PendingConcat):
         ints = []
         for part in data.parts:
-            if part.q.dtype == dtype and part.zero_point == zp and _same_scale(part.scale, scale):
+            if _quantized_as(part, dtype, zp, scale):
                 ints.append(part.q.expr)
             else:
                 ints.append(rw.requantize(rw.to_accum(part), scale, zp, dtype, var).expr)
@@ -827,9 +824,8 @@ def _h_concat(rw: _Rewriter, var, call, args):
     if not parts or not all(isinstance(p, Dequant) for p in parts):
         return None
     first = parts[0]
-    if not all(p.q.dtype == first.q.dtype and p.zero_point == first.zero_point
-               and _same_scale(p.scale, first.scale) for p in parts):
-        return PendingConcat(parts, int(call.attrs.axis), _shape_of(var))  # the next quantize decides
+    if not all(_quantized_as(p, first.q.dtype, first.zero_point, first.scale) for p in parts):
+        return PendingConcat(parts, int(call.attrs.axis))  # the next quantize decides
     out = rw.emit_layer(relax.op.concat([p.q.expr for p in parts], axis=int(call.attrs.axis)),
                         var, "concat")
     return Dequant(IntTensor(out, first.q.dtype, _shape_of(var)), first.scale, first.zero_point)
@@ -877,6 +873,11 @@ def _shape_of(var) -> tuple:
 
 def _is_tensor_value(value) -> bool:
     return isinstance(value, (IntTensor, Dequant, Const, Accum, FloatInput, FloatValue, PendingConcat))
+
+
+def _quantized_as(value: Dequant, dtype: str, zero_point: int, scale: float) -> bool:
+    """Whether ``value`` already is ``dtype`` with this zero point and scale (no requantization)."""
+    return value.q.dtype == dtype and value.zero_point == zero_point and _same_scale(value.scale, scale)
 
 
 def _same_scale(a: float, b: float) -> bool:
