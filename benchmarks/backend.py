@@ -30,9 +30,9 @@ def main() -> None:
     import onnxsim
     import torch
 
-    from distillc.passes.int8 import import_onnx, lower_int8, plan_memory
-    from distillc.passes.int8.brevitas import export_qcdq, quantize
-    from distillc.passes.int8.codegen import build_program, emit_c
+    from distillc.passes.backend import import_onnx, lower_int8, plan_memory
+    from distillc.passes.quantize.brevitas_model import export_qcdq, quantize
+    from distillc.passes.backend.codegen import build_program, emit_c
     from distillc.plugins.models.mobilenetv2 import MobileNetV2
     from distillc.targets.bundle_files import write_bundle_build_files
     from distillc.targets.runner import run_on_qemu

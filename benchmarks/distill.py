@@ -190,9 +190,9 @@ def naive_cadssl(teacher, student, cfg, device, image_shape):
     import torch.nn.functional as F
     from torch import nn
 
-    from distillc.passes.distill_cadssl import (augment_with_coordinates, curriculum, embedding_loss,
+    from distillc.passes.distill.cadssl import (augment_with_coordinates, curriculum, embedding_loss,
                                                 feature_map_loss, pools_last_stage)
-    from distillc.passes.distill_feature import projection_head
+    from distillc.passes.distill.feature import projection_head
     from distillc.plugins.augment import Augment
 
     count = len(student.stage_channels)
@@ -226,9 +226,9 @@ def naive_bootleg(teacher, student, cfg, device, image_shape):
     """One Bootleg step: the teacher's hidden states of the batch, then the pass's own loss functions."""
     from torch import nn
 
-    from distillc.passes.distill_bootleg import (TARGET_PARTS, hidden_summaries, layer_losses, mask_input,
+    from distillc.passes.distill.bootleg import (TARGET_PARTS, hidden_summaries, layer_losses, mask_input,
                                                  normalise_targets)
-    from distillc.passes.distill_feature import projection_head
+    from distillc.passes.distill.feature import projection_head
 
     blocks = [b % teacher.num_blocks for b in cfg.blocks]
     parts = TARGET_PARTS[cfg.target]

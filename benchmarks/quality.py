@@ -145,8 +145,8 @@ def random_init_spec(source: Path) -> str:
 def few_shot_probe(model: Any, data: Any) -> float:
     """The linear probe of ``eval.linear-probe``, fitted on ``FEW_SHOT`` labelled images per class, averaged
     over ``FEW_SHOT_DRAWS`` seeded draws (the same seeded choice ``matryoshka`` uses for its ``shots``)."""
-    from distillc.passes.eval_probe import linear_probe_top1
-    from distillc.passes.matryoshka import few_shot_indices
+    from distillc.passes.eval.probe import linear_probe_top1
+    from distillc.passes.distill.matryoshka import few_shot_indices
 
     scores = []
     for seed in range(FEW_SHOT_DRAWS):

@@ -132,7 +132,7 @@ class QuantTorchModel(TorchModel):
     def build(self, plugins: "Plugins") -> "torch.nn.Module":
         import torch
 
-        from distillc.passes.int8.brevitas import quantize
+        from distillc.passes.quantize.brevitas_model import quantize
 
         float_model = self.fresh_module(plugins).eval()
         shape = (0, self.options.get("in_chans", 3), self.options["image_size"], self.options["image_size"])
@@ -199,7 +199,7 @@ class Int8Program(Artifact):
     meta: dict[str, Any] = field(default_factory=dict)
 
     def program(self) -> Any:
-        from distillc.passes.int8.program import Program
+        from distillc.passes.backend.program import Program
 
         return Program.load(self.path)
 

@@ -250,7 +250,7 @@ def run_bundle(
 
     import numpy as np
 
-    from distillc.passes.codegen_c import quantize_inputs
+    from distillc.passes.backend.codegen_c import quantize_inputs
     from distillc.targets.runner import run_on_host, run_on_qemu
 
     manifest_path = bundle / "manifest.json"

@@ -38,7 +38,7 @@ def vit_mcu(image_size: int, in_chans: int = 3, patch_size: int = 4, dim: int = 
 def ai8x_cnn(image_size: int, in_chans: int = 3, width: int = 24, embed_dim: int = 128, convs_per_stage: int = 2,
              pool: Literal["max", "avg"] = "max") -> Any:
     """A MAX78000-friendly CNN: 3x3/1x1 convs, stride 1, pooling to downsample, no depthwise (about 215K weights)."""
-    from distillc.plugins.models.ai8x_cnn import Ai8xCNN
+    from distillc.passes.max78000.ai8x import Ai8xCNN
 
     return Ai8xCNN(image_size=image_size, in_chans=in_chans, width=width, embed_dim=embed_dim,
                    convs_per_stage=convs_per_stage, pool=pool)

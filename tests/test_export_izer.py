@@ -1,4 +1,4 @@
-"""export.izer (passes/export_izer.py): the MAX78000 accelerator's arithmetic, the conversion from
+"""export.izer (passes/max78000/izer.py): the MAX78000 accelerator's arithmetic, the conversion from
 QCDQ ONNX to izer's integers, and what the pass does with a network the accelerator cannot run.
 
 The whole pass on an ai8x-cnn student is in tests/test_max78000_target.py."""
@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch")
 
 from distillc.artifacts import Bundle  # noqa: E402
 from distillc.errors import TargetError  # noqa: E402
-from distillc.passes import export_izer  # noqa: E402
-from distillc.passes.codegen_c import write_manifest  # noqa: E402
-from distillc.passes.export_izer import IzerLayer, IzerNetwork, convert, quantize_layer, simulate  # noqa: E402
-from distillc.passes.int8 import compile_onnx_to_bundle, testing  # noqa: E402
+from distillc.passes.max78000 import izer as export_izer  # noqa: E402
+from distillc.passes.backend.codegen_c import write_manifest  # noqa: E402
+from distillc.passes.max78000.izer import IzerLayer, IzerNetwork, convert, quantize_layer, simulate  # noqa: E402
+from distillc.passes.backend import compile_onnx_to_bundle, testing  # noqa: E402
 
 
 def one_layer(weight, bias=0, shift=0, relu=False, pool=None, size=0, stride=0):

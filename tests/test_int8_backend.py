@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from distillc.errors import PassError  # noqa: E402
-from distillc.passes.int8 import (  # noqa: E402
+from distillc.passes.backend import (  # noqa: E402
     build_program,
     compile_onnx_to_bundle,
     emit_c,
@@ -23,9 +23,9 @@ from distillc.passes.int8 import (  # noqa: E402
     plan_memory,
     quantize,
 )
-from distillc.passes.int8 import testing  # noqa: E402
-from distillc.passes.int8.memory import MemoryPlan, arena_floor, check_plan  # noqa: E402
-from distillc.passes.int8.requant import (  # noqa: E402
+from distillc.passes.backend import testing  # noqa: E402
+from distillc.passes.backend.memory import MemoryPlan, arena_floor, check_plan  # noqa: E402
+from distillc.passes.backend.requant import (  # noqa: E402
     choose_shift,
     fixed_point,
     requantize_reference,

@@ -1,4 +1,4 @@
-"""Kernel-by-kernel comparison with onnxruntime (passes/int8/layercheck.py) and how verify uses it.
+"""Kernel-by-kernel comparison with onnxruntime (passes/verify/layercheck.py) and how verify uses it.
 
 Every kernel of a bundle, fed the inputs the bundle's own trace shows it, must match onnxruntime
 on the same part of the ONNX graph; a corrupted kernel must be named.
@@ -14,8 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from distillc.passes.int8 import testing  # noqa: E402
-from distillc.passes.int8.layercheck import compare_kernels  # noqa: E402
+from distillc.passes.backend import testing  # noqa: E402
+from distillc.passes.verify.layercheck import compare_kernels  # noqa: E402
 from distillc.targets.runner import run_on_host, trace_on_host  # noqa: E402
 
 
@@ -81,8 +81,8 @@ def test_real_float32_ties_are_explained_and_a_wrong_weight_is_not(residual, tmp
     import onnx
     from onnx import TensorProto, helper
 
-    from distillc.passes.export_onnx import reference_session
-    from distillc.passes.int8 import compile_onnx_to_bundle
+    from distillc.passes.export.to_onnx import reference_session
+    from distillc.passes.backend import compile_onnx_to_bundle
 
     onnx_path = testing.tie_net(tmp_path / "ties.onnx", residual=residual)
     manifest = compile_onnx_to_bundle(onnx_path, tmp_path / "bundle", name="ties")
@@ -120,7 +120,7 @@ def test_verify_fails_an_end_to_end_difference_that_no_tie_explains(write_spec, 
     """An end-to-end difference (here: a reference moved by 3 steps) sends verify.host kernel by
     kernel; with every kernel exact, nothing explains it and the compile fails."""
     from distillc.errors import PassError
-    from distillc.passes import verify
+    from distillc.passes.verify import host_qemu as verify
     from distillc.pipeline import compile_spec
     from distillc.plugin_manager import load_plugins
     from distillc.progress import SilentProgress

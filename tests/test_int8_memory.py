@@ -7,8 +7,8 @@ import random
 import pytest
 
 from distillc.errors import PassError
-from distillc.passes.int8.memory import MemoryPlan, arena_floor, check_plan, plan_memory
-from distillc.passes.int8.program import ACTIVATION, INPUT, OUTPUT, Program, Step, Tensor
+from distillc.passes.backend.memory import MemoryPlan, arena_floor, check_plan, plan_memory
+from distillc.passes.backend.program import ACTIVATION, INPUT, OUTPUT, Program, Step, Tensor
 
 
 def _program(sizes: list[int], steps: list[tuple[list[int], int]], dtypes=None) -> Program:

@@ -3,7 +3,7 @@
 Unlike Brevitas it quantizes activations asymmetrically (uint8 with zero points), gives each
 input of a Concat its own scale, quantizes Sub and Mul, and keeps a Linear after a permute as
 a MatMul on a 4-D tensor.  The bundle must match onnxruntime
-on them, and the kernel-by-kernel check (passes/int8/layercheck.py) must be able to check every
+on them, and the kernel-by-kernel check (passes/verify/layercheck.py) must be able to check every
 kernel, since verify relies on it when an end-to-end difference needs explaining.
 """
 
@@ -15,8 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from distillc.passes.int8 import compile_onnx_to_bundle, testing  # noqa: E402
-from distillc.passes.int8.layercheck import compare_kernels  # noqa: E402
+from distillc.passes.backend import compile_onnx_to_bundle, testing  # noqa: E402
+from distillc.passes.verify.layercheck import compare_kernels  # noqa: E402
 from distillc.targets.runner import trace_on_host  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from distillc.passes.int8 import testing  # noqa: E402
+from distillc.passes.backend import testing  # noqa: E402
 
 
 # (seed, weight_bits, act_bits): mostly 8-bit, plus narrow-range cases (Clip between Q and DQ)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from distillc.errors import PassError, SpecError
-from distillc.passes.int8 import testing
-from distillc.passes.matryoshka import ClassEmbeddings, write_class_embeddings_c
+from distillc.passes.backend import testing
+from distillc.passes.distill.matryoshka import ClassEmbeddings, write_class_embeddings_c
 from distillc.pipeline import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress

@@ -17,7 +17,7 @@ from distillc.plugin_manager import BUILTIN_PLUGINS, load_plugins
 from distillc.progress import SilentProgress
 from distillc.artifacts import TorchModel
 from distillc.pass_api import Pass
-from distillc.passes.eval_probe import LinearProbe
+from distillc.passes.eval.probe import LinearProbe
 from distillc.registry import Registry, check_pass
 from distillc.target_api import Target, TargetConfig
 from tests.conftest import tiny_spec_text
@@ -46,7 +46,7 @@ def test_builtins_register_through_the_same_hooks_as_third_parties():
     for module in BUILTIN_PLUGINS:
         assert module in registered
     origins = {entry.name: entry.plugin for entry in plugins.passes}
-    assert origins["distill.feature"] == "distillc.passes.distill_feature"
+    assert origins["distill.feature"] == "distillc.passes.distill.feature"
     assert origins["teacher.train"] == "distillc.passes.sources"
     assert {e.name for e in plugins.targets} >= {"host", "stm32h7", "max78000"}
 
@@ -61,13 +61,13 @@ class _Duplicate:
 
     @distillc.hookimpl
     def distillc_register_passes(self, registry):
-        from distillc.passes.eval_probe import LinearProbe
+        from distillc.passes.eval.probe import LinearProbe
 
         registry.add(LinearProbe)
 
 
 def test_a_plugin_reusing_a_builtin_name_is_refused():
-    with pytest.raises(PluginError, match="'dup-plugin' registered pass 'eval.linear-probe'.*distillc.passes.eval_probe"):
+    with pytest.raises(PluginError, match="'dup-plugin' registered pass 'eval.linear-probe'.*distillc.passes.eval.probe"):
         load_plugins([_Duplicate()])
 
 

@@ -70,8 +70,8 @@ def test_export_check_counts_output_steps_for_a_quantized_model(tmp_path):
     import pytest
 
     from distillc.errors import PassError
-    from distillc.passes.export_onnx import check_with_onnxruntime, output_scale, reference_session
-    from distillc.passes.int8 import testing
+    from distillc.passes.export.to_onnx import check_with_onnxruntime, output_scale, reference_session
+    from distillc.passes.backend import testing
 
     onnx_path, manifest = testing.random_bundle(0, tmp_path)
     step = output_scale(onnx_path)

@@ -129,8 +129,8 @@ def test_qat_moves_the_quantized_weights_and_lowers_the_objectives_loss(folder):
 
 
 def test_quant_student_stages_are_what_the_next_quantized_layer_reads():
-    from distillc.passes.int8.brevitas import QuantStudent, quantize, stage_modules
-    from distillc.passes.int8.testing import randomize_batchnorm
+    from distillc.passes.quantize.brevitas_model import QuantStudent, quantize, stage_modules
+    from distillc.passes.backend.testing import randomize_batchnorm
     from distillc.plugins.models.mobilenetv2 import MobileNetV2
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch.nn as nn
 from distillc.errors import SpecError
 from distillc.plugin_manager import load_plugins
 from distillc.plugins.models import count_conv_weights
-from distillc.plugins.models.ai8x_cnn import Ai8xCNN, max78000_violations
+from distillc.passes.max78000.ai8x import Ai8xCNN, max78000_violations
 from distillc.plugins.models.mobilenetv2 import MobileNetV2
 from distillc.plugins.models.vit_student import MCUViT
 from distillc.spec import builder_options_model

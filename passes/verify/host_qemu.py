@@ -19,7 +19,7 @@ from distillc import hookimpl
 from distillc.artifacts import Bundle
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
-from distillc.passes.codegen_c import quantize_inputs, write_manifest
+from distillc.passes.backend.codegen_c import quantize_inputs, write_manifest
 
 
 class _VerifyConfig(PassConfig):
@@ -70,7 +70,7 @@ class _Verify(Pass):
 
     def check_kernels(self, artifact: Bundle, ctx: PassContext, inputs: Any, outputs: Any,
                       problem: str) -> dict[str, Any]:
-        """Explain an end-to-end difference kernel by kernel, or fail (see ``passes/int8/layercheck.py``).
+        """Explain an end-to-end difference kernel by kernel, or fail (see ``passes/verify/layercheck.py``).
 
         onnxruntime computes each layer in float32 and may round a value that lies on a .5 tie to
         the other integer than the exact integer kernel; later layers carry that step on and can
@@ -81,7 +81,7 @@ class _Verify(Pass):
         """
         import numpy as np
 
-        from distillc.passes.int8.layercheck import compare_kernels
+        from distillc.passes.verify.layercheck import compare_kernels
         from distillc.targets.runner import trace_on_host
 
         traces = trace_on_host(artifact.path, inputs, ctx.scratch / "trace")
@@ -146,7 +146,7 @@ def onnxruntime_outputs(onnx_path: Any, inputs: Any, manifest: dict[str, Any]) -
     """onnxruntime's outputs for int8 ``inputs``, as int8 values in the bundle's output quantization."""
     import numpy as np
 
-    from distillc.passes.export_onnx import reference_session
+    from distillc.passes.export.to_onnx import reference_session
 
     session = reference_session(onnx_path)
     name = session.get_inputs()[0].name

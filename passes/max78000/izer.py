@@ -47,7 +47,7 @@ from distillc import hookimpl
 from distillc.artifacts import Bundle
 from distillc.errors import PassError, TargetError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
-from distillc.passes.codegen_c import quantize_inputs, write_manifest
+from distillc.passes.backend.codegen_c import quantize_inputs, write_manifest
 
 #: izer's output shift range (``ai8x.py``: clamp to -15..15).
 MAX_SHIFT = 15
@@ -105,8 +105,8 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
     import numpy as np
     import onnx
 
-    from distillc.passes.int8.onnx_graph import const_value, index, scale_of
-    from distillc.passes.int8.onnx_graph import zero_points as quantizer_zero_points
+    from distillc.passes.backend.onnx_graph import const_value, index, scale_of
+    from distillc.passes.backend.onnx_graph import zero_points as quantizer_zero_points
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
@@ -256,7 +256,7 @@ def _unsigned(model: Any, name: str) -> bool:
     """Whether a quantized tensor is uint8 (how Brevitas exports a ReLU's output)."""
     import numpy as np
 
-    from distillc.passes.int8.onnx_graph import const_value, quantize_node
+    from distillc.passes.backend.onnx_graph import const_value, quantize_node
 
     node = quantize_node(model, name)
     return len(node.input) > 2 and const_value(model, node.input[2]).dtype == np.uint8
@@ -266,8 +266,8 @@ def _constant_tensor_values(model: Any) -> dict[str, Any]:
     """Every conv weight and bias, evaluated (in QCDQ they are DequantizeLinear of constants)."""
     import onnx
 
-    from distillc.passes.export_onnx import reference_session
-    from distillc.passes.int8.onnx_graph import constant_tensors, index
+    from distillc.passes.export.to_onnx import reference_session
+    from distillc.passes.backend.onnx_graph import constant_tensors, index
 
     graph = model.graph
     producer, _ = index(graph)
@@ -461,7 +461,7 @@ def _reference_maps(onnx_path: Any, net: IzerNetwork, inputs: Any, manifest: dic
     import numpy as np
     import onnx
 
-    from distillc.passes.export_onnx import reference_session
+    from distillc.passes.export.to_onnx import reference_session
 
     model = onnx.load(str(onnx_path))
     end = net.output_tensor

@@ -3,7 +3,7 @@
 The max78000 target compiles the student to a C bundle for the chip's Cortex-M4F core, which
 runs any network distillc lowers.  The CNN accelerator is much faster but narrow (3x3/1x1
 convolutions with stride 1, no depthwise, pooling to downsample, at most 32 layers, 432 KiB
-of weights; see ``distillc.plugins.models.ai8x_cnn.max78000_violations``).  This pass checks
+of weights; see ``distillc.passes.max78000.ai8x.max78000_violations``).  This pass checks
 the student's architecture against those limits and lists every violation: as a report in
 the metrics (and so in the bundle's manifest), or, with ``mode = "require"``, as a
 :class:`~distillc.errors.TargetError` that stops the compile.  The student passes through.
@@ -33,7 +33,7 @@ class CheckMax78000(Pass):
         mode: Literal["report", "require"] = Field("report", description="'require': a violation stops the compile")
 
     def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
-        from distillc.plugins.models.ai8x_cnn import max78000_violations
+        from distillc.passes.max78000.ai8x import max78000_violations
 
         options = artifact.options
         image_size = options.get("image_size") or artifact.meta.get("image_size")

@@ -16,7 +16,7 @@ from pydantic import Field
 from distillc import hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
-from distillc.passes.distill_base import Batch, DistillConfig, DistillationPass, Objective
+from distillc.passes.distill.base import Batch, DistillConfig, DistillationPass, Objective
 
 
 class SupervisedObjective(Objective):

@@ -31,9 +31,9 @@ from pydantic import Field, field_validator
 from distillc import distributed, hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
-from distillc.passes.distill_base import (Batch, DistillConfig, DistillationPass, Objective, teacher_targets,
+from distillc.passes.distill.base import (Batch, DistillConfig, DistillationPass, Objective, teacher_targets,
                                           teacher_view)
-from distillc.passes.distill_feature import projection_head
+from distillc.passes.distill.feature import projection_head
 
 
 class CaDsslObjective(Objective):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import onnx_graph
+from distillc.passes.backend import onnx_graph
 
 #: How close (in output steps) onnxruntime's float32 value must be to a .5 tie for a one-step
 #: difference to count as float32 rounding.  float32 carries about 7 digits, so a layer value
@@ -199,7 +199,7 @@ def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.
     from onnx import shape_inference
     from onnx.utils import Extractor
 
-    from distillc.passes.export_onnx import reference_session
+    from distillc.passes.export.to_onnx import reference_session
 
     model = shape_inference.infer_shapes(onnx.load(str(onnx_path)))
     layers = manifest["layers"]

@@ -4,7 +4,7 @@
 quantize/dequantize pattern into integer arithmetic (int8 convolutions and dense layers with
 int32 accumulation, fixed-point requantization, clamps), lets TVM fuse each layer into one TIR
 kernel and generates the kernels' C.  ``plan-memory`` places every activation in one arena.
-The library behind both is :mod:`distillc.passes.int8`.
+The library behind both is :mod:`distillc.passes.backend`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class TvmInt8(Pass):
         allow_float_fallback: bool = Field(False, description="run ops that cannot be lowered to integers in float")
 
     def run(self, artifact: OnnxModel, ctx: PassContext) -> PassResult:
-        from distillc.passes.int8 import import_onnx, lower_int8
-        from distillc.passes.int8.codegen import build_program
+        from distillc.passes.backend import import_onnx, lower_int8
+        from distillc.passes.backend.codegen import build_program
 
         mod = import_onnx(artifact.path, pass_name=self.name)
         lowered = lower_int8(mod, self.config.allow_float_fallback, pass_name=self.name)
@@ -56,7 +56,7 @@ class PlanMemory(Pass):
     makes = Int8Program
 
     def run(self, artifact: Int8Program, ctx: PassContext) -> PassResult:
-        from distillc.passes.int8.memory import check_plan, plan_memory
+        from distillc.passes.backend.memory import check_plan, plan_memory
 
         program = artifact.program()
         plan = plan_memory(program, pass_name=self.name)
@@ -70,7 +70,7 @@ class PlanMemory(Pass):
 
 
 def require_plan(artifact: Int8Program, pass_name: str) -> Any:
-    from distillc.passes.int8.memory import MemoryPlan
+    from distillc.passes.backend.memory import MemoryPlan
 
     if artifact.plan is None:
         raise PassError(pass_name, "the program has no memory plan; run plan-memory before it")

@@ -7,7 +7,7 @@ quantized.  ``objective`` picks it:
 
 - ``"auto"`` (default): ``"feature"`` when ``teacher`` is set, else the objective of the last
   distillation pass before this one in ``[[passes]]`` (CA-DSSL, Bootleg, CoMAD,
-  ``train.supervised``... any :class:`~distillc.passes.distill_base.DistillationPass`, and
+  ``train.supervised``... any :class:`~distillc.passes.distill.base.DistillationPass`, and
   ``matryoshka`` / ``distill.clip-matryoshka`` through their ``qat_objective``), else ``"self"``;
 - the ``use`` name of such a pass: its objective, built from that pass's spec keys;
 - ``"feature"``: cosine to ``teacher``'s embedding through a linear projector initialised by
@@ -31,8 +31,8 @@ from distillc import hookimpl
 from distillc.artifacts import QuantTorchModel, TorchModel
 from distillc.errors import SpecError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
-from distillc.passes.distill_base import Batch, DistillationPass, Objective
-from distillc.passes.distill_feature import FeatureObjective
+from distillc.passes.distill.base import Batch, DistillationPass, Objective
+from distillc.passes.distill.feature import FeatureObjective
 
 _BUILTIN_OBJECTIVES = ("auto", "self", "feature")
 
@@ -113,9 +113,9 @@ class BrevitasQat(Pass):
     def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
         import torch
 
-        from distillc.passes.distill_base import train_with_objective
-        from distillc.passes.eval_probe import linear_probe_top1
-        from distillc.passes.int8.brevitas import QuantStudent, quantize
+        from distillc.passes.distill.base import train_with_objective
+        from distillc.passes.eval.probe import linear_probe_top1
+        from distillc.passes.quantize.brevitas_model import QuantStudent, quantize
         from distillc.training import count_params
 
         cfg = self.config

@@ -1,7 +1,7 @@
 """``codegen.c``: the MCU bundle: dependency-free C, weights in flash, one static arena.
 
 Writes ``include/distillc_model.h`` and ``src/`` (kernels, the ahead-of-time executor, weights
-as ``const`` arrays, the float convenience API) through :func:`distillc.passes.int8.emit_c`,
+as ``const`` arrays, the float convenience API) through :func:`distillc.passes.backend.emit_c`,
 then the build files (Makefile, CMakeLists.txt, examples/main.c, board files) and
 ``manifest.json``.  The target's flash and RAM budgets are checked here: every violation is
 listed in one :class:`~distillc.errors.TargetError`.
@@ -20,7 +20,7 @@ from distillc.artifacts import Bundle, Int8Program
 from distillc.errors import TargetError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 from distillc.pipeline import dist_version
-from distillc.passes.tvm_int8 import require_plan
+from distillc.passes.backend.tvm_int8 import require_plan
 
 
 class CodegenC(Pass):
@@ -37,7 +37,7 @@ class CodegenC(Pass):
         ram_kb: int | None = Field(None, ge=1, description="RAM budget for the arena (KiB)")
 
     def run(self, artifact: Int8Program, ctx: PassContext) -> PassResult:
-        from distillc.passes.int8.codegen import emit_c
+        from distillc.passes.backend.codegen import emit_c
         from distillc.targets.bundle_files import write_bundle_build_files
 
         cfg = self.config
@@ -45,8 +45,8 @@ class CodegenC(Pass):
         bundle = ctx.scratch / "bundle"
         entries = emit_c(artifact.program(), bundle, name=ctx.spec.name, plan=plan, pass_name=self.name)
         classes = artifact.meta.get("matryoshka")
-        if classes:  # Matryoshka class embeddings and distillc_classify (see passes/matryoshka.py)
-            from distillc.passes.matryoshka import write_class_embeddings_c
+        if classes:  # Matryoshka class embeddings and distillc_classify (see passes/distill/matryoshka.py)
+            from distillc.passes.distill.matryoshka import write_class_embeddings_c
 
             output_size = int(math.prod(entries["output"]["shape"]))
             entries["class_embeddings"] = write_class_embeddings_c(bundle, classes, name=ctx.spec.name,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distillc.passes.export_onnx import reference_session  # noqa: F401  (re-exported for tests)
+from distillc.passes.export.to_onnx import reference_session  # noqa: F401  (re-exported for tests)
 
 HOST_FLAGS = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-O2"]
 CORTEX_M7_FLAGS = ["-mcpu=cortex-m7", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv5-d16",

@@ -3,7 +3,7 @@
 After CoMAD (multi-teacher, masked, token-level distillation into a small student):
 
 1. **Tokens.** Each teacher's patch tokens of the clean training image are computed once
-   (:func:`~distillc.passes.distill_base.teacher_targets`, cached).  The student's tokens are
+   (:func:`~distillc.passes.distill.base.teacher_targets`, cached).  The student's tokens are
    its patch tokens (a token-producing student such as ``vit-mcu``) or, for a CNN, its last
    stage map read as one token per position, through a trainable 1x1 convolution
    (``student_adapter``): a CNN's last map ends in a ReLU, and its zeros cannot take the
@@ -45,7 +45,7 @@ from pydantic import Field, field_validator, model_validator
 from distillc import distributed, hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
-from distillc.passes.distill_base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
+from distillc.passes.distill.base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
 
 #: Teacher tokens used to find an adapter's principal directions.
 _PCA_TOKENS = 8192

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from distillc import hookimpl
 from distillc.pass_api import PassContext
-from distillc.passes.distill_base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
+from distillc.passes.distill.base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
 
 
 class FeatureObjective(Objective):

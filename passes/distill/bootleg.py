@@ -18,8 +18,8 @@ from pydantic import Field, field_validator
 from distillc import hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
-from distillc.passes.distill_base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
-from distillc.passes.distill_feature import projection_head
+from distillc.passes.distill.base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
+from distillc.passes.distill.feature import projection_head
 
 #: target name -> which token summaries of a block's output are predicted
 TARGET_PARTS = {"cls": ("cls",), "mean": ("mean",), "both": ("cls", "mean")}

@@ -32,7 +32,7 @@ class ZeroShotEval(Pass):
         dims: list[int] | None = Field(None, description="dims to score (a subset of the model's); default all")
 
     def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
-        from distillc.passes.matryoshka import ClassEmbeddings, zero_shot_top1
+        from distillc.passes.distill.matryoshka import ClassEmbeddings, zero_shot_top1
 
         info = artifact.meta.get("matryoshka")
         if not info:

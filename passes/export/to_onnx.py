@@ -42,7 +42,7 @@ class ExportOnnx(Pass):
         path = ctx.scratch / "model.onnx"
         with torch.no_grad():
             if isinstance(artifact, QuantTorchModel):
-                from distillc.passes.int8.brevitas import export_qcdq
+                from distillc.passes.quantize.brevitas_model import export_qcdq
 
                 export_qcdq(model, sample[:1], path)
             else:

@@ -102,13 +102,13 @@ def compile_onnx_to_bundle(onnx_path, bundle_dir, *, name: str,
 
 def quantize(model, calib, **kwargs):
     """Brevitas post-training quantization (see :func:`.brevitas.quantize`)."""
-    from .brevitas import quantize as _quantize
+    from distillc.passes.quantize.brevitas_model import quantize as _quantize
 
     return _quantize(model, calib, **kwargs)
 
 
 def export_qcdq(qmodel, example, path):
     """Brevitas QCDQ ONNX export (see :func:`.brevitas.export_qcdq`)."""
-    from .brevitas import export_qcdq as _export
+    from distillc.passes.quantize.brevitas_model import export_qcdq as _export
 
     return _export(qmodel, example, path)

@@ -4,7 +4,7 @@ The student gets a Matryoshka head (``Linear(embed_dim -> max(dims))``) and trai
 that at every nested width ``d`` its embedding carries the teacher's image embedding:
 ``1 - cos(W[:, :d] @ h[:d], t)`` averaged over ``dims``, where ``t`` is the teacher's (cached)
 embedding of the clean image and ``W`` one shared, nested linear map into the teacher's space
-(a training aid, dropped after the pass).  See :mod:`distillc.passes.matryoshka`.
+(a training aid, dropped after the pass).  See :mod:`distillc.passes.distill.matryoshka`.
 
 Class embeddings are decoupled from the student (``class_embeddings``):
 
@@ -30,7 +30,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 from distillc import hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
-from distillc.passes.matryoshka import ClassEmbeddings, MatryoshkaConfig, MatryoshkaObjective, MatryoshkaPass
+from distillc.passes.distill.matryoshka import ClassEmbeddings, MatryoshkaConfig, MatryoshkaObjective, MatryoshkaPass
 from distillc.spec import LaxPath
 
 

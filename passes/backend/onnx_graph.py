@@ -1,7 +1,7 @@
 """Reading a QCDQ ONNX graph: who produces and consumes each tensor, constants, quantizers.
 
 Shared by the kernel-by-kernel check (``layercheck``) and the MAX78000 exporter
-(``passes/export_izer.py``).  Plain ``onnx`` protobuf access, no onnxruntime.
+(``passes/max78000/izer.py``).  Plain ``onnx`` protobuf access, no onnxruntime.
 """
 
 from __future__ import annotations

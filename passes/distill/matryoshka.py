@@ -40,7 +40,7 @@ from distillc import distributed, hookimpl
 from distillc.artifacts import TorchModel
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassContext, PassResult
-from distillc.passes.distill_base import Batch, DistillConfig, Objective, train_with_objective
+from distillc.passes.distill.base import Batch, DistillConfig, Objective, train_with_objective
 
 #: Largest Matryoshka dimension: keeps the C classifier's int32 dot products from overflowing.
 MAX_DIM = 8192
@@ -105,7 +105,7 @@ class MatryoshkaPass(Pass):
         spec = matryoshka_head_spec(in_dim, cfg.dims)
         model = attach_head(backbone, spec)
         if cfg.teacher is not None:
-            from distillc.passes.distill_base import teacher_targets
+            from distillc.passes.distill.base import teacher_targets
 
             targets = teacher_targets(ctx, cfg.teacher, "embed", lambda m, b: m.embed(b))
         else:
@@ -152,7 +152,7 @@ class MatryoshkaPass(Pass):
 
         cfg = self.config
         if cfg.teacher is not None:
-            from distillc.passes.distill_base import teacher_targets
+            from distillc.passes.distill.base import teacher_targets
 
             targets = teacher_targets(ctx, cfg.teacher, "embed", lambda m, b: m.embed(b))
         else:
@@ -459,7 +459,7 @@ int distillc_classify(const int8_t *embedding, int dim);
 
 
 def _class_source(classes: ClassEmbeddings, name: str) -> str:
-    from distillc.passes.int8.codegen import _c_float
+    from distillc.passes.backend.codegen import _c_float
 
     n, width = len(classes.classes), classes.embed_dim
     rows = []

@@ -1,0 +1,6 @@
+"""Evaluation: measures a model and hands it on unchanged (``passthrough``).
+
+Takes a ``TorchModel`` or ``QuantTorchModel`` and makes the same artifact, with metrics:
+``eval.linear-probe`` (``probe.py``: full and few-shot linear probes on frozen embeddings) and
+``eval.zero-shot`` (``zeroshot.py``: cosine similarity to class embeddings, per Matryoshka dim).
+"""
