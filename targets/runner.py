@@ -47,7 +47,7 @@ class QemuRun:
 def run_on_host(bundle_dir: Path, inputs: np.ndarray, workdir: Path) -> np.ndarray:
     """Compiles the bundle for this computer with gcc and runs ``inputs`` (int8, one per row)
     through it; returns the int8 outputs, shape (n, DISTILLC_OUTPUT_SIZE)."""
-    bundle_dir = Path(bundle_dir)
+    bundle_dir = Path(bundle_dir).resolve()
     header, sources = _check_bundle(bundle_dir)
     rows = _as_rows(inputs, header)
     gcc = find_tool("gcc")
@@ -65,7 +65,7 @@ def run_on_host(bundle_dir: Path, inputs: np.ndarray, workdir: Path) -> np.ndarr
 def trace_on_host(bundle_dir: Path, inputs: np.ndarray, workdir: Path) -> list[dict[int, bytes]]:
     """Builds the bundle for this computer with ``-DDISTILLC_TRACE`` and runs ``inputs`` (int8,
     one per row); returns, per input, every kernel's output bytes by step index."""
-    bundle_dir = Path(bundle_dir)
+    bundle_dir = Path(bundle_dir).resolve()
     header, sources = _check_bundle(bundle_dir)
     rows = _as_rows(inputs, header)
     gcc = find_tool("gcc")
@@ -96,7 +96,7 @@ def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,
     ``timeout`` (seconds) bounds the QEMU run; ``stack_bytes`` is the stack the linker script
     reserves (a program that overflows it is an error).
     """
-    bundle_dir = Path(bundle_dir)
+    bundle_dir = Path(bundle_dir).resolve()
     board = get_board(machine)
     header, sources = _check_bundle(bundle_dir)
     rows = _as_rows(inputs, header)
@@ -150,7 +150,13 @@ def _as_rows(inputs: np.ndarray, header: ModelHeader) -> np.ndarray:
 
 def _prepare_build_dir(build: Path, rows: np.ndarray) -> Path:
     """A build directory with the example program and its inputs beside it (main.c includes
-    "input_data.h" from its own directory first)."""
+    "input_data.h" from its own directory first).
+
+    The path is made absolute: the programs built there are started by it, some from another
+    working directory (the trace program runs in its build folder), where a relative path
+    would name nothing.
+    """
+    build = build.resolve()
     build.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(EXAMPLE_MAIN, build / "main.c")
     (build / "input_data.h").write_text(render_input_data(rows))

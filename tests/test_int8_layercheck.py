@@ -163,3 +163,19 @@ def test_verify_accepts_real_ties_carried_to_the_output_unless_strict(write_spec
     path.write_text(path.read_text().replace('use = "host"', 'use = "host"\nbackend = { "verify.host" = { end_to_end = "strict" } }'))
     with pytest.raises(PassError, match=r"by 3 LSB .*end_to_end = 'strict'.*Every kernel matches"):
         compile_spec(path, progress=SilentProgress(), plugins=load_plugins())
+
+
+def test_verify_checks_kernels_with_a_relative_workdir(write_spec, monkeypatch):
+    """The kernel-by-kernel check runs its trace program from its own build folder: a relative
+    ``--workdir`` (resolved against the current folder, not that one) must still find it."""
+    from distillc.pipeline import compile_spec
+    from distillc.plugin_manager import load_plugins
+    from distillc.progress import SilentProgress
+    from tests.conftest import TINY_HEADER
+
+    path = write_spec(TINY_HEADER.format(name="ties") + '[student]\nonnx = "ties.onnx"\n[target]\nuse = "host"\n')
+    testing.tie_net(path.parent / "ties.onnx", in_channels=1, size=8, gain=3)
+    monkeypatch.chdir(path.parent)
+    result = compile_spec(path, workdir="relative-build", progress=SilentProgress(), plugins=load_plugins())
+    assert result.report["metrics"]["verify.host"]["kernels"]["kernels_checked"] == 3  # the trace ran
+    assert (path.parent / "relative-build" / "bundle" / "manifest.json").is_file()
