@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from distillc.plugin_manager import Plugins
+    from distillc.registry import Plugins
+
+
+#: The passes that rebuild a head or a quantization when an older recipe does not name one.
+DEFAULT_HEAD_PASS = "matryoshka"
+DEFAULT_QUANT_PASS = "quantize.brevitas-qat"
 
 
 class Artifact(abc.ABC):
@@ -55,8 +60,10 @@ class TorchModel(Artifact):
     ``role`` is ``"student"`` or ``"teacher"`` and picks the registry whose builder rebuilds the
     module: ``builder(**options)``.  ``meta`` carries facts later passes need (image size,
     embedding width, parameter count).  ``head`` is the recipe of a head put on the student's
-    embedding (e.g. a Matryoshka projection, see :mod:`distillc.plugins.models.heads`), or None;
-    the rebuilt module is then ``head(builder(**options)(x))``.
+    embedding (e.g. a Matryoshka projection), or None; the rebuilt module is then
+    ``head(builder(**options)(x))``.  The core knows no head: the pass that added it (named by
+    ``head["pass"]``, by default ``matryoshka``) rebuilds it with its ``attach_head(module,
+    recipe)`` class method, so a plugin's pass may add heads of its own.
     """
 
     kind: ClassVar[str] = "TorchModel"
@@ -79,10 +86,8 @@ class TorchModel(Artifact):
         """The architecture (with its head, if any) freshly initialised, without these weights."""
         registry = plugins.students if self.role == "student" else plugins.teachers
         module = registry.get(self.arch)(**self.options)
-        if self.head is not None:
-            from distillc.plugins.models.heads import attach_head
-
-            module = attach_head(module, self.head)
+        if self.head is not None:  # the pass that added the head rebuilds it (see the class docstring)
+            module = plugins.passes.get(self.head.get("pass", DEFAULT_HEAD_PASS)).attach_head(module, self.head)
         return module
 
     def build(self, plugins: "Plugins") -> "torch.nn.Module":
@@ -130,15 +135,10 @@ class QuantTorchModel(TorchModel):
     quant: dict[str, Any] = field(default_factory=dict)
 
     def build(self, plugins: "Plugins") -> "torch.nn.Module":
-        import torch
-
-        from distillc.passes.quantize.brevitas_model import quantize
-
-        float_model = self.fresh_module(plugins).eval()
-        shape = (0, self.options.get("in_chans", 3), self.options["image_size"], self.options["image_size"])
-        qmodel = quantize(float_model, torch.zeros(shape), **self.quant)
-        qmodel.load_state_dict(self.state, strict=True)
-        return qmodel.eval()
+        """The quantizing pass (``quant["pass"]``, by default ``quantize.brevitas-qat``) re-applies
+        its quantization to a fresh float module and loads this state (``rebuild_quantized``)."""
+        owner = plugins.passes.get(self.quant.get("pass", DEFAULT_QUANT_PASS))
+        return owner.rebuild_quantized(self, self.fresh_module(plugins).eval()).eval()
 
     def save(self, directory: Path) -> None:
         super().save(directory)
@@ -197,11 +197,6 @@ class Int8Program(Artifact):
     path: Path
     plan: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-
-    def program(self) -> Any:
-        from distillc.passes.backend.program import Program
-
-        return Program.load(self.path)
 
     @property
     def reference_onnx(self) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 
@@ -23,5 +22,7 @@ class DatasetSource:
     needs_path: bool = False
     description: str = ""
 
-    def describe_path(self, path: Path | None) -> str:
-        return str(path) if path is not None else "(built in)"
+
+def check_dataset(obj: Any) -> str | None:
+    """A dataset source is a :class:`distillc.data_api.DatasetSource`."""
+    return None if isinstance(obj, DatasetSource) else f"expected a distillc.data_api.DatasetSource, got {obj!r}"

@@ -37,6 +37,20 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+def pick_device() -> "torch.device":
+    """CUDA when present (real users train on GPUs), else CPU.  ``DISTILLC_DEVICE`` overrides.
+
+    Under torchrun each process takes the GPU of its ``LOCAL_RANK`` (unless the override names one).
+    """
+    import torch
+
+    forced = os.environ.get("DISTILLC_DEVICE")
+    device = torch.device(forced or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and launched():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def init() -> None:
     """Join the process group once (no-op without torchrun, or when the caller already joined one).
 
@@ -49,8 +63,6 @@ def init() -> None:
 
     if dist.is_initialized():
         return
-    from distillc.training import pick_device
-
     device = pick_device()
     if device.type == "cuda":
         import torch

@@ -10,6 +10,7 @@ Reading order of a pass file: config, then ``run``, then helpers.
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
@@ -19,9 +20,17 @@ from pydantic import BaseModel, ConfigDict
 from distillc.artifacts import Artifact
 
 if TYPE_CHECKING:  # pragma: no cover
-    from distillc.plugin_manager import Plugins
+    from distillc.registry import Plugins
     from distillc.progress import ProgressReporter
-    from distillc.spec import Spec
+
+
+#: The config keys a pass may list in ``Pass.planned``, and what the planner fills into them.
+PLANNED_KEYS = {
+    "model_name": "the spec's name ([distillc] name)",
+    "dataset": "the data source ([data] source), or 'random' where the inputs are random",
+    "inputs": "where a backend pass takes the model's inputs from: 'data' (validation images) or "
+              "'random' (seeded random int8 values: an ONNX student and no [data] section)",
+}
 
 
 class PassConfig(BaseModel):
@@ -60,6 +69,9 @@ class Pass(abc.ABC):
     - ``tools``: distributions whose versions belong in the cache key (e.g. ``("torch",)``).
     - ``distributed``: under torchrun the pass runs on every rank together (it trains
       data-parallel, see ``distillc.distributed``); otherwise rank 0 runs it alone.
+    - ``planned``: config keys (from :data:`PLANNED_KEYS`) the planner fills in unless the spec
+      sets them: what a pass needs to know about the spec beyond its own keys reaches it this
+      way, and so is in the pass's cache key.
     """
 
     name: ClassVar[str]
@@ -72,6 +84,7 @@ class Pass(abc.ABC):
     uses_data: ClassVar[bool] = False
     tools: ClassVar[tuple[str, ...]] = ()
     distributed: ClassVar[bool] = False
+    planned: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PassConfig):
         self.config = config
@@ -134,10 +147,14 @@ class PassContext:
     survives an interrupted run so training resumes from the last finished epoch.
     ``derived_dir`` is a cache folder shared by all runs for data derived from cached
     artifacts (e.g. a frozen teacher's targets), keyed by whoever writes there.
-    ``data_fingerprint`` identifies the dataset (see ``DatasetSource.fingerprint``).
+    ``data_fingerprint`` identifies the dataset (see ``DatasetSource.fingerprint``).  ``seed`` is
+    the spec's ``[distillc] seed``.
+
+    There is no spec here on purpose: a pass sees only what its cache key covers (its config,
+    input, teachers, data and seed).  Anything else it needs about the spec, such as the spec's
+    name, reaches it as a config key the planner fills in (``Pass.planned``).
     """
 
-    spec: "Spec"
     plugins: "Plugins"
     progress: "ProgressReporter"
     scratch: Path
@@ -145,14 +162,11 @@ class PassContext:
     workdir: Path
     step_id: str
     load_data: Callable[[], Any]
+    seed: int
     teachers: dict[str, Artifact] = field(default_factory=dict)
     teacher_keys: dict[str, str] = field(default_factory=dict)
     derived_dir: Path | None = None
     data_fingerprint: str = ""
-
-    @property
-    def seed(self) -> int:
-        return self.spec.distillc.seed
 
     @property
     def data(self) -> Any:
@@ -161,3 +175,22 @@ class PassContext:
 
     def log(self, message: str) -> None:
         self.progress.log(f"[{self.step_id}] {message}")
+
+
+def check_pass(obj: Any) -> str | None:
+    """A pass is a concrete subclass of :class:`distillc.pass_api.Pass` with a name and a ``makes``."""
+    if not (isinstance(obj, type) and issubclass(obj, Pass)):
+        return f"expected a subclass of distillc.pass_api.Pass, got {obj!r}"
+    if not isinstance(getattr(obj, "name", None), str) or not obj.name:
+        return f"pass class {obj.__qualname__} has no 'name'"
+    makes = getattr(obj, "makes", None)
+    if not (isinstance(makes, type) and issubclass(makes, Artifact)):
+        return f"pass class {obj.__qualname__} has no 'makes' (the Artifact type it produces)"
+    if inspect.isabstract(obj):
+        return f"pass class {obj.__qualname__} does not implement {', '.join(sorted(obj.__abstractmethods__))}"
+    fields = getattr(getattr(obj, "Config", None), "model_fields", {})
+    for key in getattr(obj, "planned", ()):
+        if key not in PLANNED_KEYS or key not in fields:
+            return (f"pass class {obj.__qualname__} lists {key!r} in 'planned', which must name a key of its "
+                    f"Config among {', '.join(PLANNED_KEYS)}")
+    return None

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -24,10 +22,11 @@ from pydantic import ValidationError
 
 from distillc import __version__, distributed
 from distillc.artifacts import Artifact, Bundle, OnnxModel
-from distillc.cache import ArtifactStore, cache_key
+from distillc.cache import ArtifactStore, ForcedRun, cache_key, dist_version, file_sha256, write_atomic
 from distillc.errors import DistillcError, PluginError, SpecError
+from distillc.locks import held, owned_folder, remove_abandoned
 from distillc.pass_api import Pass, PassContext, PassResult
-from distillc.plugin_manager import Plugins
+from distillc.registry import Plugins
 from distillc.progress import ProgressReporter, SilentProgress
 from distillc.spec import Spec, format_validation_error
 
@@ -113,6 +112,8 @@ def build_plan(spec: Spec, plugins: Plugins, *, workdir: Path | None = None,
     for sp in spec.passes:
         steps.append(Step(id=_unique(sp.name, used_ids), pass_=sp.cls(sp.config), source=sp.path, flow=True))
     steps += _backend_steps(spec, plugins, _flow_type(steps), used_ids)
+    for step in steps:
+        step.pass_ = _with_planned_keys(step.pass_, spec)
 
     _link_and_check(steps, spec)
     data_fp = _data_fingerprint_once(spec, plugins)
@@ -146,6 +147,21 @@ def _backend_steps(spec: Spec, plugins: Plugins, makes: Any, used_ids: set[str])
             raise PluginError(f"target {target.name!r} gives pass {name!r} an invalid config: {exc}") from exc
         steps.append(Step(id=_unique(name, used_ids), pass_=cls(config), source=f"target {target.name}", flow=True))
     return steps
+
+
+def planned_values(spec: Spec) -> dict[str, Any]:
+    """What the planner fills into the config keys a pass lists in ``Pass.planned``
+    (``distillc.pass_api.PLANNED_KEYS``): all a pass learns about the spec beyond its own keys."""
+    inputs = "random" if spec.student.onnx is not None and "data" not in spec.file.model_fields_set else "data"
+    return {"model_name": spec.name, "inputs": inputs, "dataset": spec.data.source if inputs == "data" else "random"}
+
+
+def _with_planned_keys(pass_: Pass, spec: Spec) -> Pass:
+    """``pass_`` with the ``planned`` keys the spec does not set filled in; a key it sets is kept."""
+    cls = type(pass_)
+    unset = {key: value for key, value in planned_values(spec).items()
+             if key in cls.planned and key not in pass_.config.model_fields_set}
+    return cls(pass_.config.model_copy(update=unset)) if unset else pass_
 
 
 def _flow_type(steps: list[Step]) -> Any:
@@ -185,7 +201,10 @@ def _student_step(spec: Spec, plugins: Plugins) -> Step:
     if student.onnx is not None:
         cls = plugins.passes.get("student.onnx")
         path = spec.resolve(student.onnx)
-        config = cls.Config(path=str(path), sha256=file_sha256(path))
+        # Given [data], its images are the model's example and verification inputs: they must fit it.
+        images = [spec.data.channels, spec.data.image_size, spec.data.image_size]
+        config = cls.Config(path=str(path), sha256=file_sha256(path),
+                            data_shape=images if "data" in spec.file.model_fields_set else None)
     else:
         cls = plugins.passes.get("student.init")
         checkpoint = spec.resolve(student.checkpoint)
@@ -242,22 +261,6 @@ def _key_payload(step: Step, keys: dict[str, str], data_fp: Any, spec: Spec) -> 
     }
 
 
-@functools.cache
-def dist_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not-installed"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # -- running ----------------------------------------------------------------------------------
 
 
@@ -293,9 +296,12 @@ def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None 
     spec, store = plan.spec, plan.store
     forced_from = plan.index(plan.step(force, option="--force").id) if force else None
     stop_at = plan.index(plan.step(until, option="--until").id) if until else len(plan.steps) - 1
+    # A --force run that was interrupted resumes: the steps it already ran again are not forced.
+    forcing = ForcedRun(store, plan.steps[forced_from].key) if forced_from is not None else None
+    forced_ids = {s.id for s in plan.steps[forced_from:] if s.key not in forcing.done} if forcing else set()
     if processes > 1:
         _agree_on_plan(plan)
-    shared_until = _last_shared_step(plan, stop_at, forced_from) if processes > 1 else -1
+    shared_until = _last_shared_step(plan, stop_at, forced_ids) if processes > 1 else -1
     plan.workdir.mkdir(parents=True, exist_ok=True)
     load_data = functools.cache(lambda: spec.load_data(plugins))
     artifacts: dict[str, Artifact] = {}
@@ -317,21 +323,24 @@ def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None 
         if index > shared_until and not main:
             rows.append({**step.describe(), "status": "rank 0", "seconds": 0.0})
             continue
-        forced = forced_from is not None and index >= forced_from
+        forced = step.id in forced_ids
         cached = step.cached and not forced
         if main:
             plugins.hook.distillc_pass_started(step=step, context=None)
         t0 = time.perf_counter()
+        result = None
+        if not cached and (main or type(step.pass_).distributed):
+            result = _run_step(step, plan, plugins, progress, artifact_of, load_data,
+                               forcing if forced else None, reuse=index > shared_until)
+            cached = result is None  # another compile stored the step while this one waited for it
         if cached:
             result_metrics = store.record(step.key).get("metrics", {}) if main else {}
-            result = None
-        elif main or type(step.pass_).distributed:
-            result = _run_step(step, plan, plugins, progress, artifact_of, load_data, forced)
+        elif result is not None:
             artifacts[step.id] = result.artifact
             result_metrics = result.metrics
             ran.append(step.id)
         else:
-            result, result_metrics = None, {}
+            result_metrics = {}
         if not cached and index <= shared_until:
             # Rank 0 has stored the step; the others read that copy, exactly as a cached run would.
             distributed.barrier()
@@ -346,26 +355,30 @@ def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None 
         rows.append({**step.describe(), "status": status, "seconds": round(seconds, 3)})
     for step in plan.steps[stop_at + 1:]:
         rows.append({**step.describe(), "status": "not run (--until)", "seconds": 0.0})
+    if forcing and main:
+        forcing.close()
 
     final_step = plan.steps[stop_at]
     final = artifact_of(final_step.id) if final_step.flow and main else None
-    outputs = _publish_outputs(plan, plugins, artifact_of, stop_at, metrics) if main else {}
-    report = {
-        "distillc_version": __version__,
-        "name": spec.name,
-        "spec": str(spec.path),
-        "spec_sha256": spec.digest(),
-        "workdir": str(plan.workdir),
-        "cache": str(store.root),
-        "target": spec.file.target.use,
-        "plan": rows,
-        "metrics": metrics,
-        "outputs": outputs,
-        "world_size": processes,
-        "total_seconds": round(time.perf_counter() - started, 3),
-    }
-    if main:
-        (plan.workdir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    # One compile at a time replaces a work directory's outputs and report.
+    with held(plan.workdir / ".publish.lock") if main else contextlib.nullcontext():
+        outputs = _publish_outputs(plan, plugins, artifact_of, stop_at, metrics) if main else {}
+        report = {
+            "distillc_version": __version__,
+            "name": spec.name,
+            "spec": str(spec.path),
+            "spec_sha256": spec.digest(),
+            "workdir": str(plan.workdir),
+            "cache": str(store.root),
+            "target": spec.file.target.use,
+            "plan": rows,
+            "metrics": metrics,
+            "outputs": outputs,
+            "world_size": processes,
+            "total_seconds": round(time.perf_counter() - started, 3),
+        }
+        if main:
+            write_atomic(plan.workdir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     return CompileResult(plan=plan, report=report, ran=ran, artifact=final, outputs=outputs)
 
 
@@ -384,29 +397,53 @@ def _agree_on_plan(plan: Plan) -> None:
         step.cached = was_cached
 
 
-def _last_shared_step(plan: Plan, stop_at: int, forced_from: int | None) -> int:
+def _last_shared_step(plan: Plan, stop_at: int, forced_ids: set[str]) -> int:
     """The index of the last step that every rank runs together (-1: none, rank 0 works alone)."""
     last = -1
     for index, step in enumerate(plan.steps[: stop_at + 1]):
-        forced = forced_from is not None and index >= forced_from
-        if type(step.pass_).distributed and (forced or not step.cached):
+        if type(step.pass_).distributed and (step.id in forced_ids or not step.cached):
             last = index
     return last
 
 
 def _run_step(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReporter, artifact_of: Any,
-              load_data: Any, forced: bool) -> PassResult:
+              load_data: Any, forcing: ForcedRun | None, *, reuse: bool) -> PassResult | None:
+    """Run one step (``forcing``: as part of that --force run) and store its result.
+
+    Rank 0 holds the step's lock (``ArtifactStore.lock``) from before its checkpoint is looked
+    at until its entry is stored; with ``reuse``, a step that another compile stored meanwhile
+    is not run again (None).  The scratch folder is this run's own, ``<workdir>/.scratch/
+    <step>-<random>/``, since several compiles may share a work directory; a failed step's stays
+    for inspection until the next step run there.
+    """
+    store, main = plan.store, distributed.is_main()
+
+    def waiting() -> None:
+        progress.log(f"waiting for another compile that is running {step.id} with this cache ({store.root})")
+
+    with store.lock(step.key, on_wait=waiting) if main else contextlib.nullcontext():
+        if main and reuse and forcing is None and store.has(step.key):
+            return None
+        if main and forcing is not None:
+            forcing.begin(step.key)
+        scratch_root = plan.workdir / ".scratch"
+        remove_abandoned(scratch_root)
+        name = step.id.replace(":", "-").replace("#", "-")
+        with owned_folder(scratch_root, name, keep_on_error=True) as scratch:
+            result = _run_pass(step, plan, plugins, progress, artifact_of, load_data, scratch,
+                               replace=forcing is not None)
+        if main and forcing is not None:
+            forcing.finish(step.key)
+        return result
+
+
+def _run_pass(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReporter, artifact_of: Any,
+              load_data: Any, scratch: Path, *, replace: bool) -> PassResult:
     store = plan.store
     main = distributed.is_main()
     input_artifact = artifact_of(step.input_id) if step.input_id else None
-    rank_suffix = "" if main else f"-rank{distributed.rank()}"
-    scratch = plan.workdir / ".scratch" / (step.id.replace(":", "-").replace("#", "-") + rank_suffix)
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
     checkpoint_dir = store.partial(step.key)
-    if forced and main:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    ctx = PassContext(spec=plan.spec, plugins=plugins, progress=progress, scratch=scratch,
+    ctx = PassContext(seed=plan.spec.distillc.seed, plugins=plugins, progress=progress, scratch=scratch,
                       checkpoint_dir=checkpoint_dir, workdir=plan.workdir, step_id=step.id,
                       load_data=load_data, teachers={n: artifact_of(t) for n, t in step.teacher_ids.items()},
                       teacher_keys={n: artifact_key(plan, t) for n, t in step.teacher_ids.items()},
@@ -427,13 +464,11 @@ def _run_step(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReport
     if not isinstance(result, PassResult) or type(result.artifact) is not made:
         raise InternalPassError(step.id, TypeError(f"expected a PassResult holding a {made.kind}, got {result!r}"))
     if not main:  # rank 0 stores the result; run_plan has this rank read that copy
-        shutil.rmtree(scratch, ignore_errors=True)
         return result
     record = {**step.key_payload, "id": step.id, "metrics": result.metrics, "seconds": round(seconds, 3),
               "world_size": distributed.world_size() if together else 1}
     same_as = artifact_key(plan, step.input_id) if result.artifact is input_artifact else None
-    store.save(step.key, result.artifact, record, same_as=same_as, replace=forced)
-    shutil.rmtree(scratch, ignore_errors=True)
+    store.save(step.key, result.artifact, record, same_as=same_as, replace=replace)
     # Later steps read the stored copy: what they see is exactly what a cached run would see.
     return PassResult(input_artifact if same_as else store.load(step.key), result.metrics)
 
@@ -444,7 +479,13 @@ def artifact_key(plan: Plan, step_id: str | None) -> str | None:
 
 def _publish_outputs(plan: Plan, plugins: Plugins, artifact_of: Any, stop_at: int,
                      metrics: dict[str, Any]) -> dict[str, str]:
-    """Copy the last ONNX model and the bundle of the flow into the work directory.
+    """Put the last ONNX model and the bundle of the flow into the work directory.
+
+    Both are copied into a folder of this run's own under ``.scratch/`` and renamed into place,
+    after report.json is removed (run_plan writes the new one last, holding the work directory's
+    lock throughout): a killed compile leaves each output whole, old or new, and a report.json
+    only beside the outputs it names.  Outputs of an earlier, longer run would contradict this
+    run's report, so they go too.
 
     The published bundle's manifest also gets the spec's hash and every pass's metrics (the
     cached bundle cannot hold them: a spec change that re-runs no backend pass may change them).
@@ -455,20 +496,30 @@ def _publish_outputs(plan: Plan, plugins: Plugins, artifact_of: Any, stop_at: in
         if step.flow and step.makes in (OnnxModel, Bundle):
             last[step.makes.kind] = step
     onnx_target, bundle_target = plan.workdir / "model.onnx", plan.workdir / "bundle"
-    # Outputs of an earlier, longer run would contradict this run's report.
-    onnx_target.unlink(missing_ok=True)
-    shutil.rmtree(bundle_target, ignore_errors=True)
-    shutil.rmtree(plan.workdir / ".scratch", ignore_errors=True)
-    if "OnnxModel" in last:
-        shutil.copyfile(artifact_of(last["OnnxModel"].id).path, onnx_target)
-        outputs["onnx"] = str(onnx_target)
+    scratch_root = plan.workdir / ".scratch"
+    remove_abandoned(scratch_root)
+    manifest: dict[str, Any] = {}
+    with owned_folder(scratch_root, "publish") as staging:
+        if "OnnxModel" in last:
+            shutil.copyfile(artifact_of(last["OnnxModel"].id).path, staging / "model.onnx")
+        if "Bundle" in last:
+            shutil.copytree(artifact_of(last["Bundle"].id).path, staging / "bundle")
+            manifest_path = staging / "bundle" / "manifest.json"
+            manifest = json.loads(manifest_path.read_text())
+            manifest.update(spec_sha256=plan.spec.digest(), metrics=metrics)
+            manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        (plan.workdir / "report.json").unlink(missing_ok=True)
+        if "OnnxModel" in last:
+            os.replace(staging / "model.onnx", onnx_target)
+            outputs["onnx"] = str(onnx_target)
+        else:
+            onnx_target.unlink(missing_ok=True)
+        if bundle_target.exists() or bundle_target.is_symlink():
+            os.rename(bundle_target, staging / "replaced-bundle")  # deleted with the staging folder
+        if "Bundle" in last:
+            os.rename(staging / "bundle", bundle_target)
+            outputs["bundle"] = str(bundle_target)
     if "Bundle" in last:
-        shutil.copytree(artifact_of(last["Bundle"].id).path, bundle_target)
-        manifest_path = bundle_target / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
-        manifest.update(spec_sha256=plan.spec.digest(), metrics=metrics)
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        outputs["bundle"] = str(bundle_target)
         plugins.hook.distillc_bundle_written(path=bundle_target, manifest=manifest)
     return outputs
 

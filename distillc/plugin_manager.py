@@ -11,14 +11,16 @@ import difflib
 import importlib
 import importlib.metadata
 import os
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pluggy
 
 from distillc import PROJECT_NAME, hookimpl, hookspecs
 from distillc.errors import DistillcError, PluginError
-from distillc.registry import Registry, Validator, check_builder, check_dataset, check_pass, check_target
+from distillc.data_api import check_dataset
+from distillc.pass_api import check_pass
+from distillc.registry import Plugins, Registry, Validator, check_builder
+from distillc.target_api import check_target
 
 ENTRY_POINT_GROUP = "distillc"
 DISABLE_AUTOLOAD_ENV = "DISTILLC_DISABLE_PLUGIN_AUTOLOAD"
@@ -62,27 +64,6 @@ REGISTRY_HOOKS: dict[str, tuple[str, str, Validator]] = {
 DISABLE_HINT = f"to run without installed plugins, set {DISABLE_AUTOLOAD_ENV}=1"
 
 
-@dataclass
-class Plugins:
-    """A plugin manager plus the registries its plugins filled."""
-
-    pm: pluggy.PluginManager
-    passes: Registry
-    targets: Registry
-    teachers: Registry
-    students: Registry
-    datasets: Registry
-    #: plugin name -> "distribution version" (or "built-in") for listings.
-    origins: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def hook(self) -> Any:
-        return self.pm.hook
-
-    def origin(self, plugin: str) -> str:
-        return self.origins.get(plugin, plugin)
-
-
 class _CorePlugin:
     """distillc's own implementation of ``distillc_run_pass``: run the pass."""
 
@@ -112,8 +93,6 @@ def load_plugins(extra: Iterable[Any] = (), *, autoload: bool | None = None) -> 
         autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip() not in ("1", "true", "yes")
     if autoload:
         for ep in _distillc_entry_points(set(origins)):
-            if pm.is_blocked(ep.name):
-                continue
             where = f" (entry point {ep.value!r})"
             try:
                 plugin = ep.load()

@@ -1,23 +1,22 @@
 """Registries: the one place where names of passes, targets, teachers, students and datasets live.
 
-A registry is handed to the ``distillc_register_*`` hooks (tox-style), so duplicate checks,
-checks of what is registered and "unknown name" messages are written once, here.
+A registry is handed to the ``distillc_register_*`` hooks (tox-style), so duplicate checks and
+"unknown name" messages are written once, here.  What each kind of registry accepts is checked by
+a validator that lives beside the API it checks (``distillc.pass_api.check_pass``,
+``distillc.target_api.check_target``, ``distillc.data_api.check_dataset``, and
+:func:`check_builder` below for architectures), so this module imports none of those APIs.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from pydantic import ValidationError
+import pluggy
 
-from distillc.artifacts import Artifact
-from distillc.data_api import DatasetSource
 from distillc.errors import PluginError, SpecError
-from distillc.pass_api import Pass
-from distillc.target_api import Target
 
 #: A check of one registered object: None when it is fine, else what is wrong with it.
 Validator = Callable[[Any], "str | None"]
@@ -111,47 +110,28 @@ class ScopedRegistry:
         return name in self._registry
 
 
-# -- what each kind of registry accepts (wired up in distillc.plugin_manager) -------------------
-
-
-def check_pass(obj: Any) -> str | None:
-    """A pass is a concrete subclass of :class:`distillc.pass_api.Pass` with a name and a ``makes``."""
-    if not (isinstance(obj, type) and issubclass(obj, Pass)):
-        return f"expected a subclass of distillc.pass_api.Pass, got {obj!r}"
-    if not isinstance(getattr(obj, "name", None), str) or not obj.name:
-        return f"pass class {obj.__qualname__} has no 'name'"
-    makes = getattr(obj, "makes", None)
-    if not (isinstance(makes, type) and issubclass(makes, Artifact)):
-        return f"pass class {obj.__qualname__} has no 'makes' (the Artifact type it produces)"
-    if inspect.isabstract(obj):
-        return f"pass class {obj.__qualname__} does not implement {', '.join(sorted(obj.__abstractmethods__))}"
-    return None
-
-
-def check_target(obj: Any) -> str | None:
-    """A target is a concrete subclass of :class:`distillc.target_api.Target` whose ``Config()``
-    needs no arguments (a spec's ``[target]`` may give nothing but ``use``)."""
-    if not (isinstance(obj, type) and issubclass(obj, Target)):
-        return f"expected a subclass of distillc.target_api.Target, got {obj!r}"
-    if not isinstance(getattr(obj, "name", None), str) or not obj.name:
-        return f"target class {obj.__qualname__} has no 'name'"
-    if inspect.isabstract(obj):
-        return f"target class {obj.__qualname__} does not implement {', '.join(sorted(obj.__abstractmethods__))}"
-    try:
-        obj.Config()
-    except ValidationError as exc:
-        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'Config'}: {e['msg']}" for e in exc.errors())
-        return f"{obj.__qualname__}.Config() cannot be built without arguments ({fields}); give every key a default"
-    except Exception as exc:
-        return f"{obj.__qualname__}.Config() cannot be built without arguments ({type(exc).__name__}: {exc})"
-    return None
-
-
 def check_builder(obj: Any) -> str | None:
     """A teacher or student architecture is a callable builder."""
     return None if callable(obj) else f"expected a callable builder, got {obj!r}"
 
 
-def check_dataset(obj: Any) -> str | None:
-    """A dataset source is a :class:`distillc.data_api.DatasetSource`."""
-    return None if isinstance(obj, DatasetSource) else f"expected a distillc.data_api.DatasetSource, got {obj!r}"
+@dataclass
+class Plugins:
+    """A plugin manager plus the registries its plugins filled (made by
+    :func:`distillc.plugin_manager.load_plugins`, one per compile)."""
+
+    pm: pluggy.PluginManager
+    passes: Registry
+    targets: Registry
+    teachers: Registry
+    students: Registry
+    datasets: Registry
+    #: plugin name -> "distribution version" (or "built-in") for listings.
+    origins: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def origin(self, plugin: str) -> str:
+        return self.origins.get(plugin, plugin)

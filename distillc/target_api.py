@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import abc
+import inspect
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class TargetConfig(BaseModel):
@@ -66,3 +67,22 @@ def int8_backend(makes: type, *, target: str, flash_kb: int | None, ram_kb: int 
         ("codegen.c", {"target": target, "flash_kb": flash_kb, "ram_kb": ram_kb}),
         *verify,
     ]
+
+
+def check_target(obj: Any) -> str | None:
+    """A target is a concrete subclass of :class:`distillc.target_api.Target` whose ``Config()``
+    needs no arguments (a spec's ``[target]`` may give nothing but ``use``)."""
+    if not (isinstance(obj, type) and issubclass(obj, Target)):
+        return f"expected a subclass of distillc.target_api.Target, got {obj!r}"
+    if not isinstance(getattr(obj, "name", None), str) or not obj.name:
+        return f"target class {obj.__qualname__} has no 'name'"
+    if inspect.isabstract(obj):
+        return f"target class {obj.__qualname__} does not implement {', '.join(sorted(obj.__abstractmethods__))}"
+    try:
+        obj.Config()
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'Config'}: {e['msg']}" for e in exc.errors())
+        return f"{obj.__qualname__}.Config() cannot be built without arguments ({fields}); give every key a default"
+    except Exception as exc:
+        return f"{obj.__qualname__}.Config() cannot be built without arguments ({type(exc).__name__}: {exc})"
+    return None

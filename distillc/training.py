@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,20 +20,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from distillc import distributed
+from distillc.distributed import pick_device  # the device of this process; training passes import it from here
 
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def pick_device() -> torch.device:
-    """CUDA when present (real users train on GPUs), else CPU.  ``DISTILLC_DEVICE`` overrides.
-
-    Under torchrun each process takes the GPU of its ``LOCAL_RANK`` (unless the override names one).
-    """
-    forced = os.environ.get("DISTILLC_DEVICE")
-    device = torch.device(forced or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None and distributed.launched():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -211,9 +201,14 @@ def run_epochs(*, progress: Any, checkpoint_dir: Path, description: str, epochs:
 
 
 def _save_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    # A name of its own: a compile never shares its temporary file with another writer.
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import pytest
 
 from distillc.errors import PassError, SpecError
 from distillc.passes.backend import testing
-from distillc.passes.distill.matryoshka import ClassEmbeddings, write_class_embeddings_c
+from distillc.passes.distill.matryoshka import ClassEmbeddings, class_embeddings_extension
 from distillc.pipeline import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
@@ -128,9 +128,15 @@ def test_c_classify_equals_the_integer_reference(tmp_path, metric):
     bundle = tmp_path / "bundle"
     (bundle / "include").mkdir(parents=True)
     (bundle / "src").mkdir()
-    (bundle / "include" / "distillc_model.h").write_text(MINIMAL_HEADER)
-    entry = write_class_embeddings_c(bundle, classes.to_meta(), name="t", output_size=24)
+    ext = class_embeddings_extension(classes.to_meta(), name="t", output_size=24)
+    anchor = MINIMAL_HEADER.rindex("#ifdef __cplusplus")
+    (bundle / "include" / "distillc_model.h").write_text(MINIMAL_HEADER[:anchor] + ext.declarations
+                                                         + MINIMAL_HEADER[anchor:])
+    for rel, text in ext.sources.items():
+        (bundle / rel).write_text(text)
+    entry = ext.manifest
     assert entry["file"] == "src/distillc_classes.c" and entry["prototype_bytes"] == 7 * 24
+    assert list(ext.sources) == [entry["file"]] and ext.flash_bytes == entry["flash_bytes"]
     embeddings = np.random.default_rng(1).integers(-128, 128, size=(300, 24), dtype=np.int8)
     got = run_classify(bundle, embeddings, tmp_path / "work")
     for k, dim in enumerate(classes.dims):
@@ -142,11 +148,9 @@ def test_c_classify_equals_the_integer_reference(tmp_path, metric):
     testing.compile_for_cortex_m7(bundle, tmp_path / "arm")
 
 
-def test_output_width_must_match_the_class_embeddings(tmp_path):
-    (tmp_path / "include").mkdir()
-    (tmp_path / "include" / "distillc_model.h").write_text(MINIMAL_HEADER)
+def test_output_width_must_match_the_class_embeddings():
     with pytest.raises(PassError, match="outputs 10 values .* 24 wide"):
-        write_class_embeddings_c(tmp_path, random_classes("dot").to_meta(), name="t", output_size=10)
+        class_embeddings_extension(random_classes("dot").to_meta(), name="t", output_size=10)
 
 
 def test_a_module_with_a_head_saves_and_rebuilds_with_it(tmp_path):

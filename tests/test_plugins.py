@@ -18,7 +18,8 @@ from distillc.progress import SilentProgress
 from distillc.artifacts import TorchModel
 from distillc.pass_api import Pass
 from distillc.passes.eval.probe import LinearProbe
-from distillc.registry import Registry, check_pass
+from distillc.pass_api import check_pass
+from distillc.registry import Registry
 from distillc.target_api import Target, TargetConfig
 from tests.conftest import tiny_spec_text
 

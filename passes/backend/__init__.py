@@ -1,22 +1,26 @@
-"""distillc's INT8 backend: QCDQ ONNX -> integer Relax -> fused TIR kernels -> dependency-free C.
+"""Stage 4, the INT8 backend: QCDQ ONNX -> integer Relax -> fused TIR kernels -> dependency-free C.
 
-Stages (each a plain function; the core wraps them as passes):
+The stage takes an ``OnnxModel`` (QCDQ) and makes a ``Bundle``, through three cached steps:
+``tvm.int8`` (``tvm_int8.py``: ``OnnxModel -> Int8Program``, kernel C + call sequence + weights),
+``plan-memory`` (``Int8Program -> Int8Program`` with the arena plan) and ``codegen.c``
+(``codegen_c.py``: ``Int8Program -> Bundle``; features add C through ``codegen.CExtension``).
+The library under them is plain functions:
 
-==============  ===============================================  =================================
-pass            function                                         artifact out
-==============  ===============================================  =================================
-``tvm.import``  :func:`import_onnx` (ONNX path -> IRModule)      Relax, QCDQ as quantize/dequantize
-``tvm.int8``    :func:`lower_int8` (IRModule -> IRModule)        fused, scheduled int8 TIR kernels
-                :func:`build_program` (IRModule -> Program)      kernel C + call sequence + weights
-``plan-memory`` :func:`plan_memory` (Program -> MemoryPlan)      arena offsets, arena floor
-``codegen.c``   :func:`emit_c` (Program, dir -> manifest dict)   include/ + src/ of the bundle
-==============  ===============================================  =================================
+==================  =============================================  ===============================
+used by             function                                       result
+==================  =============================================  ===============================
+``tvm.int8``        :func:`import_onnx` (ONNX path -> IRModule)    Relax, QCDQ as quantize/dequantize
+``tvm.int8``        :func:`lower_int8` (IRModule -> IRModule)      fused, scheduled int8 TIR kernels
+``tvm.int8``        :func:`build_program` (IRModule -> Program)    kernel C + call sequence + weights
+``plan-memory``     :func:`plan_memory` (Program -> MemoryPlan)    arena offsets, arena floor
+``codegen.c``       :func:`emit_c` (Program, dir -> manifest)      include/ + src/ of the bundle
+==================  =============================================  ===============================
 
 :func:`compile_onnx_to_bundle` runs them all.  A ``Program`` and a ``MemoryPlan`` serialize
 (``Program.save/load``, ``MemoryPlan.to_dict/from_dict``); TVM 0.27 cannot serialize a Relax
 module holding constants, so a cache should store the ONNX file and the Program, not IRModules.
 Heavy imports (tvm, torch, brevitas) happen inside the functions, so importing this package is
-cheap.
+cheap.  ``testing.py`` builds random QCDQ networks for the tests.
 """
 
 from __future__ import annotations

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from distillc import __version__, hookimpl
 from distillc.artifacts import Bundle, Int8Program
-from distillc.errors import TargetError
+from distillc.errors import PassError, TargetError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
-from distillc.pipeline import dist_version
+from distillc.spec import NAME_PATTERN
+from distillc.cache import dist_version
 from distillc.passes.backend.tvm_int8 import require_plan
 
 
@@ -30,38 +31,43 @@ class CodegenC(Pass):
     makes = Bundle
     uses_data = True  # the bundle's example input is a validation image
     tools = ("apache-tvm",)
+    planned = ("model_name", "inputs")
 
     class Config(PassConfig):
         target: str = Field("host", description="target name, recorded in the manifest")
         flash_kb: int | None = Field(None, ge=1, description="flash budget for weights (KiB)")
         ram_kb: int | None = Field(None, ge=1, description="RAM budget for the arena (KiB)")
+        model_name: str = Field("model", pattern=NAME_PATTERN, max_length=64,
+                                description="the bundle's name (DISTILLC_MODEL_NAME, the manifest's name, the "
+                                            "programs its builds make); the planner fills in the spec's name")
+        inputs: Literal["data", "random"] = Field(
+            "data", description="the example input: the first validation image ('data') or seeded random int8 "
+                                "values ('random'; the planner's choice for an ONNX student with no [data])")
 
     def run(self, artifact: Int8Program, ctx: PassContext) -> PassResult:
         from distillc.passes.backend.codegen import emit_c
+        from distillc.passes.backend.program import Program
         from distillc.targets.bundle_files import write_bundle_build_files
 
         cfg = self.config
         plan = require_plan(artifact, self.name)
         bundle = ctx.scratch / "bundle"
-        entries = emit_c(artifact.program(), bundle, name=ctx.spec.name, plan=plan, pass_name=self.name)
-        classes = artifact.meta.get("matryoshka")
-        if classes:  # Matryoshka class embeddings and distillc_classify (see passes/distill/matryoshka.py)
-            from distillc.passes.distill.matryoshka import write_class_embeddings_c
-
-            output_size = int(math.prod(entries["output"]["shape"]))
-            entries["class_embeddings"] = write_class_embeddings_c(bundle, classes, name=ctx.spec.name,
-                                                                   output_size=output_size, pass_name=self.name)
-            entries["memory"]["class_embeddings_bytes"] = entries["class_embeddings"]["flash_bytes"]
-            entries["files"] = sorted([*entries["files"], entries["class_embeddings"]["file"]])
-        self.check_budget(entries["memory"])
-        example = quantize_inputs(ctx.data.val_x[:1].numpy(), entries["input"])
-        write_bundle_build_files(bundle, name=ctx.spec.name, example_inputs=example)
+        program = Program.load(artifact.path)
+        extensions = bundle_extensions(ctx.plugins, artifact.meta, name=cfg.model_name,
+                                       output_size=int(math.prod(program.quant["output"]["shape"])),
+                                       pass_name=self.name)
+        entries = emit_c(program, bundle, name=cfg.model_name, plan=plan, pass_name=self.name,
+                         extensions=extensions)
+        self.check_budget(entries["memory"], [ext.name for ext in extensions])
+        example = model_inputs(ctx, cfg.inputs, entries["input"], 1, pass_name=self.name)
+        write_bundle_build_files(bundle, name=cfg.model_name, example_inputs=example)
         manifest = {
-            "name": ctx.spec.name,
+            "name": cfg.model_name,
             "versions": {"distillc": __version__, **{t: dist_version(t) for t in ("apache-tvm", "torch", "brevitas", "onnx")}},
             "target": {"name": cfg.target, "flash_kb": cfg.flash_kb, "ram_kb": cfg.ram_kb},
             **entries,
-            "matryoshka_dims": classes["dims"] if classes else artifact.meta.get("matryoshka_dims", []),
+            "matryoshka_dims": (entries["class_embeddings"]["dims"] if "class_embeddings" in entries
+                                else artifact.meta.get("matryoshka_dims", [])),
             "verification": {},
         }
         write_manifest(bundle, manifest)
@@ -71,11 +77,13 @@ class CodegenC(Pass):
                            "weights_bytes": memory["weights_bytes"], "kernels": entries["kernels"],
                            "macs": entries["macs"]})
 
-    def check_budget(self, memory: dict[str, Any]) -> None:
+    def check_budget(self, memory: dict[str, Any], extension_names: list[str] = ()) -> None:
+        """Flash (weights + every extension's flash) and arena RAM against the budgets; every violation."""
         violations = []
-        flash = memory["weights_bytes"] + memory.get("class_embeddings_bytes", 0)
+        extras = [k.replace("_", " ") for k in extension_names]
+        flash = memory["weights_bytes"] + sum(memory[f"{k}_bytes"] for k in extension_names)
         if self.config.flash_kb is not None and flash > self.config.flash_kb * 1024:
-            what = "weights and class embeddings" if memory.get("class_embeddings_bytes") else "weights"
+            what = " and ".join(["weights", *extras])
             violations.append(f"{what} need {flash} B of flash, the target has "
                               f"{self.config.flash_kb * 1024} B (flash_kb = {self.config.flash_kb})")
         if self.config.ram_kb is not None and memory["arena_bytes"] > self.config.ram_kb * 1024:
@@ -83,6 +91,26 @@ class CodegenC(Pass):
                               f"{self.config.ram_kb * 1024} B (ram_kb = {self.config.ram_kb})")
         if violations:
             raise TargetError(self.config.target, violations)
+
+
+def model_inputs(ctx: PassContext, inputs: str, quant: dict[str, Any], count: int, *, pass_name: str) -> Any:
+    """``count`` int8 inputs in the model's input shape (``quant["shape"]``, batch first).
+
+    ``inputs = "data"``: the first validation images, quantized as the model's input expects;
+    ``"random"``: int8 values drawn uniformly from the input's whole quantized range (-128..127),
+    seeded by the spec's seed (the planner's choice for an ONNX student with no ``[data]``).
+    """
+    import numpy as np
+
+    shape = tuple(int(d) for d in quant["shape"][1:])
+    if inputs == "random":
+        return np.random.default_rng(ctx.seed).integers(-128, 128, size=(count, *shape), dtype=np.int8)
+    images = ctx.data.val_x[:count].numpy()
+    if tuple(images.shape[1:]) != shape:
+        raise PassError(pass_name, f"the validation images are {'x'.join(map(str, images.shape[1:]))}, the model "
+                                   f"takes {'x'.join(map(str, shape))}: set [data] channels and image_size to the "
+                                   f"model's input, or leave [data] out to use random inputs")
+    return quantize_inputs(images, quant)
 
 
 def quantize_inputs(x: Any, quant: dict[str, Any]) -> Any:
@@ -95,6 +123,34 @@ def quantize_inputs(x: Any, quant: dict[str, Any]) -> Any:
 
 def write_manifest(bundle: Any, manifest: dict[str, Any]) -> None:
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def bundle_extensions(plugins: Any, meta: dict[str, Any], *, name: str, output_size: int,
+                      pass_name: str) -> list[Any]:
+    """The C every registered pass adds for this model (``CExtension``s, by pass name order).
+
+    A pass offers C through a ``c_extension(meta, *, name, output_size, pass_name)`` static or
+    class method returning a :class:`~distillc.passes.backend.codegen.CExtension` or None; it
+    reads what an earlier pass of its own left in the model's ``meta`` (the Matryoshka pass:
+    ``meta["matryoshka"]``).  So the backend imports no distillation pass, and a plugin's pass
+    may add C the same way.  A method inherited unchanged by a subclass is asked once.
+    """
+    seen: set[Any] = set()
+    extensions: dict[str, Any] = {}
+    for entry in plugins.passes:
+        method = getattr(entry.obj, "c_extension", None)
+        func = getattr(method, "__func__", method)
+        if method is None or func in seen:
+            continue
+        seen.add(func)
+        ext = method(meta, name=name, output_size=output_size, pass_name=pass_name)
+        if ext is None:
+            continue
+        if ext.name in extensions:
+            raise PassError(pass_name, f"two passes add a bundle extension named {ext.name!r} "
+                                       f"(the second: {entry.name!r})")
+        extensions[ext.name] = ext
+    return list(extensions.values())
 
 
 @hookimpl

@@ -57,8 +57,9 @@ class PlanMemory(Pass):
 
     def run(self, artifact: Int8Program, ctx: PassContext) -> PassResult:
         from distillc.passes.backend.memory import check_plan, plan_memory
+        from distillc.passes.backend.program import Program
 
-        program = artifact.program()
+        program = Program.load(artifact.path)
         plan = plan_memory(program, pass_name=self.name)
         check_plan(program, plan, pass_name=self.name)
         if plan.above_floor:

@@ -53,6 +53,9 @@ class ClipMatryoshka(MatryoshkaPass):
         # sha256 of each class-embedding file given, read when the spec is validated (see
         # ClipMatryoshka.linked_key): its content, not its path, decides what the pass makes.
         _file_sha256: dict[str, str] = PrivateAttr(default_factory=dict)
+        # Where each file given lies, resolved against the spec's folder when the spec is validated
+        # (the pass never sees the spec; the file's content hash is what is in the key).
+        _file_path: dict[str, Path] = PrivateAttr(default_factory=dict)
 
         @model_validator(mode="after")
         def _source_files(self) -> "ClipMatryoshka.Config":
@@ -72,13 +75,15 @@ class ClipMatryoshka(MatryoshkaPass):
             """Hash the class-embedding file, resolved like the spec resolves paths (relative to its
             folder, given as the validation context's ``spec_root``).  A missing file is left to
             the run, which names it."""
-            from distillc.pipeline import file_sha256
+            from distillc.cache import file_sha256
 
             root = (info.context or {}).get("spec_root")
             for key in ("text_tokens", "embeddings_file"):
                 given = getattr(self, key)
-                if root is not None and given is not None and (Path(root) / given).is_file():
-                    self._file_sha256[key] = file_sha256(Path(root) / given)
+                if root is not None and given is not None:
+                    self._file_path[key] = (Path(root) / given).resolve()
+                    if self._file_path[key].is_file():
+                        self._file_sha256[key] = file_sha256(self._file_path[key])
             return self
 
     def linked_key(self) -> dict[str, Any]:
@@ -125,7 +130,7 @@ class ClipMatryoshka(MatryoshkaPass):
 
     def _file(self, ctx: PassContext, key: str) -> Path:
         given = getattr(self.config, key)
-        path = ctx.spec.resolve(given)
+        path = self.config._file_path.get(key) or (Path(given).resolve() if given is not None else None)
         if path is None or not path.is_file():
             raise PassError(self.name, f"{key}: file not found: {str(given)!r} (looked at {path})")
         return path

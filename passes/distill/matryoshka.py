@@ -86,6 +86,22 @@ class MatryoshkaPass(Pass):
     #: Remove the targets' mean before training (off where the target space itself matters).
     center_targets: bool = True
 
+    @staticmethod
+    def c_extension(meta: dict[str, Any], *, name: str, output_size: int, pass_name: str) -> Any:
+        """``codegen.c`` asks every pass for C to add to the bundle: the class embeddings and
+        ``distillc_classify`` when the model carries them (``meta["matryoshka"]``)."""
+        info = meta.get("matryoshka")
+        if not info:
+            return None
+        return class_embeddings_extension(info, name=name, output_size=output_size, pass_name=pass_name)
+
+    @staticmethod
+    def attach_head(backbone: Any, recipe: dict[str, Any]) -> Any:
+        """Rebuild the head this pass adds on a fresh backbone (``TorchModel.fresh_module``)."""
+        from distillc.plugins.models.heads import attach_head
+
+        return attach_head(backbone, recipe)
+
     def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
         import torch
 
@@ -409,28 +425,27 @@ def zero_shot_top1(model: Any, data: Any, classes: ClassEmbeddings, dims: list[i
 # -- C ----------------------------------------------------------------------------------------------
 
 
-def write_class_embeddings_c(bundle: Path, info: dict[str, Any], *, name: str, output_size: int,
-                             pass_name: str = "codegen.c") -> dict[str, Any]:
-    """Write ``src/distillc_classes.c`` and declare it in ``include/distillc_model.h``.
+def class_embeddings_extension(info: dict[str, Any], *, name: str, output_size: int,
+                               pass_name: str = "codegen.c") -> Any:
+    """The bundle extension (a ``CExtension``) holding the class embeddings and
+    ``distillc_classify``: ``src/distillc_classes.c`` and its declarations in the public header.
 
-    ``info`` is ``meta["matryoshka"]``.  Returns the manifest's ``class_embeddings`` entry.
+    ``info`` is ``meta["matryoshka"]``; the manifest gets it as ``class_embeddings``.
     """
+    from distillc.passes.backend.codegen import CExtension
+
     classes = ClassEmbeddings.from_meta(info)
     if classes.embed_dim != output_size:
         raise PassError(pass_name, f"the model outputs {output_size} values but its Matryoshka class embeddings "
                                    f"are {classes.embed_dim} wide")
-    header = bundle / "include" / "distillc_model.h"
-    text = header.read_text()
-    anchor = text.rfind("#ifdef __cplusplus")
-    if anchor < 0:
-        anchor = text.rfind("#endif")
-    header.write_text(text[:anchor] + _class_declarations(classes) + "\n" + text[anchor:], encoding="utf-8")
-    (bundle / CLASSES_SOURCE).write_text(_class_source(classes, name), encoding="utf-8", newline="\n")
     flash = classes.values.size + 4 * (len(classes.classes) + len(classes.dims) * (len(classes.classes) + 1))
     flash += sum(len(n.encode()) + 1 + 4 for n in classes.classes)
-    return {"classes": len(classes.classes), "embed_dim": classes.embed_dim, "dims": classes.dims,
-            "metric": classes.metric, "source": classes.source, "flash_bytes": int(flash),
-            "prototype_bytes": int(classes.values.size), "file": CLASSES_SOURCE}
+    entry = {"classes": len(classes.classes), "embed_dim": classes.embed_dim, "dims": classes.dims,
+             "metric": classes.metric, "source": classes.source, "flash_bytes": int(flash),
+             "prototype_bytes": int(classes.values.size), "file": CLASSES_SOURCE}
+    return CExtension(name="class_embeddings", declarations=_class_declarations(classes),
+                      sources={CLASSES_SOURCE: _class_source(classes, name)}, manifest=entry,
+                      flash_bytes=int(flash))
 
 
 def _class_declarations(classes: ClassEmbeddings) -> str:

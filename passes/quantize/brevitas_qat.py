@@ -110,6 +110,21 @@ class BrevitasQat(Pass):
             return self._source.teachers()
         return [self.config.teacher] if self.config.teacher is not None else []
 
+    @classmethod
+    def rebuild_quantized(cls, artifact: QuantTorchModel, float_model: Any) -> Any:
+        """The quantized module of ``artifact`` (this pass's output) on a fresh float module: the
+        same Brevitas graph quantization, then the stored state (``QuantTorchModel.build``)."""
+        import torch
+
+        from distillc.passes.quantize.brevitas_model import quantize
+
+        size = artifact.options["image_size"]
+        shape = (0, artifact.options.get("in_chans", 3), size, size)
+        quant = {k: v for k, v in artifact.quant.items() if k != "pass"}
+        qmodel = quantize(float_model, torch.zeros(shape), **quant)
+        qmodel.load_state_dict(artifact.state, strict=True)
+        return qmodel
+
     def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
         import torch
 

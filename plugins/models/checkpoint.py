@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from distillc.errors import DistillcError, SpecError
 
@@ -137,7 +136,7 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: 
     "resized": [descriptions]}``.
     """
     from distillc.plugins.models.keymaps import apply_key_rules
-    from distillc.plugins.models.vit import VisionTransformer
+    from distillc.plugins.models.vit import VisionTransformer, resize_pos_embed
 
     state = dict(state_dict)
     expected = model.state_dict()
@@ -178,29 +177,6 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: 
     model.load_state_dict(state, strict=True)
     info["loaded"] = len(expected)
     return info
-
-
-def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """Resample a (1, 1 + g*g, D) position embedding to (1, 1 + grid*grid, D).
-
-    The CLS position is kept; the g x g patch positions are interpolated bicubically
-    (antialiased when shrinking, as timm does). Returns the input unchanged when it already
-    fits, or when it is not a square-grid embedding with a CLS token (the shape check in
-    :func:`load_into` then reports it).
-    """
-    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
-        return pos_embed
-    patches = pos_embed.shape[1] - 1
-    old_grid = int(round(patches ** 0.5))
-    if old_grid < 1 or old_grid * old_grid != patches or old_grid == grid:
-        return pos_embed
-    dim = pos_embed.shape[2]
-    cls_part, patch_part = pos_embed[:, :1], pos_embed[:, 1:]
-    patch_part = patch_part.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
-    patch_part = F.interpolate(patch_part, size=(grid, grid), mode="bicubic",
-                               align_corners=False, antialias=grid < old_grid)
-    patch_part = patch_part.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
-    return torch.cat([cls_part, patch_part], dim=1)
 
 
 def _listing(items: list[str]) -> str:

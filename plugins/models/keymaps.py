@@ -143,7 +143,7 @@ def resize_clip_positional_embedding(expected: State, state: State, info: dict, 
     grid = int(round((want.shape[0] - 1) ** 0.5))
     if grid * grid != want.shape[0] - 1:
         return
-    from distillc.plugins.models.checkpoint import resize_pos_embed
+    from distillc.plugins.models.vit import resize_pos_embed
 
     new = resize_pos_embed(old.unsqueeze(0), grid).squeeze(0)
     if new.shape == want.shape:
