@@ -15,7 +15,7 @@ from pydantic import Field
 
 from distillc import hookimpl
 from distillc.artifacts import OnnxModel, TorchModel
-from distillc.errors import PassError
+from distillc.errors import PassError, SpecError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 
 
@@ -175,6 +175,26 @@ class StudentOnnx(Pass):
     class Config(PassConfig):
         path: str = Field(exclude=True)
         sha256: str
+        # The spec's [data] images (channels, height, width), filled in by the planner when the spec
+        # has a [data] section; only checked against the model (link), so not in the key.
+        data_shape: list[int] | None = Field(None, exclude=True)
+
+    def link(self, upstream: Any, source: str) -> None:
+        """A spec that gives [data] must give images the model takes: the validation images are
+        its example and verification inputs.  (With no [data] the backend uses random inputs.)"""
+        given = self.config.data_shape
+        model = _onnx_input_dims(self.config.path)
+        if given is None or model is None or _fits(model, given):
+            return
+        channels, size = given[0], given[1]
+        wanted = "x".join(str(d) for d in model[1:])
+        if len(model) == 4 and isinstance(model[1], int) and isinstance(model[2], int) and model[2] == model[3]:
+            fix = f"set data.channels = {model[1]} and data.image_size = {model[2]}, or leave [data] out"
+        else:  # [data] images are square: channels x image_size x image_size
+            fix = "no [data] images fit it; leave [data] out"
+        raise SpecError(f"{source}.onnx: {Path(self.config.path).name} takes {wanted} inputs, but [data] gives "
+                        f"{channels}x{size}x{size} images (data.channels = {channels}, data.image_size = {size}): "
+                        f"{fix} to verify with random inputs")
 
     def run(self, artifact: None, ctx: PassContext) -> PassResult:
         import onnx
@@ -186,6 +206,27 @@ class StudentOnnx(Pass):
             raise PassError(self.name, f"{self.config.path} is not a valid ONNX model: {exc}") from None
         return PassResult(OnnxModel(path=Path(self.config.path), meta={"source": self.config.path}),
                           {"nodes": len(model.graph.node)})
+
+
+def _onnx_input_dims(path: str) -> list[int | str] | None:
+    """The first graph input's dims (an int, or the name of a symbolic dim); None if unreadable
+    (the run reports that)."""
+    try:
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+        weights = {t.name for t in graph.initializer}
+        first = next(i for i in graph.input if i.name not in weights)
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in first.type.tensor_type.shape.dim]
+    except Exception:
+        return None
+
+
+def _fits(model: list[int | str], image: list[int]) -> bool:
+    """Whether images of shape ``image`` (C, H, W) fit a model input ``model`` (N, C, H, W; a
+    symbolic dim fits anything)."""
+    return len(model) == 4 and all(isinstance(m, str) or m == d for m, d in zip(model[1:], image))
 
 
 @hookimpl

@@ -48,3 +48,54 @@ def test_random_convnets_cover_the_lowered_ops():
     assert pools == {(2, 2), (3, 1)}
     assert any(getattr(block, "residual", False) for seed, _, _ in CASES
                for block in testing.random_convnet(seed)[0].modules())
+
+
+#: (seed, channels, size): ONNX students whose input is not the default data's 3x32x32
+ONNX_STUDENTS = [(0, 1, 24), (1, 1, 8), (2, 3, 20)]
+
+
+@pytest.mark.parametrize("seed,channels,size", ONNX_STUDENTS)
+def test_an_onnx_student_with_no_data_is_verified_on_random_inputs_of_its_own_shape(seed, channels, size, tmp_path):
+    """A QCDQ model given as ``[student] onnx`` with no [data]: the example and verification inputs
+    follow the model's input (seeded random int8 values), whatever its channels and size."""
+    import json
+
+    from distillc.pipeline import compile_spec
+    from distillc.progress import SilentProgress
+
+    testing.random_qcdq(seed, tmp_path / "student.onnx", in_channels=channels, size=size)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'[distillc]\nspec_version = 1\nname = "onnx-{channels}x{size}"\nseed = {seed}\n'
+                    '[student]\nonnx = "student.onnx"\n[target]\nuse = "host"\n'
+                    '[target.backend."verify.host"]\nimages = 4\n')
+    result = compile_spec(spec, progress=SilentProgress())
+    assert result.ran == ["student", "tvm.int8", "plan-memory", "codegen.c", "verify.host"]
+    bundle = result.final_path
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["input"]["shape"] == [1, channels, size, size]
+    host = manifest["verification"]["host"]
+    assert host["images"] == 4 and host["max_lsb"] <= 1
+    header = (bundle / "include" / "distillc_model.h").read_text()
+    assert f"#define DISTILLC_INPUT_SIZE {channels * size * size}" in header
+
+
+def test_data_that_does_not_fit_an_onnx_student_is_a_plan_error(tmp_path):
+    """Given [data], its images are the model's inputs: images the model cannot take are refused
+    before anything runs, naming the keys to change."""
+    from distillc.errors import SpecError
+    from distillc.pipeline import build_plan
+    from distillc.plugin_manager import load_plugins
+    from distillc.spec import load_spec
+
+    testing.random_qcdq(0, tmp_path / "student.onnx", in_channels=1, size=24)
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[distillc]\nspec_version = 1\nname = "misfit"\n[data]\nsource = "sklearn-digits"\n'
+                    '[student]\nonnx = "student.onnx"\n')
+    plugins = load_plugins()
+    with pytest.raises(SpecError, match=r"student\.onnx: student\.onnx takes 1x24x24 inputs, but \[data\] gives "
+                                        r"3x32x32 images \(data\.channels = 3, data\.image_size = 32\): set "
+                                        r"data\.channels = 1 and data\.image_size = 24"):
+        build_plan(load_spec(spec, plugins), plugins)
+    spec.write_text(spec.read_text().replace('source = "sklearn-digits"', 'channels = 1\nimage_size = 24'))
+    plan = build_plan(load_spec(spec, plugins), plugins)
+    assert plan.step("verify.host", option="plan").pass_.config.inputs == "data"

@@ -247,3 +247,28 @@ def test_resumed_training_shows_resumed_from_only_once(tmp_path):
     assert [line.split("  ")[1] for line in lines] == ["distill: epoch 2/4", "distill: epoch 3/4", "distill: epoch 4/4"]
     assert sum("resumed from 2" in line for line in lines) == 1 and "resumed from" in lines[0]
     assert "loss" in lines[-1] and "resumed" not in lines[-1]
+
+
+def test_specs_differing_only_in_name_each_get_their_own_bundle_name(write_spec):
+    """The spec's name enters codegen.c's config (so its key): a second spec in the same folder (one
+    cache) that differs only in name re-runs codegen.c and what follows, never training, and each
+    bundle carries its own name."""
+    first = write_spec(tiny_spec_text(), "first.toml")
+    second = write_spec(tiny_spec_text().replace('name = "tiny"', 'name = "tiny-two"'), "second.toml")
+    compile_(first)
+    assert compile_(second).ran == ["codegen.c", "verify.host"]
+    for name in ("tiny", "tiny-two"):
+        bundle = first.parent / "build" / name / "bundle"
+        assert json.loads((bundle / "manifest.json").read_text())["name"] == name
+        assert f'#define DISTILLC_MODEL_NAME "{name}"' in (bundle / "include" / "distillc_model.h").read_text()
+
+
+def test_a_pass_context_holds_no_spec():
+    """A pass sees only what its cache key covers: the context has no door to the whole spec."""
+    import dataclasses
+
+    from distillc.pass_api import PassContext
+
+    fields = {f.name for f in dataclasses.fields(PassContext)}
+    assert "spec" not in fields and not hasattr(PassContext, "spec")
+    assert "seed" in fields

@@ -8,7 +8,6 @@ example program is ``examples/main.c``, written by the targets.
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -104,10 +103,6 @@ def compile_for_cortex_m7(bundle_dir, work_dir, *, cc: str = "arm-none-eabi-gcc"
     return objects
 
 
-def have_tool(name: str) -> bool:
-    return shutil.which(name) is not None
-
-
 def run_driver(exe, inputs: np.ndarray, work_dir, *, mode: str = "int8") -> np.ndarray:
     """Run ``inputs`` (N records) through the compiled driver; returns the N output records."""
     work_dir = Path(work_dir)
@@ -154,26 +149,35 @@ def bundle_outputs(exe, manifest: dict, q_inputs: np.ndarray, work_dir) -> np.nd
 def random_bundle(seed: int, folder, *, weight_bits: int = 8, act_bits: int = 8) -> tuple:
     """:func:`random_convnet` ``seed`` through Brevitas (calibrated on 32 seeded images), QCDQ
     export and the backend into ``folder/bundle``; returns ``(onnx_path, manifest)``."""
+    from . import compile_onnx_to_bundle
+
+    onnx_path = random_qcdq(seed, Path(folder) / "model.onnx", weight_bits=weight_bits, act_bits=act_bits)
+    return onnx_path, compile_onnx_to_bundle(onnx_path, Path(folder) / "bundle", name=f"random{seed}")
+
+
+def random_qcdq(seed: int, path, *, weight_bits: int = 8, act_bits: int = 8, in_channels: int | None = None,
+                size: int | None = None) -> Path:
+    """:func:`random_convnet` ``seed`` through Brevitas (calibrated on 32 seeded images) into a QCDQ
+    ONNX file at ``path``; returns ``path``."""
     import torch
 
-    from . import compile_onnx_to_bundle, export_qcdq, quantize
+    from . import export_qcdq, quantize
 
-    folder = Path(folder)
-    model, shape = random_convnet(seed)
+    model, shape = random_convnet(seed, in_channels=in_channels, size=size)
     torch.manual_seed(seed)
     calib = torch.randn(32, *shape[1:])
     qmodel = quantize(model, calib, weight_bits=weight_bits, act_bits=act_bits)
-    onnx_path = export_qcdq(qmodel, calib[:1], folder / "model.onnx")
-    return onnx_path, compile_onnx_to_bundle(onnx_path, folder / "bundle", name=f"random{seed}")
+    return export_qcdq(qmodel, calib[:1], Path(path))
 
 
-def random_convnet(seed: int):
+def random_convnet(seed: int, *, in_channels: int | None = None, size: int | None = None):
     """A small random conv net and its input shape ``(1, C, H, W)``.
 
     Built from the ops the backend lowers: conv k1/k3 with stride 1/2, depthwise conv,
     BatchNorm (folded by Brevitas), ReLU/ReLU6, residual adds, average pooling, max pooling
     (2x2 stride 2, or 3x3 stride 1 padded), global average pooling and a final linear layer;
-    channels 4..24, input 8..20 px.
+    channels 4..24, input 8..20 px (``in_channels`` and ``size`` fix the input instead: the
+    rest of the net is drawn as for ``seed``).
     """
     import torch
     from torch import nn
@@ -181,7 +185,8 @@ def random_convnet(seed: int):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     in_ch = rng.choice([1, 3, 4])
-    size = rng.randint(8, 20)
+    drawn_size = rng.randint(8, 20)
+    in_ch, size = in_channels or in_ch, size or drawn_size
     specs = []
     channels, spatial = rng.randint(4, 24), size
     specs.append(("conv", in_ch, channels, 3, 1, "relu"))

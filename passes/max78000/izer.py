@@ -6,15 +6,24 @@ not on the package registry.  This pass writes what izer takes, into the bundle'
 
 * ``network.yaml``: one entry per convolution, with the pooling before it fused in
   (``max_pool``/``avg_pool``, ``pool_stride``), ``pad``, ``kernel_size``, ``activate``,
-  ``processors`` (one bit per input channel; more than 64 channels are processed in passes)
-  and ``out_offset`` (ping-pong between 0 and 0x2000);
+  ``processors`` (one bit per input channel; more than 64 channels are processed in passes),
+  ``quantization`` (the layer's weight bits) and ``out_offset``: the input lies at 0 and each
+  layer writes its output at the other end of the 32 KiB data memory instance from its input
+  (:func:`~distillc.passes.max78000.memory.data_offsets`), so that they never overlap;
 * ``<name>-q8.pth.tar``: a quantized checkpoint as izer's ``checkpoint.py`` reads it
   (``epoch``, ``arch``, ``state_dict`` with ``<layer>.op.weight`` as integers in float tensors,
-  ``<layer>.op.bias`` as 8-bit integers times 128, ``<layer>.weight_bits``,
-  ``<layer>.output_shift``, in layer order).  It is a ``torch.save`` file (a pickle) because
-  that is izer's format; distillc itself never reads pickles;
+  ``<layer>.op.bias`` as 8-bit integers times ``2**(bits-1)``, ``<layer>.weight_bits``,
+  ``<layer>.output_shift`` less izer's implicit ``8 - bits``, in layer order).  It is a
+  ``torch.save`` file (a pickle) because that is izer's format; distillc itself never reads pickles;
 * ``sample_<dataset>.npy``: one validation image as izer's sample input (int64, CHW, -128..127);
+* ``expected_<dataset>.npy``: the last layer's int8 map for that sample (int64, CHW) as
+  :func:`simulate` computes it, to compare with izer's own known answer;
 * ``README.md``: how to run izer on them.
+
+Each layer keeps the weight width of the ONNX model (Brevitas puts a ``Clip`` to -7..7 on 4-bit
+weights): 8 bits, or 1, 2 or 4 (3-bit weights are stored in 4).  ``check.max78000`` counts the
+same widths, and both place kernels and data with :mod:`distillc.passes.max78000.memory`, so a
+network the check passes is one this pass can write.
 
 The layers come from the bundle's QCDQ ONNX model (Brevitas folded BatchNorm into the weights
 and calibrated every activation scale).  izer's arithmetic differs from the bundle's: per-layer
@@ -26,7 +35,8 @@ so 0..127 spans the same range as the ONNX model's 0..255; the ONNX scale of an 
     izer computes   out = clamp(floor(0.5 + (sum x*w + 128*b) * 2**shift / 128))
     so              w = round(W * t_in / t_out * 128 / 2**shift),   b = round(B / (t_out * 2**shift))
 
-with ``shift`` the smallest in -15..15 for which every ``w`` and ``b`` fits 8 bits.  The global
+with ``shift`` the smallest in -15..15 for which every ``w`` fits the layer's weight bits and
+every ``b`` fits 8 bits.  The global
 average pool that ends an ai8x-cnn student, and the output quantization after it, run on the
 Cortex-M4F.  :func:`simulate` computes the converted network the way izer's own simulator does
 (ai8x-synthesis ``izer/compute.py``); the pass compares its embeddings with onnxruntime's on
@@ -47,13 +57,13 @@ from distillc import hookimpl
 from distillc.artifacts import Bundle
 from distillc.errors import PassError, TargetError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
-from distillc.passes.backend.codegen_c import quantize_inputs, write_manifest
+from distillc.passes.backend.codegen_c import model_inputs, write_manifest
+from distillc.passes.max78000.memory import (LayerShape, data_offsets, kernel_offsets, kernel_slots,
+                                              processors_for, stored_weight_bits)
+from distillc.spec import NAME_PATTERN
 
-#: izer's output shift range (``ai8x.py``: clamp to -15..15).
+#: izer's output shift range (``ai8x.py``: clamp to -15..15), implicit shift of narrow weights included.
 MAX_SHIFT = 15
-#: Data memory offsets the layers' outputs alternate between (as in ai8x-synthesis' examples).
-OUT_OFFSETS = (0x2000, 0x0000)
-PROCESSORS = 64
 
 
 @dataclass
@@ -62,15 +72,17 @@ class IzerLayer:
 
     name: str
     node: str  # the ONNX Conv node
-    weight: Any  # int64 array (out, in, k, k), -128..127
-    bias: Any  # int64 array (out,), -128..127 (the checkpoint stores 128 times these)
-    shift: int
+    weight: Any  # int64 array (out, in, k, k), -2**(weight_bits-1) .. 2**(weight_bits-1)-1
+    bias: Any  # int64 array (out,), -128..127 (the checkpoint stores 2**(weight_bits-1) times these)
+    shift: int  # the hardware's output shift (izer's implicit 8 - weight_bits included)
     kernel: int
     pad: int
     relu: bool
     pool: str | None = None  # "max" | "avg"
     pool_size: int = 0
     pool_stride: int = 0
+    weight_bits: int = 8  # 1, 2, 4 or 8
+    in_size: tuple[int, int] = (1, 1)  # (rows, columns) of the map the layer reads (before its pooling)
 
     @property
     def in_channels(self) -> int:
@@ -79,6 +91,19 @@ class IzerLayer:
     @property
     def out_channels(self) -> int:
         return int(self.weight.shape[0])
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """(rows, columns) of the map the layer writes."""
+        size = self.in_size
+        if self.pool:
+            size = tuple((side - self.pool_size) // self.pool_stride + 1 for side in size)
+        return tuple(side + 2 * self.pad - self.kernel + 1 for side in size)
+
+    def shape(self) -> LayerShape:
+        """The layer as izer's memory placement sees it (see :mod:`distillc.passes.max78000.memory`)."""
+        return LayerShape(self.node, self.in_channels, self.out_channels, self.kernel * self.kernel,
+                          self.weight_bits, math.prod(self.in_size), math.prod(self.out_size))
 
 
 @dataclass
@@ -105,7 +130,7 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
     import numpy as np
     import onnx
 
-    from distillc.passes.backend.onnx_graph import const_value, index, scale_of
+    from distillc.passes.backend.onnx_graph import const_value, index, scale_of, shape
     from distillc.passes.backend.onnx_graph import zero_points as quantizer_zero_points
 
     model = onnx.load(str(onnx_path))
@@ -131,6 +156,10 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
     if first_q is None:
         return net, ["the model's input is not quantized by a QuantizeLinear"]
     net.input_scale = float(const_value(model, first_q.input[1]))
+    dims = shape(model, graph.input[0].name)
+    if len(dims) != 4 or not all(dims[2:]):
+        return net, [f"the model's input has no fixed (batch, channels, rows, columns) shape: {list(dims)}"]
+    map_size = (int(dims[2]), int(dims[3]))  # of the map the next layer reads
     scale_in = net.input_scale  # real value of one unit of the current layer's input data
     previous = first_q.output[0]  # the quantized tensor the next layer must read
     convs = [n for n in graph.node if n.op_type == "Conv"]
@@ -191,11 +220,12 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
         weight = constant_values[conv.input[1]].astype(np.float64)
         bias = (constant_values[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2]
                 else np.zeros(weight.shape[0]))
-        w, b, shift = quantize_layer(weight, bias, t_in, t_out)
+        bits = _weight_bits(model, producer, conv.input[1])
+        w, b, shift = quantize_layer(weight, bias, t_in, t_out, bits=bits)
         net.layers.append(IzerLayer(name=f"conv{index}", node=where, weight=w, bias=b, shift=shift,
                                     kernel=kernel[0], pad=pads[0], relu=relu, pool=pool,
-                                    pool_size=pool_size, pool_stride=pool_stride))
-        scale_in, previous = t_out, quantized_out
+                                    pool_size=pool_size, pool_stride=pool_stride, weight_bits=bits, in_size=map_size))
+        scale_in, previous, map_size = t_out, quantized_out, net.layers[-1].out_size
     net.output_scale = scale_in
     if not convs:
         reasons.append("the model has no convolution")
@@ -208,24 +238,53 @@ def convert(onnx_path: Any) -> tuple[IzerNetwork, list[str]]:
                     for op in sorted(set(tail) - allowed)]
     if len(net.layers) > 32:
         reasons.append(f"{len(net.layers)} layers (at most 32)")
+    if net.layers and len(net.layers) == len(convs):  # where izer would put them (as check.max78000 counts)
+        shapes = layer_shapes(net)
+        reasons += data_offsets(shapes)[1] + kernel_offsets(shapes)[1]
     return net, reasons
 
 
-def quantize_layer(weight: Any, bias: Any, t_in: float, t_out: float) -> tuple[Any, Any, int]:
+def layer_shapes(net: IzerNetwork) -> list[LayerShape]:
+    """``net``'s layers as izer's memory placement sees them (``check.max78000`` describes the
+    PyTorch student the same way: ``distillc.passes.max78000.ai8x.max78000_layers``)."""
+    return [layer.shape() for layer in net.layers]
+
+
+def _weight_bits(model: Any, producer: dict, weight: str) -> int:
+    """The bits izer stores a conv's weights at: 8, or fewer where the ONNX model clips its integer
+    weights to a narrower range (Brevitas: ``Clip`` to -7..7 before the weights' DequantizeLinear
+    for 4 bits)."""
+    from distillc.passes.backend.onnx_graph import const_value
+
+    node = producer.get(weight)
+    clip = producer.get(node.input[0]) if node is not None and node.op_type == "DequantizeLinear" else None
+    if clip is None or clip.op_type != "Clip" or len(clip.input) < 3 or not clip.input[1] or not clip.input[2]:
+        return 8
+    try:
+        low, high = int(const_value(model, clip.input[1])), int(const_value(model, clip.input[2]))
+    except KeyError:  # bounds computed, not constants: keep the full width
+        return 8
+    magnitude = max(-low, high + 1, 1)
+    return stored_weight_bits(min(8, 1 + math.ceil(math.log2(magnitude))))
+
+
+def quantize_layer(weight: Any, bias: Any, t_in: float, t_out: float, *, bits: int = 8) -> tuple[Any, Any, int]:
     """Real weights/bias of a conv whose input unit is ``t_in`` and output unit ``t_out`` ->
-    izer's 8-bit ``w``, ``b`` and ``output_shift`` (see the module docstring)."""
+    izer's ``bits``-bit ``w``, 8-bit ``b`` and the hardware's output shift (see the module docstring;
+    the checkpoint's ``output_shift`` is this less izer's implicit ``8 - bits``)."""
     import numpy as np
 
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     w_real = weight * (t_in / t_out) * 128.0
     b_real = bias / t_out
     for shift in range(-MAX_SHIFT, MAX_SHIFT + 1):
         w = np.floor(w_real / 2.0**shift + 0.5)
         b = np.floor(b_real / 2.0**shift + 0.5)
-        if w.max(initial=0) <= 127 and w.min(initial=0) >= -128 and b.max(initial=0) <= 127 and b.min(initial=0) >= -128:
+        if w.max(initial=0) <= high and w.min(initial=0) >= low and b.max(initial=0) <= 127 and b.min(initial=0) >= -128:
             return w.astype(np.int64), b.astype(np.int64), shift
     # Out of range even at the largest shift: saturate (izer would refuse larger values).
     shift = MAX_SHIFT
-    return (np.clip(np.floor(w_real / 2.0**shift + 0.5), -128, 127).astype(np.int64),
+    return (np.clip(np.floor(w_real / 2.0**shift + 0.5), low, high).astype(np.int64),
             np.clip(np.floor(b_real / 2.0**shift + 0.5), -128, 127).astype(np.int64), shift)
 
 
@@ -334,26 +393,27 @@ def _conv(data: Any, weight: Any, pad: int) -> Any:
 # -- files --------------------------------------------------------------------------------------------
 
 
-def processors_for(channels: int) -> tuple[int, int]:
-    """(processor mask, passes) for a layer reading ``channels`` channels.
-
-    One processor per channel up to 64; beyond, the channels are read in passes by
-    ``ceil(channels / passes)`` processors rounded up to a multiple of 4 (ai8x-synthesis README).
-    """
-    passes = max(1, math.ceil(channels / PROCESSORS))
-    count = channels if passes == 1 else min(PROCESSORS, 4 * math.ceil(math.ceil(channels / passes) / 4))
-    return (1 << count) - 1, passes
-
-
 def network_yaml(net: IzerNetwork, *, arch: str, dataset: str) -> str:
-    """izer's network description (ai8x-synthesis ``izer/yamlcfg.py`` keys)."""
+    """izer's network description (ai8x-synthesis ``izer/yamlcfg.py`` keys).
+
+    Processors as :func:`~distillc.passes.max78000.memory.processors_for` (one per input channel
+    up to 64, then passes); ``out_offset`` from
+    :func:`~distillc.passes.max78000.memory.data_offsets`.  ``net`` must fit the data memory
+    (:func:`convert` lists it as a reason when it does not).
+    """
+    offsets, problems = data_offsets(layer_shapes(net))
+    if problems:
+        raise ValueError(f"the network does not fit the data memory: {problems[0]}")
     lines = ["---", f"# MAX78000 network for {arch}, written by distillc export.izer", "",
              f"arch: {arch}", f"dataset: {dataset}", "", "layers:"]
-    for index, layer in enumerate(net.layers):
+    for layer, offset in zip(net.layers, offsets):
         mask, _ = processors_for(layer.in_channels)
-        lines.append(f"  # {layer.name}: {layer.node}, {layer.in_channels} -> {layer.out_channels} channels")
+        rows, columns = layer.out_size
+        lines.append(f"  # {layer.name}: {layer.node}, {layer.in_channels} -> {layer.out_channels} channels, "
+                     f"{rows}x{columns} out")
         lines.append(f"  - processors: 0x{mask:016x}")
-        lines.append(f"    out_offset: 0x{OUT_OFFSETS[index % 2]:04x}")
+        lines.append(f"    out_offset: 0x{offset:04x}")
+        lines.append(f"    quantization: {layer.weight_bits}")
         if layer.pool:
             lines.append(f"    {layer.pool}_pool: {layer.pool_size}")
             lines.append(f"    pool_stride: {layer.pool_stride}")
@@ -373,9 +433,9 @@ def state_dict(net: IzerNetwork) -> Any:
     state = OrderedDict()
     for layer in net.layers:
         state[f"{layer.name}.op.weight"] = torch.tensor(layer.weight, dtype=torch.float32)
-        state[f"{layer.name}.op.bias"] = torch.tensor(layer.bias * 128, dtype=torch.float32)
-        state[f"{layer.name}.weight_bits"] = torch.tensor([8.0])
-        state[f"{layer.name}.output_shift"] = torch.tensor([float(layer.shift)])
+        state[f"{layer.name}.op.bias"] = torch.tensor(layer.bias * 2 ** (layer.weight_bits - 1), dtype=torch.float32)
+        state[f"{layer.name}.weight_bits"] = torch.tensor([float(layer.weight_bits)])
+        state[f"{layer.name}.output_shift"] = torch.tensor([float(layer.shift - (8 - layer.weight_bits))])
     return state
 
 
@@ -389,6 +449,7 @@ class ExportIzer(Pass):
     makes = Bundle
     uses_data = True
     tools = ("onnx", "torch")
+    planned = ("model_name", "dataset", "inputs")
 
     class Config(PassConfig):
         mode: Literal["report", "require"] = Field(
@@ -396,7 +457,13 @@ class ExportIzer(Pass):
                                   "nothing, 'require' stops the compile")
         images: int = Field(16, ge=1, le=10_000, description="validation images simulated to check the conversion")
         dataset: str | None = Field(None, description="dataset name in the YAML and the sample's file name "
-                                                      "(default: the spec's data source)")
+                                                      "(the planner fills in the spec's data source, or 'random')")
+        model_name: str = Field("model", pattern=NAME_PATTERN, max_length=64,
+                                description="izer's network name (--prefix, the checkpoint's arch); the planner "
+                                            "fills in the spec's name")
+        inputs: Literal["data", "random"] = Field(
+            "data", description="validation images ('data') or seeded random int8 inputs ('random'; the planner's "
+                                "choice for an ONNX student with no [data])")
 
     def run(self, artifact: Bundle, ctx: PassContext) -> PassResult:
         import numpy as np
@@ -417,7 +484,7 @@ class ExportIzer(Pass):
                               {"exported": False, "reasons": reasons})
 
         # Check the conversion: izer's arithmetic against onnxruntime, embedding by embedding.
-        inputs = quantize_inputs(ctx.data.val_x[: self.config.images].numpy(), manifest["input"])
+        inputs = model_inputs(ctx, self.config.inputs, manifest["input"], self.config.images, pass_name=self.name)
         reference = _reference_maps(artifact.reference, net, inputs, manifest)
         cosines, worst = [], 0.0
         for image, expected in zip(inputs, reference):
@@ -427,8 +494,13 @@ class ExportIzer(Pass):
             cosines.append(float(got_embedding @ want_embedding / denominator) if denominator else 1.0)
             worst = max(worst, float(np.abs(got - expected.reshape(got.shape)).max() / net.output_scale))
         files = self.write(bundle / "izer", net, inputs[0], ctx, manifest)
+        shapes = layer_shapes(net)
+        kernels, _ = kernel_offsets(shapes)
         result = {"exported": True, "layers": len(net.layers), "files": files,
-                  "weights_bytes": int(sum(layer.weight.size for layer in net.layers)),
+                  "weights_bytes": int(sum(math.ceil(layer.weight.size * layer.weight_bits / 8) for layer in net.layers)),
+                  "weight_bits": [layer.weight_bits for layer in net.layers],
+                  "kernel_slots": max(offset + kernel_slots(shape) for offset, shape in zip(kernels, shapes)),
+                  "out_offsets": data_offsets(shapes)[0],
                   "output_shifts": [layer.shift for layer in net.layers],
                   "images": len(inputs), "embedding_cosine_min": min(cosines),
                   "embedding_cosine_mean": float(np.mean(cosines)), "max_output_steps": worst,
@@ -444,16 +516,18 @@ class ExportIzer(Pass):
         import torch
 
         folder.mkdir(parents=True, exist_ok=True)
-        arch = _identifier(ctx.spec.name)
-        dataset = _identifier(self.config.dataset or ctx.spec.data.source)
+        arch = _identifier(self.config.model_name)
+        dataset = _identifier(self.config.dataset or "data")
         (folder / "network.yaml").write_text(network_yaml(net, arch=arch, dataset=dataset))
         checkpoint = f"{arch}-q8.pth.tar"
         torch.save({"epoch": 0, "arch": arch, "state_dict": state_dict(net)}, folder / checkpoint)
         sample_name = f"sample_{dataset.lower()}.npy"
         np.save(folder / sample_name, sample.astype(np.int64), allow_pickle=False)
+        expected_name = f"expected_{dataset.lower()}.npy"
+        np.save(folder / expected_name, simulate(net, sample.astype(np.int64)), allow_pickle=False)
         (folder / "README.md").write_text(_readme(net, arch=arch, checkpoint=checkpoint, sample=sample_name,
-                                                  manifest=manifest))
-        return sorted(["network.yaml", checkpoint, sample_name, "README.md"])
+                                                  expected=expected_name, manifest=manifest))
+        return sorted(["network.yaml", checkpoint, sample_name, expected_name, "README.md"])
 
 
 def _reference_maps(onnx_path: Any, net: IzerNetwork, inputs: Any, manifest: dict) -> list:
@@ -480,20 +554,38 @@ def _identifier(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in str(text)).strip("_") or "distillc"
 
 
-def _readme(net: IzerNetwork, *, arch: str, checkpoint: str, sample: str, manifest: dict) -> str:
+def _readme(net: IzerNetwork, *, arch: str, checkpoint: str, sample: str, expected: str, manifest: dict) -> str:
     quant = manifest["input"]
+    widths = sorted({layer.weight_bits for layer in net.layers})
+    c, rows, columns = len(net.layers[-1].weight), *net.layers[-1].out_size
     return f"""# MAX78000 CNN accelerator inputs (izer)
 
 Written by distillc `export.izer` from the bundle's QCDQ ONNX model: {len(net.layers)} accelerator
-layers; the {", ".join(net.cpu_tail) or "nothing"} after them runs on the Cortex-M4F.
+layers, weights at {" and ".join(map(str, widths))} bits; the {", ".join(net.cpu_tail) or "nothing"} after them runs on
+the Cortex-M4F.
 
-    ai8xize.py --device MAX78000 --prefix {arch} --test-dir generated \\
-        --checkpoint-file {checkpoint} --config-file network.yaml --sample-input {sample}
+izer (`ai8xize.py`, from https://github.com/analogdevicesinc/ai8x-synthesis, in its own Python
+environment with that repository's pinned requirements) must run from the ai8x-synthesis folder:
+it reads its `assets/` there.  Give it this folder's files by absolute path:
+
+    IZER=/absolute/path/to/this/izer/folder
+    cd /path/to/ai8x-synthesis
+    python ai8xize.py --device MAX78000 --prefix {arch} --test-dir "$IZER/generated" \\
+        --checkpoint-file "$IZER/{checkpoint}" --config-file "$IZER/network.yaml" \\
+        --sample-input "$IZER/{sample}" --sample-numpy-filename izer_output.npy \\
+        --compact-data --mexpress --timer 0 --display-checkpoint --no-version-check
+
+`{expected}` is the last layer's output for the sample ({c}x{rows}x{columns}, int8 values
+in int64, CHW) as distillc simulates izer's arithmetic.  izer's known answer for the same sample
+(the table in the generated `sampleoutput.h`, saved as NumPy by `--sample-numpy-filename`) should
+equal it; one step compares them:
+
+    python -c "import numpy as np; print(np.array_equal(np.load('$IZER/generated/{arch}/izer_output.npy'), np.load('$IZER/{expected}')))"
 
 Input data: int8 = round(x / {quant['scale']!r}) (the bundle's input quantization), CHW.
 Output data: the last layer's int8 map; one unit is {net.output_scale!r} in the ONNX model's units.
-izer itself was not run by distillc; `manifest.json` ("izer") records how closely izer's
-arithmetic, simulated by distillc, reproduces onnxruntime on validation images.
+distillc does not run izer; `manifest.json` ("izer") records how closely izer's arithmetic,
+simulated by distillc, reproduces onnxruntime on validation images.
 """
 
 

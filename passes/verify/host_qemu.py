@@ -1,6 +1,7 @@
 """``verify.host`` and ``verify.qemu``: run the bundle's C and compare it with onnxruntime.
 
-Both take held-back validation images, quantize them as the bundle's input expects, run the
+Both take held-back validation images, quantize them as the bundle's input expects (or, for an
+ONNX student given with no ``[data]``, seeded random int8 inputs in the model's input shape), run the
 bundle (compiled with gcc on this machine, or cross-compiled for a Cortex-M board and run under
 QEMU with semihosting), and compare every output with onnxruntime running the ONNX model the
 bundle was compiled from (graph optimizations off, so it computes the QCDQ graph as written).
@@ -19,7 +20,7 @@ from distillc import hookimpl
 from distillc.artifacts import Bundle
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
-from distillc.passes.backend.codegen_c import quantize_inputs, write_manifest
+from distillc.passes.backend.codegen_c import model_inputs, write_manifest
 
 
 class _VerifyConfig(PassConfig):
@@ -28,6 +29,9 @@ class _VerifyConfig(PassConfig):
     end_to_end: Literal["explain", "strict"] = Field(
         "explain", description="an output beyond tolerance_lsb: 'explain' checks every kernel on its own inputs "
                                "and accepts float32 rounding ties carried through later layers; 'strict' fails")
+    inputs: Literal["data", "random"] = Field(
+        "data", description="validation images ('data') or seeded random int8 inputs ('random'; the planner's "
+                            "choice for an ONNX student with no [data])")
 
 
 class _Verify(Pass):
@@ -37,13 +41,14 @@ class _Verify(Pass):
     makes = Bundle
     uses_data = True
     tools = ("onnxruntime",)
+    planned = ("inputs",)
     section: str = ""
 
     def verify(self, artifact: Bundle, ctx: PassContext, run: Any) -> PassResult:
         manifest = artifact.manifest
         if artifact.reference is None:
             raise PassError(self.name, "the bundle does not record the ONNX model it was compiled from")
-        inputs = quantize_inputs(ctx.data.val_x[: self.config.images].numpy(), manifest["input"])
+        inputs = model_inputs(ctx, self.config.inputs, manifest["input"], self.config.images, pass_name=self.name)
         outputs, extra = run(artifact, inputs)
         reference = onnxruntime_outputs(artifact.reference, inputs, manifest)
         got = outputs.reshape(len(inputs), -1).astype("int64")
