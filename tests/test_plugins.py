@@ -245,6 +245,16 @@ class _NoRun(Pass):
     makes = TorchModel
 
 
+class _PlansAKeyItLacks(Pass):
+    name = "plans-a-key"
+    takes = TorchModel
+    makes = TorchModel
+    planned = ("model_name",)  # but its Config has no model_name key
+
+    def run(self, artifact, ctx):
+        raise AssertionError
+
+
 class _NeedsFlash(Target):
     name = "needs-flash"
 
@@ -260,6 +270,9 @@ BAD_REGISTRATIONS = {
                                 "pass 'x', which is invalid: expected a subclass of distillc.pass_api.Pass"),
     "pass without makes": (("distillc_register_passes", _NoMakes), "pass 'no-makes', which is invalid: .* has no 'makes'"),
     "pass without run": (("distillc_register_passes", _NoRun), "pass 'no-run', which is invalid: .* does not implement run"),
+    "pass planning a key its config lacks": (
+        ("distillc_register_passes", _PlansAKeyItLacks),
+        r"pass 'plans-a-key', which is invalid: .* lists 'model_name' in 'planned', which must name a key of its Config"),
     "target that is not a Target": (("distillc_register_targets", "t", _NoMakes),
                                     "target 't', which is invalid: expected a subclass of distillc.target_api.Target"),
     "target whose Config needs arguments": (
