@@ -91,12 +91,12 @@ def distillc_run_pass(step: Any, artifact: Any, context: Any) -> Any:
 
 
 @hookspec
-def distillc_pass_started(step: Any, context: Any) -> None:
+def distillc_pass_started(step: Any) -> None:
     """Observe: ``step`` is about to run or to be read from the cache (``step.cached``)."""
 
 
 @hookspec
-def distillc_pass_finished(step: Any, context: Any, result: Any, seconds: float, cached: bool) -> None:
+def distillc_pass_finished(step: Any, result: Any, seconds: float, cached: bool) -> None:
     """Observe: ``step`` finished; ``result.metrics`` holds what it reported."""
 
 

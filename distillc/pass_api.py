@@ -159,7 +159,6 @@ class PassContext:
     progress: "ProgressReporter"
     scratch: Path
     checkpoint_dir: Path
-    workdir: Path
     step_id: str
     load_data: Callable[[], Any]
     seed: int

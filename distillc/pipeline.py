@@ -326,7 +326,7 @@ def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None 
         forced = step.id in forced_ids
         cached = step.cached and not forced
         if main:
-            plugins.hook.distillc_pass_started(step=step, context=None)
+            plugins.hook.distillc_pass_started(step=step)
         t0 = time.perf_counter()
         result = None
         if not cached and (main or type(step.pass_).distributed):
@@ -348,7 +348,7 @@ def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None 
                 artifacts.pop(step.id, None)
         seconds = time.perf_counter() - t0
         if main:
-            plugins.hook.distillc_pass_finished(step=step, context=None, result=result, seconds=seconds,
+            plugins.hook.distillc_pass_finished(step=step, result=result, seconds=seconds,
                                                 cached=cached)
         metrics[step.id] = result_metrics
         status = "cached" if cached else "ran" if result is not None else "rank 0"
@@ -444,7 +444,7 @@ def _run_pass(step: Step, plan: Plan, plugins: Plugins, progress: ProgressReport
     input_artifact = artifact_of(step.input_id) if step.input_id else None
     checkpoint_dir = store.partial(step.key)
     ctx = PassContext(seed=plan.spec.distillc.seed, plugins=plugins, progress=progress, scratch=scratch,
-                      checkpoint_dir=checkpoint_dir, workdir=plan.workdir, step_id=step.id,
+                      checkpoint_dir=checkpoint_dir, step_id=step.id,
                       load_data=load_data, teachers={n: artifact_of(t) for n, t in step.teacher_ids.items()},
                       teacher_keys={n: artifact_key(plan, t) for n, t in step.teacher_ids.items()},
                       derived_dir=store.root / "derived",

@@ -10,7 +10,6 @@ a validator that lives beside the API it checks (``distillc.pass_api.check_pass`
 from __future__ import annotations
 
 import difflib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
@@ -93,6 +92,8 @@ def module_folder(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixt
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    yield tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: the autouse fixture has not run yet
+        patch.setenv("DISTILLC_DISABLE_PLUGIN_AUTOLOAD", "1")
+        patch.delenv("DISTILLC_CACHE", raising=False)
+        yield tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
     torch.set_num_threads(threads)

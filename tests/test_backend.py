@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,14 +22,10 @@ BACKEND = ["quantize.brevitas-qat", "export.onnx", "simplify.onnxsim", "tvm.int8
 
 
 @pytest.fixture(scope="module")
-def stm32_build(tmp_path_factory):
+def stm32_build(module_folder):
     """One tiny spec compiled for stm32h7 (verified on the host and on QEMU), shared by the tests."""
-    folder = tmp_path_factory.mktemp("stm32")
-    path = folder / "spec.toml"
+    path = module_folder / "spec.toml"
     path.write_text(tiny_spec_text(target="stm32h7"))
-    import os
-
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     result = compile_spec(path, progress=SilentProgress())
     return path, result
 

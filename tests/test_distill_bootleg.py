@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 
 import pytest
-import torch
 
 from distillc.errors import PassError, SpecError
 from distillc.pipeline import compile_spec
@@ -27,30 +25,21 @@ def spec_text(options: str) -> str:
     return re.sub(r'use = "distill\.feature"\n(?:\w.*\n)*', lambda _: method, text)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """One folder, so one cache: the teacher trains once for the whole module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread per process is faster than two fighting
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    yield tmp_path_factory.mktemp("bootleg")
-    torch.set_num_threads(threads)
 
-
-def spec_path(folder, options: str):
-    path = folder / "spec.toml"
+def spec_path(module_folder, options: str):
+    path = module_folder / "spec.toml"
     path.write_text(spec_text(options))
     return path
 
 
-def compile_(folder, options: str):
-    return compile_spec(spec_path(folder, options), progress=SilentProgress(), until="distill.bootleg")
+def compile_(module_folder, options: str):
+    return compile_spec(spec_path(module_folder, options), progress=SilentProgress(), until="distill.bootleg")
 
 
 @pytest.fixture(scope="module")
-def metrics(folder):
+def metrics(module_folder):
     options = f"epochs = 2\nblocks = [0, -1]\npredictor_hidden = {HIDDEN}\nmask_ratio = 0.5\nlr = 1e-2"
-    return compile_(folder, options).report["metrics"]["distill.bootleg"]
+    return compile_(module_folder, options).report["metrics"]["distill.bootleg"]
 
 
 def test_every_listed_block_has_a_finite_loss_and_training_lowers_the_total(metrics):
@@ -68,19 +57,19 @@ def test_one_predictor_per_block_to_cls_and_mean_token(metrics):
     assert metrics["mask_grid"] == 2  # 8 px images, the teacher's 4 px patches
 
 
-def test_a_block_beyond_the_teachers_depth_is_a_pass_error_naming_it(folder):
+def test_a_block_beyond_the_teachers_depth_is_a_pass_error_naming_it(module_folder):
     with pytest.raises(PassError, match=r"blocks \[5\] out of range: teacher 'vit' has 2 blocks"):
-        compile_(folder, "epochs = 1\nblocks = [0, 5]")
+        compile_(module_folder, "epochs = 1\nblocks = [0, 5]")
 
 
-def test_the_same_block_twice_is_a_pass_error(folder):
+def test_the_same_block_twice_is_a_pass_error(module_folder):
     with pytest.raises(PassError, match="same teacher block twice"):
-        compile_(folder, "epochs = 1\nblocks = [1, -1]")
+        compile_(module_folder, "epochs = 1\nblocks = [1, -1]")
 
 
-def test_a_mask_patch_that_does_not_tile_the_image_is_a_pass_error(folder):
+def test_a_mask_patch_that_does_not_tile_the_image_is_a_pass_error(module_folder):
     with pytest.raises(PassError, match="mask_patch 3 does not divide the image size 8"):
-        compile_(folder, "epochs = 1\nmask_patch = 3")
+        compile_(module_folder, "epochs = 1\nmask_patch = 3")
 
 
 @pytest.mark.parametrize("options, key", [
@@ -90,6 +79,6 @@ def test_a_mask_patch_that_does_not_tile_the_image_is_a_pass_error(folder):
     ("target = \"patches\"", "target"),
     ("loss = \"mse\"", "loss"),
 ])
-def test_bad_values_are_refused_at_validate(folder, options, key):
+def test_bad_values_are_refused_at_validate(module_folder, options, key):
     with pytest.raises(SpecError, match=key):
-        load_spec(spec_path(folder, options), load_plugins())
+        load_spec(spec_path(module_folder, options), load_plugins())

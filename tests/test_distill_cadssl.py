@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from contextlib import contextmanager
 
@@ -46,28 +45,19 @@ class FieldRecorder(ProgressReporter):
         self.fields[handle.description].append(dict(handle.fields))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """One folder, so one cache: the teacher trains once for the whole module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread per process is faster than two fighting
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    yield tmp_path_factory.mktemp("cadssl")
-    torch.set_num_threads(threads)
 
-
-def compile_(folder, options: str, progress: ProgressReporter | None = None):
-    path = folder / "spec.toml"
+def compile_(module_folder, options: str, progress: ProgressReporter | None = None):
+    path = module_folder / "spec.toml"
     path.write_text(spec_text(options))
     return compile_spec(path, progress=progress or FieldRecorder(), until="distill.ca-dssl")
 
 
 @pytest.fixture(scope="module")
-def trained(folder):
+def trained(module_folder):
     progress = FieldRecorder()
     options = (f"epochs = 3\nprojector_hidden = {PROJECTOR_HIDDEN}\nteacher_views = 2\n"
                f"augment_start = 0.1\naugment_end = 0.7\nlr = 1e-2")
-    result = compile_(folder, options, progress)
+    result = compile_(module_folder, options, progress)
     return result.report["metrics"]["distill.ca-dssl"], progress.fields["distill.ca-dssl"]
 
 
@@ -79,7 +69,7 @@ def test_reports_finite_loss_terms_that_decrease(trained):
     assert metrics["stages"] == [1, 2]  # [-3, -2] of the student's four stages
 
 
-def test_loss_terms_cover_every_ranks_share(folder, monkeypatch):
+def test_loss_terms_cover_every_ranks_share(module_folder, monkeypatch):
     """Under torchrun each rank sums its own share; the reported terms are over all of them.
     Simulated here: a second rank whose share saw as many images at zero loss halves the means."""
     from distillc import distributed
@@ -91,7 +81,7 @@ def test_loss_terms_cover_every_ranks_share(folder, monkeypatch):
         return values if len(values) != 3 else (values[0] * 2, *values[1:])
 
     monkeypatch.setattr(distributed, "sum_all", two_ranks)
-    metrics = compile_(folder, "epochs = 1\nlr = 2e-3").report["metrics"]["distill.ca-dssl"]
+    metrics = compile_(module_folder, "epochs = 1\nlr = 2e-3").report["metrics"]["distill.ca-dssl"]
     images, embed, feature = next(values for values in reversed(calls) if len(values) == 3)
     assert metrics["embed_loss"] == pytest.approx(embed / (2 * images))
     assert metrics["feature_loss"] == pytest.approx(feature / (2 * images))
@@ -112,20 +102,20 @@ def test_curriculum_strength_ramps_from_start_to_end_in_the_progress_line(traine
     assert all(math.isfinite(f["loss"]) for f in fields)
 
 
-def test_embedding_only_when_no_stage_is_listed(folder):
-    metrics = compile_(folder, "epochs = 1\nstages = []").report["metrics"]["distill.ca-dssl"]
+def test_embedding_only_when_no_stage_is_listed(module_folder):
+    metrics = compile_(module_folder, "epochs = 1\nstages = []").report["metrics"]["distill.ca-dssl"]
     assert metrics["adapter_params"] == 0 and "feature_loss" not in metrics
     assert math.isfinite(metrics["embed_loss"])
 
 
-def test_a_stage_the_student_lacks_is_a_pass_error_naming_it(folder):
+def test_a_stage_the_student_lacks_is_a_pass_error_naming_it(module_folder):
     with pytest.raises(PassError, match=r"stages \[7\] out of range.*4 stages"):
-        compile_(folder, "epochs = 1\nstages = [-2, 7]")
+        compile_(module_folder, "epochs = 1\nstages = [-2, 7]")
 
 
-def test_projector_out_must_be_the_teachers_width(folder):
+def test_projector_out_must_be_the_teachers_width(module_folder):
     with pytest.raises(PassError, match="projector_out = 64 must equal the teacher's embedding width 192"):
-        compile_(folder, "epochs = 1\nprojector_out = 64")
+        compile_(module_folder, "epochs = 1\nprojector_out = 64")
 
 
 @pytest.mark.parametrize("options, key", [
@@ -136,8 +126,8 @@ def test_projector_out_must_be_the_teachers_width(folder):
     ("feature_weight = -0.5", "feature_weight"),
     ("projector = 128", "projector"),
 ])
-def test_bad_values_are_refused_at_validate(folder, options, key):
-    path = folder / "bad.toml"
+def test_bad_values_are_refused_at_validate(module_folder, options, key):
+    path = module_folder / "bad.toml"
     path.write_text(spec_text(options))
     with pytest.raises(SpecError, match=key):
         load_spec(path, load_plugins())

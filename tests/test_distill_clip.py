@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import numpy as np
@@ -60,12 +59,11 @@ def spec_text(name: str, options: str, teacher: str = "clip") -> str:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """One folder and cache for every compile (the teachers train once), with the class files:
-    token ids as a tokenizer would give them (start, words, end-of-text = the largest id, padding)
-    and precomputed embeddings."""
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    folder = tmp_path_factory.mktemp("clip")
+def folder(module_folder):
+    """The module's folder (one cache: the teachers train once) with the class files: token ids
+    as a tokenizer would give them (start, words, end-of-text = the largest id, padding) and
+    precomputed embeddings."""
+    folder = module_folder
     rng = np.random.default_rng(0)
     tokens = np.zeros((10, 77), dtype=np.int64)
     tokens[:, 0] = 1

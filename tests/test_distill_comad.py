@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 
 import pytest
@@ -49,15 +48,9 @@ def spec_text(name: str, student: str = VIT_STUDENT, options: str = "") -> str:
     return textwrap.dedent(SPEC).format(name=name, student=student, options=options)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """One folder (and cache) for every compile here: the two teachers train once."""
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    return tmp_path_factory.mktemp("comad")
 
-
-def compile_(folder, name: str, **kwargs):
-    path = folder / f"{name}.toml"
+def compile_(module_folder, name: str, **kwargs):
+    path = module_folder / f"{name}.toml"
     path.write_text(spec_text(name, **kwargs))
     return compile_spec(path, progress=SilentProgress(), until="distill.comad")
 
@@ -106,8 +99,8 @@ def test_resize_map_averages_down_and_interpolates_up():
     assert resize_map(x, 4) is x
 
 
-def test_vit_student_distils_from_two_teachers_and_reports_the_gate(folder):
-    result = compile_(folder, "vit")
+def test_vit_student_distils_from_two_teachers_and_reports_the_gate(module_folder):
+    result = compile_(module_folder, "vit")
     metrics = result.report["metrics"]["distill.comad"]
     assert math.isfinite(metrics["loss"]) and metrics["grid"] == 2
     assert metrics["student_adapter"] is False  # a ViT's tokens are matched as they are
@@ -124,7 +117,7 @@ def test_vit_student_distils_from_two_teachers_and_reports_the_gate(folder):
     assert any(not torch.equal(before.state[k], after.state[k]) for k in before.state)
 
 
-def test_gate_statistics_cover_every_ranks_share(folder, monkeypatch):
+def test_gate_statistics_cover_every_ranks_share(module_folder, monkeypatch):
     """Under torchrun the gate statistics are summed over the ranks before they are averaged.
     Simulated: a second rank that saw as many tokens but added nothing halves every fraction."""
     from distillc import distributed
@@ -133,13 +126,13 @@ def test_gate_statistics_cover_every_ranks_share(folder, monkeypatch):
         return values if len(values) < 4 else (values[0] * 2, *values[1:])
 
     monkeypatch.setattr(distributed, "sum_all", two_ranks)
-    metrics = compile_(folder, "vit-ranks", options="lr = 2e-3").report["metrics"]["distill.comad"]
+    metrics = compile_(module_folder, "vit-ranks", options="lr = 2e-3").report["metrics"]["distill.comad"]
     assert sum(metrics["gate"]["mean_weight"].values()) == pytest.approx(0.5, abs=1e-4)
     assert metrics["student_keep_fraction"] == pytest.approx(0.125)
 
 
-def test_cnn_student_distils_through_its_last_stage_map(folder):
-    result = compile_(folder, "cnn", student=CNN_STUDENT, options="teacher_keep = [0.5, 0.75]\ngrid = 4")
+def test_cnn_student_distils_through_its_last_stage_map(module_folder):
+    result = compile_(module_folder, "cnn", student=CNN_STUDENT, options="teacher_keep = [0.5, 0.75]\ngrid = 4")
     metrics = result.report["metrics"]["distill.comad"]
     assert metrics["grid"] == 4 and math.isfinite(metrics["loss"])
     assert metrics["student_adapter"] is True  # the ReLU map goes through a trainable 1x1 conv

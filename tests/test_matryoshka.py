@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import textwrap
 
@@ -182,11 +181,9 @@ def test_dims_must_nest(write_spec, dims, message):
 
 
 @pytest.fixture(scope="module")
-def host_build(tmp_path_factory):
+def host_build(module_folder):
     """matryoshka -> eval.zero-shot -> PTQ -> the host backend, compiled once for the tests below."""
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    folder = tmp_path_factory.mktemp("matryoshka")
-    path = folder / "spec.toml"
+    path = module_folder / "spec.toml"
     path.write_text(textwrap.dedent(SPEC).format(name="mat", passes=BACKEND_PASSES))
     return path, compile_spec(path, progress=SilentProgress())
 

@@ -24,21 +24,17 @@ def spec_text(accelerator: str | None = None, student: str | None = None) -> str
     return text
 
 
-@pytest.fixture(scope="module")
-def folder(module_folder):
-    return module_folder
 
-
-def compile_(folder, text):
-    path = folder / "spec.toml"
+def compile_(module_folder, text):
+    path = module_folder / "spec.toml"
     path.write_text(text)
     return compile_spec(path, progress=SilentProgress(), until="check.max78000")
 
 
-def test_the_check_opens_the_backend_unless_turned_off(folder):
+def test_the_check_opens_the_backend_unless_turned_off(module_folder):
     plugins = load_plugins()
     for accelerator, expected in ((None, True), ("require", True), ("off", False)):
-        path = folder / "plan.toml"
+        path = module_folder / "plan.toml"
         path.write_text(spec_text(accelerator))
         ids = [s.id for s in build_plan(load_spec(path, plugins), plugins).steps]
         assert ("check.max78000" in ids) is expected
@@ -46,9 +42,9 @@ def test_the_check_opens_the_backend_unless_turned_off(folder):
             assert ids.index("check.max78000") == ids.index("quantize.brevitas-qat") - 1
 
 
-def test_require_lists_every_violation_of_mobilenetv2(folder):
+def test_require_lists_every_violation_of_mobilenetv2(module_folder):
     with pytest.raises(TargetError) as caught:
-        compile_(folder, spec_text("require"))
+        compile_(module_folder, spec_text("require"))
     violations = caught.value.violations
     # Every depthwise convolution and every strided one is named, not only the first.
     assert sum("depthwise" in v or "groups" in v for v in violations) >= 10
@@ -56,20 +52,20 @@ def test_require_lists_every_violation_of_mobilenetv2(folder):
     assert all(v.startswith("CNN accelerator: ") for v in violations)
 
 
-def test_report_records_the_verdict_and_the_student_passes_through(folder):
-    result = compile_(folder, spec_text())
+def test_report_records_the_verdict_and_the_student_passes_through(module_folder):
+    result = compile_(module_folder, spec_text())
     metrics = result.report["metrics"]["check.max78000"]
     assert metrics["accelerator_fits"] is False and metrics["violations"]
-    result = compile_(folder, spec_text("require", student=AI8X))
+    result = compile_(module_folder, spec_text("require", student=AI8X))
     metrics = result.report["metrics"]["check.max78000"]
     assert metrics == {"accelerator_fits": True, "violations": [], "weight_bits": 8}
     assert result.artifact.arch == "ai8x-cnn"
 
 
 @pytest.fixture(scope="module")
-def ai8x_compile(folder):
+def ai8x_compile(module_folder):
     """ai8x-cnn through the whole max78000 backend (accelerator = "require"), once for the module."""
-    path = folder / "bundle.toml"
+    path = module_folder / "bundle.toml"
     path.write_text(spec_text("require", student=AI8X))
     return compile_spec(path, progress=SilentProgress())
 

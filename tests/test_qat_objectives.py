@@ -36,13 +36,9 @@ SUPERVISED = 'use = "train.supervised"\nbatch_size = 256\nepochs = 1\n'
 MATRYOSHKA = 'use = "matryoshka"\nteacher = "vit"\ndims = [8, 16]\nbatch_size = 256\nepochs = 1\n'
 
 
-@pytest.fixture(scope="module")
-def folder(module_folder):
-    return module_folder
 
-
-def write(folder, text: str):
-    path = folder / "spec.toml"
+def write(module_folder, text: str):
+    path = module_folder / "spec.toml"
     path.write_text(text)
     return path
 
@@ -54,36 +50,36 @@ def qat_step(plan):
 # -- plan: which objective, which teachers, which key --------------------------------------------
 
 
-def plan_of(folder, text):
+def plan_of(module_folder, text):
     plugins = load_plugins()
-    return build_plan(load_spec(write(folder, text), plugins), plugins)
+    return build_plan(load_spec(write(module_folder, text), plugins), plugins)
 
 
-def test_auto_keeps_the_last_distillation_pass_and_its_teachers(folder):
-    plan = plan_of(folder, spec_text(CADSSL))
+def test_auto_keeps_the_last_distillation_pass_and_its_teachers(module_folder):
+    plan = plan_of(module_folder, spec_text(CADSSL))
     step = qat_step(plan)
     assert step.key_payload["linked"]["objective"]["pass"] == "distill.ca-dssl"
     assert step.teacher_ids == {"vit": "teacher:vit"}
     # The borrowed pass's keys are part of QAT's key.
-    other = qat_step(plan_of(folder, spec_text(CADSSL.replace("projector_hidden = 16", "projector_hidden = 8"))))
+    other = qat_step(plan_of(module_folder, spec_text(CADSSL.replace("projector_hidden = 16", "projector_hidden = 8"))))
     assert other.key != step.key
 
 
-def test_teacher_means_feature_and_no_distillation_means_self(folder):
-    step = qat_step(plan_of(folder, spec_text(CADSSL, 'teacher = "vit"\n')))
+def test_teacher_means_feature_and_no_distillation_means_self(module_folder):
+    step = qat_step(plan_of(module_folder, spec_text(CADSSL, 'teacher = "vit"\n')))
     assert step.key_payload["linked"] == {"objective": "feature"}
-    step = qat_step(plan_of(folder, spec_text(SUPERVISED, 'objective = "self"\n')))
+    step = qat_step(plan_of(module_folder, spec_text(SUPERVISED, 'objective = "self"\n')))
     assert step.key_payload["linked"] == {"objective": "self"} and step.teacher_ids == {}
 
 
-def test_an_objective_that_is_not_an_earlier_distillation_pass_is_a_spec_error(folder):
+def test_an_objective_that_is_not_an_earlier_distillation_pass_is_a_spec_error(module_folder):
     with pytest.raises(SpecError, match=r"passes\[2\]\.objective: objective 'distill.bootleg' is not a "
                                          r"distillation pass earlier.*earlier distillation passes: distill.ca-dssl"):
-        plan_of(folder, spec_text(CADSSL, 'objective = "distill.bootleg"\n'))
+        plan_of(module_folder, spec_text(CADSSL, 'objective = "distill.bootleg"\n'))
     with pytest.raises(SpecError, match="brings its own teachers"):
-        plan_of(folder, spec_text(CADSSL, 'objective = "distill.ca-dssl"\nteacher = "vit"\n'))
+        plan_of(module_folder, spec_text(CADSSL, 'objective = "distill.ca-dssl"\nteacher = "vit"\n'))
     with pytest.raises(SpecError, match="'feature' needs `teacher`"):
-        plan_of(folder, spec_text(CADSSL, 'objective = "feature"\n'))
+        plan_of(module_folder, spec_text(CADSSL, 'objective = "feature"\n'))
 
 
 # -- run: the objective trains the quantized student ----------------------------------------------
@@ -95,8 +91,8 @@ def test_an_objective_that_is_not_an_earlier_distillation_pass_is_a_spec_error(f
     (SUPERVISED, ()),
     (MATRYOSHKA, ()),  # the nested loss through the quantized head
 ], ids=["ca-dssl", "bootleg", "supervised", "matryoshka"])
-def test_qat_trains_with_the_methods_objective(folder, method, reported):
-    result = compile_spec(write(folder, spec_text(method)), progress=SilentProgress(), until="quantize.brevitas-qat")
+def test_qat_trains_with_the_methods_objective(module_folder, method, reported):
+    result = compile_spec(write(module_folder, spec_text(method)), progress=SilentProgress(), until="quantize.brevitas-qat")
     name = re.search(r'use = "([\w.-]+)"', method).group(1)
     metrics = result.report["metrics"]["quantize.brevitas-qat"]
     assert metrics["objective"] == name
@@ -109,15 +105,15 @@ def test_qat_trains_with_the_methods_objective(folder, method, reported):
     assert stored.meta["qat_objective"] == name
 
 
-def test_qat_moves_the_quantized_weights_and_lowers_the_objectives_loss(folder):
+def test_qat_moves_the_quantized_weights_and_lowers_the_objectives_loss(module_folder):
     """Three QAT epochs with the CA-DSSL objective change the weights and lower the loss."""
     text = spec_text(CADSSL).replace("epochs = 1\nbatch_size = 256\ncalib_images",
                                      "epochs = 3\nbatch_size = 64\nlr = 1e-3\ncalib_images")
     text = text.replace("probe = false", "probe = false\nhead_warmup_epochs = 2")
-    result = compile_spec(write(folder, text), progress=SilentProgress(), until="quantize.brevitas-qat")
+    result = compile_spec(write(module_folder, text), progress=SilentProgress(), until="quantize.brevitas-qat")
     metrics = result.report["metrics"]["quantize.brevitas-qat"]
     assert metrics["loss"] < metrics["first_loss"], metrics
-    calibrated = compile_spec(write(folder, text.replace("epochs = 3\nbatch_size = 64", "epochs = 0\nbatch_size = 64")),
+    calibrated = compile_spec(write(module_folder, text.replace("epochs = 3\nbatch_size = 64", "epochs = 0\nbatch_size = 64")),
                               progress=SilentProgress(), until="quantize.brevitas-qat")
     trained = result.plan.store.load(qat_step(result.plan).key).state
     calibrated = calibrated.plan.store.load(qat_step(calibrated.plan).key).state

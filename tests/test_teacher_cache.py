@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from types import SimpleNamespace
 
@@ -18,14 +17,6 @@ from distillc.plugins.augment import Augment
 from distillc.plugins.models.vit import VisionTransformer, build_vit
 from distillc.progress import SilentProgress
 from tests.conftest import tiny_spec_text
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread per process is faster than two fighting
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    yield tmp_path_factory.mktemp("teacher-cache")
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -43,8 +34,8 @@ def teacher_calls(monkeypatch):
     return calls
 
 
-def compile_(folder, *, epochs: int, views: int, until: str = "distill.ca-dssl", force: str | None = None):
-    path = folder / "spec.toml"
+def compile_(module_folder, *, epochs: int, views: int, until: str = "distill.ca-dssl", force: str | None = None):
+    path = module_folder / "spec.toml"
     text = tiny_spec_text().replace("val_fraction = 0.25", "val_fraction = 0.85")
     method = (f'use = "distill.ca-dssl"\nteacher = "vit"\nbatch_size = 256\nprojector_hidden = 16\n'
               f'epochs = {epochs}\nteacher_views = {views}\n')
@@ -52,29 +43,29 @@ def compile_(folder, *, epochs: int, views: int, until: str = "distill.ca-dssl",
     return compile_spec(path, progress=SilentProgress(), until=until, force=force)
 
 
-def target_files(folder) -> dict[str, int]:
-    targets = folder / ".distillc-cache" / "derived" / "teacher-targets"
+def target_files(module_folder) -> dict[str, int]:
+    targets = module_folder / ".distillc-cache" / "derived" / "teacher-targets"
     return {p.name: p.stat().st_mtime_ns for p in targets.iterdir()}
 
 
-def test_teacher_runs_once_per_view_however_many_epochs_and_runs(folder, teacher_calls):
-    compile_(folder, epochs=3, views=1, until="student")  # the teacher trains outside the count
+def test_teacher_runs_once_per_view_however_many_epochs_and_runs(module_folder, teacher_calls):
+    compile_(module_folder, epochs=3, views=1, until="student")  # the teacher trains outside the count
     teacher_calls.clear()
-    first = compile_(folder, epochs=3, views=1)
+    first = compile_(module_folder, epochs=3, views=1)
     n = len(first.plan.spec.load_data(load_plugins()).train_x)
     # One pass over the data per target kind (embedding, patch tokens) of the single view, not per epoch.
     assert sum(teacher_calls) == 2 * n
-    files = target_files(folder)
+    files = target_files(module_folder)
     assert len(files) == 2 and all(name.endswith(".safetensors") for name in files)
 
     teacher_calls.clear()
-    compile_(folder, epochs=3, views=1, force="distill.ca-dssl")  # the pass trains again ...
+    compile_(module_folder, epochs=3, views=1, force="distill.ca-dssl")  # the pass trains again ...
     assert teacher_calls == []  # ... on the cached targets
-    assert target_files(folder) == files  # same files, untouched
+    assert target_files(module_folder) == files  # same files, untouched
 
-    compile_(folder, epochs=2, views=2)  # a second view adds its own targets only
+    compile_(module_folder, epochs=2, views=2)  # a second view adds its own targets only
     assert sum(teacher_calls) == 2 * n
-    grown = target_files(folder)
+    grown = target_files(module_folder)
     assert len(grown) == 4 and {k: grown[k] for k in files} == files
 
 

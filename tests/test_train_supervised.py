@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from distillc.errors import PassError
 from distillc.pipeline import compile_spec
@@ -40,24 +38,16 @@ lr = 1e-2
 DIGITS = 'source = "sklearn-digits"'
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread per process is faster than two fighting
-    os.environ["DISTILLC_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    yield tmp_path_factory.mktemp("supervised")
-    torch.set_num_threads(threads)
 
-
-def compile_(folder, data: str = DIGITS):
-    path = folder / "spec.toml"
+def compile_(module_folder, data: str = DIGITS):
+    path = module_folder / "spec.toml"
     path.write_text(textwrap.dedent(SPEC).format(data=data))
     return compile_spec(path, progress=SilentProgress(), until="train.supervised")
 
 
 @pytest.fixture(scope="module")
-def result(folder):
-    return compile_(folder)
+def result(module_folder):
+    return compile_(module_folder)
 
 
 def test_reports_validation_top1_of_its_head_and_a_falling_loss(result):
@@ -76,8 +66,8 @@ def test_the_student_leaves_without_the_classifier(result):
     assert not any(k.startswith("classifier") for k in artifact.state)
 
 
-def test_unlabelled_data_is_a_pass_error(folder):
+def test_unlabelled_data_is_a_pass_error(module_folder):
     images = np.random.default_rng(0).random((64, 8, 8), dtype=np.float32)
-    np.savez(folder / "unlabelled.npz", x=images)
+    np.savez(module_folder / "unlabelled.npz", x=images)
     with pytest.raises(PassError, match="train.supervised.*needs labelled data"):
-        compile_(folder, data='source = "npz"\npath = "unlabelled.npz"')
+        compile_(module_folder, data='source = "npz"\npath = "unlabelled.npz"')
