@@ -62,6 +62,29 @@ def test_report_records_the_verdict_and_the_student_passes_through(module_folder
     assert result.artifact.arch == "ai8x-cnn"
 
 
+def test_require_refuses_a_student_whose_kernels_overflow_processor_0():
+    """ai8x-cnn with 7 convs per stage: 29 layers and 386 KB of 8-bit weights (under the 442 KB in
+    all), but izer packs every layer's kernels from processor 0 on, and processor 0 would need about
+    1,024 of its 768 slots (izer: 'Kernel memory exhausted at processor 0')."""
+    from types import SimpleNamespace
+
+    from distillc.passes.max78000.ai8x import Ai8xCNN
+    from distillc.passes.max78000.check import CheckMax78000
+
+    model = Ai8xCNN(image_size=16, width=16, convs_per_stage=7, embed_dim=128)
+    artifact = SimpleNamespace(arch="ai8x-cnn", options={"image_size": 16, "in_chans": 3}, meta={},
+                               fresh_module=lambda plugins: model)
+    ctx = SimpleNamespace(plugins=None, log=lambda message: None)
+    with pytest.raises(TargetError) as caught:
+        CheckMax78000(CheckMax78000.Config(mode="require")).run(artifact, ctx)
+    assert caught.value.violations == [
+        "CNN accelerator: stages.2.conv1.conv: kernel memory exhausted at processor 0: the layer needs 32 kernel "
+        "slots on each of processors 0..31, and the layers on processor 0 need about 1,024 of its 768 in all "
+        "(izer places every layer's kernels from processor 0 on; fewer, narrower or 4-bit layers fit)"]
+    metrics = CheckMax78000(CheckMax78000.Config()).run(artifact, ctx).metrics
+    assert metrics["accelerator_fits"] is False and metrics["violations"] == [caught.value.violations[0][17:]]
+
+
 @pytest.fixture(scope="module")
 def ai8x_compile(module_folder):
     """ai8x-cnn through the whole max78000 backend (accelerator = "require"), once for the module."""
@@ -81,8 +104,9 @@ def test_the_accelerator_friendly_student_compiles_to_a_verified_bundle(ai8x_com
 
 
 def test_the_bundle_holds_izer_inputs_for_the_accelerator(ai8x_compile):
-    """network.yaml, the quantized checkpoint and the sample input, as ai8x-synthesis reads them,
-    and izer's arithmetic (simulated) agreeing with onnxruntime on validation images."""
+    """network.yaml, the quantized checkpoint, the sample input and its expected output, as
+    ai8x-synthesis reads them, and izer's arithmetic (simulated) agreeing with onnxruntime on
+    validation images."""
     import numpy as np
     import onnx
     import torch
@@ -114,7 +138,9 @@ def test_the_bundle_holds_izer_inputs_for_the_accelerator(ai8x_compile):
         assert torch.equal(bias % 128, torch.zeros_like(bias)) and -128 * 128 <= bias.min() and bias.max() <= 127 * 128
         assert -15 <= state[f"conv{index}.output_shift"].item() <= 15 and state[f"conv{index}.weight_bits"].item() == 8
         assert bin(layer["processors"]).count("1") == weight.shape[1] <= 64  # one processor per input channel
-        assert layer["out_offset"] == (0x2000 if index % 2 == 0 else 0)
+        # The input lies at 0: even layers write at the top of the 32 KiB instance, odd ones at 0.
+        assert layer["out_offset"] == izer["out_offsets"][index] and (layer["out_offset"] > 0) == (index % 2 == 0)
+        assert layer["quantization"] == 8
         assert layer["kernel_size"] == f"{weight.shape[2]}x{weight.shape[3]}" and layer["op"] == "conv2d"
         assert ("max_pool" in layer) == (conv.input[0] in pooled_before)
         assert layer["activate"] == ("None" if index == len(convs) - 1 else "ReLU")
@@ -122,6 +148,15 @@ def test_the_bundle_holds_izer_inputs_for_the_accelerator(ai8x_compile):
     sample = np.load(bundle / "izer" / "sample_sklearn_digits.npy", allow_pickle=False)
     assert sample.dtype == np.int64 and list(sample.shape) == manifest["input"]["shape"][1:]
     assert -128 <= sample.min() and sample.max() <= 127
+    # The expected output, to compare with izer's known answer: what izer computes from these files.
+    from tests.test_export_izer import izer_forward
+
+    expected = np.load(bundle / "izer" / "expected_sklearn_digits.npy", allow_pickle=False)
+    assert expected.dtype == np.int64 and expected.shape[0] == state[f"conv{len(convs) - 1}.op.weight"].shape[0]
+    np.testing.assert_array_equal(expected, izer_forward(state, layers, sample))
+    readme = (bundle / "izer" / "README.md").read_text()
+    assert "run from the ai8x-synthesis folder" in readme and "--sample-numpy-filename" in readme
+    assert "expected_sklearn_digits.npy" in readme
 
 
 def _conv_weight_shape(graph, conv):

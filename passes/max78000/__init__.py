@@ -5,5 +5,6 @@ types, channels, kernel and data memory) and hands the same model on; ``izer.py`
 (``export.izer``) takes the ``Bundle`` and writes Analog Devices' izer inputs (network YAML,
 quantized checkpoint, sample and its expected output) into ``bundle/izer/``, simulated with the
 accelerator's arithmetic against onnxruntime; ``ai8x.py`` is the ``ai8x-cnn`` student (the
-layer shapes the accelerator runs).  The target itself is ``max78000`` in distillc.targets.
+layer shapes the accelerator runs); ``memory.py`` is izer's placement of a network (kernel slots
+per processor, data memory offsets), which the check and the export share so that they agree.  The target itself is ``max78000`` in distillc.targets.
 """

@@ -3,9 +3,11 @@
 The MAX78000's CNN accelerator runs only some layers (see ``MAX78000.md`` in the project notes,
 gathered from ai8x-synthesis): 1x1 or 3x3 convolutions with stride 1, zero padding 0..2 and no
 groups (no depthwise), pooling fused before a convolution to downsample, ReLU, at most 32
-layers and 1024 channels, 442,368 bytes of weights and 2 KiB of 8-bit biases. :class:`Ai8xCNN`
-keeps to that by construction; :func:`max78000_violations` checks any torch model against it and
-lists every violation.
+layers and 1024 channels, 768 kernel slots per processor (442,368 bytes of 8-bit 3x3 weights in
+all), 2 KiB of 8-bit biases, and a layer's input and output in one 32 KiB data memory instance.
+:class:`Ai8xCNN` keeps to the layer types by construction (its width, depth and input size decide
+whether the memories fit); :func:`max78000_violations` checks any torch model against all of it
+and lists every violation.
 
 Layout (``w`` = ``width``)::
 
@@ -18,7 +20,9 @@ Layout (``w`` = ``width``)::
 ``convs_per_stage`` 3x3 convolutions per stage, each followed by BatchNorm (folded into the
 convolution's weights and 8-bit bias at export) and ReLU. The global average pool at the end runs
 on the Cortex-M4 (the accelerator's last layer writes the final map out). At the defaults (w=24,
-embed_dim=128) the network has 9 layers and about 215K weights, under half the weight memory.
+embed_dim=128) the network has 9 layers and about 215K weights, under half the weight memory; izer
+packs them into 557 of processor 0's 768 kernel slots, and at 64x64 the first layer's input and
+output fill its 32 KiB data memory instance exactly.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distillc.errors import SpecError
+from distillc.passes.max78000.memory import (LayerShape, data_offsets, kernel_offsets,
+                                              stored_weight_bits)
 from distillc.plugins.models import run_with_hooks
 
 #: Stage widths as multiples of ``width``.
@@ -45,8 +51,6 @@ MAX_ROW_COL = 1024
 WEIGHT_MEMORY_BYTES = 442_368  # 64 processors x 768 kernels x 9 bytes
 MAX_BIASED_OUTPUTS_PER_LAYER = 512  # one group's bias memory, 8-bit entries
 BIAS_MEMORY_BYTES = 2_048  # 4 groups x 512
-PROCESSORS = 64
-DATA_BYTES_PER_PROCESSOR = 8_192  # a 32 KiB instance shared by 4 processors, HWC: ~90x90 pixels
 MAX_POOL = 16
 MAX_PAD = 2
 MAX_FLATTEN_FEATURES = 16_384
@@ -196,23 +200,22 @@ def max78000_violations(model: nn.Module, image_size: int, *, in_chans: int | No
       functional operation other than add/sub/flatten/concat/ReLU/reshape (found by tracing
       with torch.fx), is not supported;
     - at most 32 layers (convolutions and linear layers; pooling fused into them is free);
-    - weights at ``weight_bits`` bits: <= 442,368 bytes in all;
+    - weights at ``weight_bits`` bits, stored as izer stores them (1, 2, 4 or 8 bits: 3-bit
+      weights take 4): <= 442,368 bytes in all;
+    - kernel memory as izer packs it (:mod:`.memory`): each processor's 768 slots hold the
+      kernels of every layer that reads through it, and every layer starts at processor 0;
     - 8-bit biases (own bias or a folded BatchNorm): <= 512 outputs per layer, <= 2,048 in all;
-    - data memory without streaming: each layer's input and output must fit the 8 KiB each of
-      the 64 processors holds (``H * W * ceil(C / 64)`` bytes; about 90x90 pixels).
+    - data memory without streaming: each layer's input (the map before a fused pooling) and
+      output must fit one 32 KiB data memory instance together (``4 * H * W * ceil(C / 64)``
+      bytes each; 64x64 in and 64x64 out at up to 64 channels).
 
     Whatever runs after the last convolution or linear layer (global pooling, flatten, softmax)
-    is CPU post-processing and not checked. Weight bytes are counted as weights x bits / 8;
-    izer's kernel packing may need more. An empty list means no limit is broken.
+    is CPU post-processing and not checked. The kernel and data memory rules are those
+    ``export.izer`` places the exported network by, so the two agree (see :func:`max78000_layers`).
+    An empty list means no limit is broken.
     """
-    if weight_bits not in (1, 2, 4, 8):
-        raise ValueError(f"MAX78000 weights are 1, 2, 4 or 8 bits, got {weight_bits}")
-    if in_chans is None:
-        in_chans = getattr(model, "in_chans", None)
-    if in_chans is None:
-        first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))), None)
-        in_chans = first.in_channels if first is not None else 3
-    calls = _record_calls(model, (1, int(in_chans), image_size, image_size))
+    bits = stored_weight_bits(weight_bits)
+    calls = _record_calls(model, (1, _in_chans(model, in_chans), image_size, image_size))
     layer_positions = [i for i, call in enumerate(calls) if isinstance(call.module, _LAYER_TYPES)]
     last_layer = layer_positions[-1] if layer_positions else -1
 
@@ -233,7 +236,7 @@ def max78000_violations(model: nn.Module, image_size: int, *, in_chans: int | No
                                   f"at most {MAX_BIASED_OUTPUTS_PER_LAYER} (8-bit bias memory of one group)")
             if id(module) not in counted:
                 counted.add(id(module))
-                weight_bytes += math.ceil(module.weight.numel() * weight_bits / 8)
+                weight_bytes += math.ceil(module.weight.numel() * bits / 8)
                 bias_bytes += _out_channels(module) if biased else 0
         elif isinstance(module, _BATCHNORM_TYPES):
             previous = calls[i - 1].module if i > 0 else None
@@ -254,15 +257,15 @@ def max78000_violations(model: nn.Module, image_size: int, *, in_chans: int | No
             violations.append(f"{call.name}: layer type {type(module).__name__} is not supported by the "
                               f"accelerator")
 
-    for i in layer_positions:
-        if not isinstance(calls[i].module, nn.Linear):  # linear layers run on 1x1 data
-            violations += _data_memory_violations(calls[i])
+    shapes = _layer_shapes(calls, layer_positions, bits)
+    violations += data_offsets(shapes)[1]
     if len(layer_positions) > MAX_LAYERS:
         violations.append(f"{len(layer_positions)} layers (convolutions and linear layers); at most "
                           f"{MAX_LAYERS}")
     if weight_bytes > WEIGHT_MEMORY_BYTES:
-        violations.append(f"weights need {weight_bytes:,} bytes at {weight_bits} bits; the weight memory "
+        violations.append(f"weights need {weight_bytes:,} bytes at {bits} bits; the weight memory "
                           f"holds {WEIGHT_MEMORY_BYTES:,}")
+    violations += kernel_offsets(shapes)[1]
     if bias_bytes > BIAS_MEMORY_BYTES:
         violations.append(f"biases need {bias_bytes:,} bytes (8-bit, folded BatchNorm included); the bias "
                           f"memory holds {BIAS_MEMORY_BYTES:,}")
@@ -367,17 +370,42 @@ def _adaptive_pool_violations(call: _Call) -> list[str]:
             f"1..{MAX_POOL} with equal windows"]
 
 
-def _data_memory_violations(call: _Call) -> list[str]:
-    found = []
-    for label, shape in (("input", call.in_shape), ("output", call.out_shape)):
-        if len(shape) < 3:
+def max78000_layers(model: nn.Module, image_size: int, *, in_chans: int | None = None,
+                    weight_bits: int = 8) -> list[LayerShape]:
+    """The accelerator layers of ``model`` (convolutions and linear layers, in execution order) as
+    izer would place them; ``export.izer`` describes the network it writes the same way
+    (``izer.layer_shapes``)."""
+    calls = _record_calls(model, (1, _in_chans(model, in_chans), image_size, image_size))
+    positions = [i for i, call in enumerate(calls) if isinstance(call.module, _LAYER_TYPES)]
+    return _layer_shapes(calls, positions, stored_weight_bits(weight_bits))
+
+
+def _in_chans(model: nn.Module, in_chans: int | None) -> int:
+    if in_chans is None:
+        in_chans = getattr(model, "in_chans", None)
+    if in_chans is None:
+        first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))), None)
+        in_chans = first.in_channels if first is not None else 3
+    return int(in_chans)
+
+
+def _layer_shapes(calls: list[_Call], positions: list[int], bits: int) -> list[LayerShape]:
+    """One :class:`LayerShape` per layer call.  A layer reads from data memory the map before the
+    pooling fused into it; a linear layer runs as a 1x1 convolution on 1x1 data."""
+    shapes = []
+    for i in positions:
+        call, module = calls[i], calls[i].module
+        if isinstance(module, nn.Linear):
+            shapes.append(LayerShape(call.name, module.in_features, module.out_features, 1, bits, 1, 1))
             continue
-        channels, pixels = shape[1], math.prod(shape[2:])
-        per_processor = pixels * math.ceil(channels / PROCESSORS)
-        if per_processor > DATA_BYTES_PER_PROCESSOR:
-            found.append(f"{call.name}: {label} {shape[1:]} needs {per_processor:,} bytes per processor; "
-                         f"{DATA_BYTES_PER_PROCESSOR:,} fit without streaming (about 90x90 pixels per channel)")
-    return found
+        read = call.in_shape
+        if i > 0 and isinstance(calls[i - 1].module, _POOL_TYPES) and calls[i - 1].out_shape == call.in_shape:
+            read = calls[i - 1].in_shape
+        shapes.append(LayerShape(call.name, module.in_channels, module.out_channels,
+                                 math.prod(_pair(module.kernel_size)) if isinstance(module, nn.Conv2d)
+                                 else math.prod(module.kernel_size) if isinstance(module, nn.Conv1d) else 9,
+                                 bits, math.prod(read[2:]), math.prod(call.out_shape[2:])))
+    return shapes
 
 
 def _functional_violations(model: nn.Module, calls: list[_Call], last_layer: int) -> list[str]:

@@ -2,11 +2,14 @@
 
 The max78000 target compiles the student to a C bundle for the chip's Cortex-M4F core, which
 runs any network distillc lowers.  The CNN accelerator is much faster but narrow (3x3/1x1
-convolutions with stride 1, no depthwise, pooling to downsample, at most 32 layers, 432 KiB
-of weights; see ``distillc.passes.max78000.ai8x.max78000_violations``).  This pass checks
-the student's architecture against those limits and lists every violation: as a report in
-the metrics (and so in the bundle's manifest), or, with ``mode = "require"``, as a
+convolutions with stride 1, no depthwise, pooling to downsample, at most 32 layers, 768 kernel
+slots per processor, a layer's input and output in one 32 KiB data memory instance; see
+``distillc.passes.max78000.ai8x.max78000_violations``).  This pass checks the student's
+architecture, at the weight width QAT gave it, against those limits and lists every violation:
+as a report in the metrics (and so in the bundle's manifest), or, with ``mode = "require"``, as a
 :class:`~distillc.errors.TargetError` that stops the compile.  The student passes through.
+Kernel and data memory are counted with the placement ``export.izer`` writes
+(:mod:`distillc.passes.max78000.memory`), so a student this pass accepts is one izer can place.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 
 class CheckMax78000(Pass):
     name = "check.max78000"
+    version = "2"  # 2: kernel memory per processor, a layer's input and output in one data instance
     description = "check the student against the MAX78000 CNN accelerator's limits (every violation)"
     takes = (TorchModel, QuantTorchModel)
     makes = TorchModel

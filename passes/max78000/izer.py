@@ -280,7 +280,8 @@ def quantize_layer(weight: Any, bias: Any, t_in: float, t_out: float, *, bits: i
     for shift in range(-MAX_SHIFT, MAX_SHIFT + 1):
         w = np.floor(w_real / 2.0**shift + 0.5)
         b = np.floor(b_real / 2.0**shift + 0.5)
-        if w.max(initial=0) <= high and w.min(initial=0) >= low and b.max(initial=0) <= 127 and b.min(initial=0) >= -128:
+        if (w.max(initial=0) <= high and w.min(initial=0) >= low
+                and b.max(initial=0) <= 127 and b.min(initial=0) >= -128):
             return w.astype(np.int64), b.astype(np.int64), shift
     # Out of range even at the largest shift: saturate (izer would refuse larger values).
     shift = MAX_SHIFT
@@ -444,6 +445,7 @@ def state_dict(net: IzerNetwork) -> Any:
 
 class ExportIzer(Pass):
     name = "export.izer"
+    version = "2"  # 2: out_offsets from the map sizes, weights at the model's width, expected output shipped
     description = "write the MAX78000 CNN accelerator's izer inputs (network YAML, quantized checkpoint, sample)"
     takes = Bundle
     makes = Bundle
@@ -456,7 +458,7 @@ class ExportIzer(Pass):
             "report", description="a network the accelerator cannot run: 'report' records why and writes "
                                   "nothing, 'require' stops the compile")
         images: int = Field(16, ge=1, le=10_000, description="validation images simulated to check the conversion")
-        dataset: str | None = Field(None, description="dataset name in the YAML and the sample's file name "
+        dataset: str | None = Field(None, max_length=64, description="dataset name in the YAML and the sample's file name "
                                                       "(the planner fills in the spec's data source, or 'random')")
         model_name: str = Field("model", pattern=NAME_PATTERN, max_length=64,
                                 description="izer's network name (--prefix, the checkpoint's arch); the planner "
@@ -497,7 +499,7 @@ class ExportIzer(Pass):
         shapes = layer_shapes(net)
         kernels, _ = kernel_offsets(shapes)
         result = {"exported": True, "layers": len(net.layers), "files": files,
-                  "weights_bytes": int(sum(math.ceil(layer.weight.size * layer.weight_bits / 8) for layer in net.layers)),
+                  "weights_bytes": sum(math.ceil(layer.weight.size * layer.weight_bits / 8) for layer in net.layers),
                   "weight_bits": [layer.weight_bits for layer in net.layers],
                   "kernel_slots": max(offset + kernel_slots(shape) for offset, shape in zip(kernels, shapes)),
                   "out_offsets": data_offsets(shapes)[0],
