@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from distillc.cli import app
 from distillc.errors import SpecError, TargetError
+import distillc
 from distillc.pipeline import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
@@ -21,13 +22,37 @@ BACKEND = ["quantize.brevitas-qat", "export.onnx", "simplify.onnxsim", "tvm.int8
            "verify.host"]
 
 
+class _BundleObserver:
+    """A plugin observing ``distillc_bundle_written``."""
+
+    __name__ = "bundle-observer"
+
+    def __init__(self):
+        self.calls = []
+
+    @distillc.hookimpl
+    def distillc_bundle_written(self, path, manifest):
+        self.calls.append((path, manifest))
+
+
+_OBSERVER = _BundleObserver()
+
+
 @pytest.fixture(scope="module")
 def stm32_build(module_folder):
     """One tiny spec compiled for stm32h7 (verified on the host and on QEMU), shared by the tests."""
     path = module_folder / "spec.toml"
     path.write_text(tiny_spec_text(target="stm32h7"))
-    result = compile_spec(path, progress=SilentProgress())
+    result = compile_spec(path, progress=SilentProgress(), plugins=load_plugins([_OBSERVER]))
     return path, result
+
+
+def test_the_bundle_written_hook_sees_the_published_bundle_and_its_manifest(stm32_build):
+    path, result = stm32_build
+    [(where, manifest)] = _OBSERVER.calls
+    assert where == path.parent / "build" / "tiny" / "bundle"
+    assert manifest == json.loads((where / "manifest.json").read_text())
+    assert manifest["spec_sha256"] == result.report["spec_sha256"] and "verify.qemu" in manifest["metrics"]
 
 
 def test_compile_ends_with_a_bundle_verified_on_host_and_qemu(stm32_build):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,18 @@ def test_every_stage_folder_says_what_it_takes_and_makes(stage):
     assert len(doc.split()) > 20
     assert "takes" in doc.lower() or "take" in doc.lower()
     assert (ROOT / "passes" / stage / "__init__.py").is_file()
+
+
+def test_validate_and_plan_import_no_torch_tvm_or_onnx():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from distillc.cli import app\n"
+        "for command in ('validate', 'plan'):\n"
+        "    result = CliRunner().invoke(app, [command, sys.argv[1]])\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in ('torch', 'tvm', 'onnx', 'onnxruntime', 'brevitas') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "quickstart" / "spec.toml")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
