@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+import distillc  # noqa: E402
 from distillc.errors import PassError  # noqa: E402
 from distillc.passes.backend import (  # noqa: E402
     build_program,
@@ -364,3 +365,84 @@ def test_a_kernel_shared_by_several_layers_names_each_call_after_its_own_node(tm
     convs = [f"{node.name} (Conv)" for node in onnx.load(str(onnx_path)).graph.node if node.op_type == "Conv"]
     assert [layer["node"] for layer in layers] == convs
     assert len({layer["name"] for layer in layers}) == len(layers)
+
+
+ARGMAX_DECL = "/* The index of the largest output value. */\nint distillc_output_argmax(const int8_t *output);"
+ARGMAX_SOURCE = """#include <stdint.h>
+
+#include "distillc_model.h"
+
+int distillc_output_argmax(const int8_t *output)
+{
+    int best = 0;
+    int i;
+
+    for (i = 1; i < DISTILLC_OUTPUT_SIZE; ++i) {
+        if (output[i] > output[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+"""
+
+
+def test_a_bundle_extension_adds_declarations_sources_and_flash_through_emit_c(tiny, tmp_path):
+    from distillc.passes.backend.codegen import CExtension
+
+    ext = CExtension(name="argmax", declarations=ARGMAX_DECL, sources={"src/distillc_argmax.c": ARGMAX_SOURCE},
+                     manifest={"what": "argmax"}, flash_bytes=40)
+    prog = load_program_of(tiny, tmp_path)
+    manifest = emit_c(prog, tmp_path / "bundle", name="tiny", plan=plan_memory(prog), extensions=[ext])
+    header = (tmp_path / "bundle" / "include" / "distillc_model.h").read_text()
+    assert header.index("distillc_model_run_float") < header.index("distillc_output_argmax") \
+        < header.rindex("#ifdef __cplusplus")
+    assert "src/distillc_argmax.c" in manifest["files"] and manifest["argmax"] == {"what": "argmax"}
+    assert manifest["memory"]["argmax_bytes"] == 40
+    testing.build_host_driver(tmp_path / "bundle", tmp_path / "build")  # -Wall -Wextra -Werror, with the extension
+    clash = CExtension(name="bad", declarations="", sources={"src/distillc_model.c": ""})
+    with pytest.raises(PassError, match="'bad' writes 'src/distillc_model.c', which is not a new file under src/"):
+        emit_c(prog, tmp_path / "bundle2", name="tiny", plan=plan_memory(prog), extensions=[clash])
+
+
+def test_codegen_asks_every_registered_pass_once_for_its_c_extension():
+    from distillc.artifacts import Bundle
+    from distillc.pass_api import Pass
+    from distillc.passes.backend.codegen import CExtension
+    from distillc.passes.backend.codegen_c import bundle_extensions
+    from distillc.plugin_manager import load_plugins
+
+    class Argmax(Pass):
+        name = "test.argmax"
+        takes = makes = Bundle
+
+        @staticmethod
+        def c_extension(meta, *, name, output_size, pass_name):
+            if "argmax" not in meta:
+                return None
+            return CExtension(name="argmax", declarations=ARGMAX_DECL, flash_bytes=output_size)
+
+        def run(self, artifact, ctx):
+            raise AssertionError
+
+    class Argmax2(Argmax):  # inherits the same c_extension: asked once
+        name = "test.argmax2"
+
+    class Plugin:
+        __name__ = "argmax-plugin"
+
+        @distillc.hookimpl
+        def distillc_register_passes(self, registry):
+            registry.add(Argmax)
+            registry.add(Argmax2)
+
+    plugins = load_plugins([Plugin()])
+    assert bundle_extensions(plugins, {}, name="m", output_size=10, pass_name="codegen.c") == []
+    [ext] = bundle_extensions(plugins, {"argmax": True}, name="m", output_size=10, pass_name="codegen.c")
+    assert ext.name == "argmax" and ext.flash_bytes == 10
+
+
+def load_program_of(tiny, folder):
+    prog = build_program(lower_int8(import_onnx(tiny["onnx"])))
+    prog.save(folder / "program")
+    return load_program(folder / "program")

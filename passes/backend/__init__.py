@@ -85,14 +85,15 @@ def plan_memory(prog_or_mod, *, pass_name: str = "plan-memory"):
     return _plan(prog, pass_name=pass_name)
 
 
-def emit_c(prog_or_mod, bundle_dir, *, name: str, plan=None, pass_name: str = "codegen.c") -> dict:
+def emit_c(prog_or_mod, bundle_dir, *, name: str, plan=None, pass_name: str = "codegen.c",
+           extensions=()) -> dict:
     """Program (or lowered IRModule) -> C sources in ``bundle_dir``; returns the manifest
-    entries.  With a Program this needs no TVM."""
+    entries.  With a Program this needs no TVM.  ``extensions``: ``codegen.CExtension``s."""
     from .codegen import emit_c as _emit
     from .program import Program
 
     prog = prog_or_mod if isinstance(prog_or_mod, Program) else build_program(prog_or_mod)
-    return _emit(prog, bundle_dir, name=name, plan=plan, pass_name=pass_name)
+    return _emit(prog, bundle_dir, name=name, plan=plan, pass_name=pass_name, extensions=extensions)
 
 
 def compile_onnx_to_bundle(onnx_path, bundle_dir, *, name: str,
