@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 from distillc.artifacts import Artifact, artifact_class_path, import_artifact_class
+from distillc.errors import SpecError, shown
 from distillc.locks import held, owned_folder, remove_abandoned
 
 RUN_FILE = "run.json"
@@ -51,11 +52,15 @@ def dist_version(name: str) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (files a spec names enter keys by content, not by path)."""
+    """sha256 of a file's bytes (files a spec names enter keys by content, not by path); a file
+    that cannot be read is a SpecError naming it."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise SpecError(f"cannot read {shown(str(path))}: {getattr(exc, 'strerror', None) or exc}") from None
     return digest.hexdigest()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -19,9 +20,10 @@ from typing import Any, Callable, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from distillc import __version__
-from distillc.errors import DistillcError
+from distillc.errors import DistillcError, shorten, shown, workspace_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="distillc: distil frozen teachers into tiny students and compile them to MCU C bundles.")
@@ -68,30 +70,40 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
         except typer.Exit:
             raise
         except DistillcError as exc:
-            if _state["debug"]:
-                err.print(traceback.format_exc(), markup=False)
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                err.print(f"[bold red]error:[/] {_escape(line)}", soft_wrap=True)
-            raise typer.Exit(2) from None
+            _user_error(exc)
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]: finished epochs are checkpointed; run the same command to resume")
             raise typer.Exit(130) from None
         except Exception as exc:
+            # A full disk or a read-only cache is the environment, not a bug (also inside a pass).
+            environment = workspace_error(exc) or workspace_error(exc.__cause__)
+            if environment is not None:
+                _user_error(environment, exc)
             if _state["debug"]:
                 err.print(traceback.format_exc(), markup=False)
             else:
                 origin = exc.__cause__ or exc  # a crashing pass: point at the pass's own code
                 frame = traceback.extract_tb(origin.__traceback__)[-1] if origin.__traceback__ else None
                 where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
-                err.print(f"[bold red]internal error:[/] {_escape(str(exc))}{where}", soft_wrap=True)
+                err.print(Text.assemble(("internal error:", "bold red"), f" {shorten(str(exc), MAX_LINE)}{where}"),
+                          soft_wrap=True)
                 err.print("this is a bug in distillc or a plugin; rerun with --debug for the traceback")
             raise typer.Exit(1) from None
 
     return wrapper
 
 
-def _escape(text: str) -> str:
-    return text.replace("[", "\\[")
+#: The longest error line printed; messages shorten the values they echo well below it.
+MAX_LINE = 500
+
+
+def _user_error(exc: DistillcError, original: BaseException | None = None) -> None:
+    """One ``error:`` line per line of the message, then exit status 2."""
+    if _state["debug"]:
+        err.print(traceback.format_exc(), markup=False)
+    for line in str(exc).splitlines() or [type(original or exc).__name__]:
+        err.print(Text.assemble(("error:", "bold red"), f" {shorten(line, MAX_LINE)}"), soft_wrap=True)
+    raise typer.Exit(2) from None
 
 
 def _load(spec_path: Path) -> tuple[Any, Any]:
@@ -199,10 +211,15 @@ def targets() -> None:
 @handled
 def inspect(bundle: Path = typer.Argument(..., help="A bundle directory (with manifest.json).")) -> None:
     """Show a bundle's manifest as tables: memory, input/output, layers, dims."""
-    manifest_path = bundle / "manifest.json"
-    if not manifest_path.is_file():
-        raise DistillcError(f"{bundle}: not a bundle (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(bundle)
+    try:
+        _show_manifest(manifest)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:  # a manifest edited by hand
+        raise DistillcError(f"{bundle / 'manifest.json'}: unexpected content ({shorten(repr(exc))}); "
+                            "compile the bundle again") from None
+
+
+def _show_manifest(manifest: dict[str, Any]) -> None:
     io = Table(title="input / output")
     for column in ("tensor", "shape", "dtype", "scale", "zero point"):
         io.add_column(column)
@@ -253,10 +270,10 @@ def run_bundle(
     from distillc.passes.backend.codegen_c import quantize_inputs
     from distillc.targets.runner import run_on_host, run_on_qemu
 
-    manifest_path = bundle / "manifest.json"
-    if not manifest_path.is_file():
-        raise DistillcError(f"{bundle}: not a bundle (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(bundle, tensors=True)
+    if output.is_dir() or not output.parent.is_dir():
+        raise DistillcError(f"--output {output}: " + ("is a folder; give a .npy file name" if output.is_dir() else
+                                                      f"folder {output.parent} does not exist; create it first"))
     try:
         x = np.load(input, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -270,7 +287,9 @@ def run_bundle(
     q = quantize_inputs(batch, manifest["input"])
     with tempfile.TemporaryDirectory(prefix="distillc-run-") as work:
         if qemu:
-            machine = {"max78000": "mps2-an386"}.get(manifest.get("target", {}).get("name"), "mps2-an500")
+            target = manifest.get("target")
+            machine = {"max78000": "mps2-an386"}.get(target.get("name") if isinstance(target, dict) else None,
+                                                     "mps2-an500")
             result = run_on_qemu(bundle, q, Path(work), machine=machine)
             outputs = result.outputs
             err.print(f"{machine}: {result.instructions_per_inference} instructions per inference")
@@ -283,6 +302,37 @@ def run_bundle(
         outputs = ((outputs.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"]))
     np.save(output, outputs)
     out.print(f"wrote {output} ({outputs.dtype}, shape {list(outputs.shape)})")
+
+
+def _read_manifest(bundle: Path, *, tensors: bool = False) -> dict[str, Any]:
+    """The bundle's manifest.json as a dict; a missing, broken or empty one is one error line.
+
+    ``tensors``: also check what ``run`` reads (``input`` and ``output``: shape, scale, zero point).
+    """
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        raise DistillcError(f"{bundle}: not a bundle (no manifest.json)")
+    again = "compile the bundle again (distillc compile SPEC writes <workdir>/bundle/)"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DistillcError(f"{path}: not a readable manifest ({shorten(str(exc) or type(exc).__name__)}); "
+                            f"{again}") from None
+    if not isinstance(manifest, dict) or not manifest:
+        raise DistillcError(f"{path}: not a manifest (expected a JSON object with the bundle's keys, found "
+                            f"{shown(manifest, 40)}); {again}")
+    for name in ("input", "output") if tensors else ():
+        quant = manifest.get(name)
+        shape = quant.get("shape") if isinstance(quant, dict) else None
+        if not (isinstance(shape, list) and shape and all(type(d) is int and d >= 1 for d in shape)
+                and _finite_number(quant.get("scale")) and type(quant.get("zero_point")) is int):
+            raise DistillcError(f"{path}: {name!r} needs a shape (positive integers), a scale and a zero_point "
+                                f"(found {shown(quant, 60)}); {again}")
+    return manifest
+
+
+def _finite_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 # -- summary ----------------------------------------------------------------------------------

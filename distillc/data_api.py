@@ -21,6 +21,8 @@ class DatasetSource:
     fingerprint: Callable[..., str]
     needs_path: bool = False
     description: str = ""
+    #: what ``path`` must be, checked by ``validate``: ``"file"``, ``"folder"`` or ``"any"``
+    path_kind: str = "any"
 
 
 def check_dataset(obj: Any) -> str | None:

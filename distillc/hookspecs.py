@@ -64,7 +64,8 @@ def distillc_register_datasets(registry: Any) -> None:
     """Register dataset sources: ``registry.add(name, source)``.
 
     ``source`` is a :class:`distillc.data_api.DatasetSource` (a loader plus a cheap fingerprint);
-    with ``needs_path`` it reads ``[data] path``, without it a spec giving a path is refused.
+    with ``needs_path`` it reads ``[data] path``, without it a spec giving a path is refused;
+    ``path_kind`` (``"file"``, ``"folder"`` or ``"any"``) is what that path must be.
     """
 
 

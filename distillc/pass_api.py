@@ -39,10 +39,11 @@ class PassConfig(BaseModel):
     Strict: a spec's TOML gives real types, so ``epochs = "3"`` is refused rather than coerced
     (an int still fits a float key).  A list key is ``list[...]`` (strict mode refuses a TOML
     list for ``tuple[...]``); a ``Path`` key needs ``Annotated[Path, Strict(False)]`` to take a
-    string.
+    string.  No float key takes ``inf`` or ``nan``: they pass range checks (``nan`` compares
+    false) and train a NaN model.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from distillc.pass_api import Pass, PassContext, PassResult
 from distillc.registry import Plugins
 from distillc.progress import ProgressReporter, SilentProgress
 from distillc.spec import Spec, format_validation_error
+from distillc.workspace import check_folder
 
 CACHE_ENV = "DISTILLC_CACHE"
 
@@ -104,6 +105,9 @@ def build_plan(spec: Spec, plugins: Plugins, *, workdir: Path | None = None,
                store: ArtifactStore | None = None) -> Plan:
     """Resolve the steps, check types, compute cache keys and cache status."""
     store = store or default_store(spec)
+    workdir = Path(workdir) if workdir else default_workdir(spec)
+    check_folder(store.root, "the cache", CACHE_ENV, create=False)
+    check_folder(workdir, "the work directory", "--workdir", create=False)
     steps: list[Step] = []
     for teacher in spec.teachers:
         steps.append(_teacher_step(spec, plugins, teacher.name))
@@ -123,7 +127,7 @@ def build_plan(spec: Spec, plugins: Plugins, *, workdir: Path | None = None,
         step.key = cache_key(step.key_payload)
         keys[step.id] = step.key
         step.cached = store.has(step.key)
-    return Plan(spec=spec, steps=steps, workdir=Path(workdir) if workdir else default_workdir(spec), store=store)
+    return Plan(spec=spec, steps=steps, workdir=workdir, store=store)
 
 
 def _backend_steps(spec: Spec, plugins: Plugins, makes: Any, used_ids: set[str]) -> list[Step]:
@@ -296,13 +300,14 @@ def run_plan(plan: Plan, plugins: Plugins, *, progress: ProgressReporter | None 
     spec, store = plan.spec, plan.store
     forced_from = plan.index(plan.step(force, option="--force").id) if force else None
     stop_at = plan.index(plan.step(until, option="--until").id) if until else len(plan.steps) - 1
+    check_folder(store.root, "the cache", CACHE_ENV, create=True)
+    check_folder(plan.workdir, "the work directory", "--workdir", create=True)
     # A --force run that was interrupted resumes: the steps it already ran again are not forced.
     forcing = ForcedRun(store, plan.steps[forced_from].key) if forced_from is not None else None
     forced_ids = {s.id for s in plan.steps[forced_from:] if s.key not in forcing.done} if forcing else set()
     if processes > 1:
         _agree_on_plan(plan)
     shared_until = _last_shared_step(plan, stop_at, forced_ids) if processes > 1 else -1
-    plan.workdir.mkdir(parents=True, exist_ok=True)
     load_data = functools.cache(lambda: spec.load_data(plugins))
     artifacts: dict[str, Artifact] = {}
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
-from distillc.errors import PluginError, SpecError
+from distillc.errors import PluginError, SpecError, shown
 
 #: A check of one registered object: None when it is fine, else what is wrong with it.
 Validator = Callable[[Any], "str | None"]
@@ -80,9 +80,9 @@ class Registry:
     def unknown_message(self, name: Any, among: Iterable[str] | None = None) -> str:
         """"unknown <kind> 'x' (did you mean ...); valid: ..."; ``among`` narrows the choices shown."""
         valid = sorted(self._entries if among is None else among)
-        hint = difflib.get_close_matches(str(name), valid, n=1)
+        hint = difflib.get_close_matches(str(name), valid, n=1) if len(str(name)) <= 200 else []
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"unknown {self.kind} {name!r}{did_you_mean}; valid: {', '.join(valid) or 'none registered'}"
+        return f"unknown {self.kind} {shown(name)}{did_you_mean}; valid: {', '.join(valid) or 'none registered'}"
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -21,6 +21,9 @@ import functools
 import hashlib
 import inspect
 import json
+import os
+import re
+import stat
 import tomllib
 import types
 import typing
@@ -31,7 +34,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, create_model,
                       model_validator)
 
-from distillc.errors import SpecError
+from distillc.errors import SpecError, shorten, shown
 
 SPEC_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -52,16 +55,17 @@ class _Section(BaseModel):
     """A section with a closed set of keys.
 
     Strict: TOML already gives real types, so ``"16"`` for an integer is a mistake, not a
-    value to coerce (an integer still fits a float key).
+    value to coerce (an integer still fits a float key).  TOML's ``inf`` and ``nan`` fit no
+    float key: they would pass range checks (``nan`` compares false) and train a NaN model.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _Open(BaseModel):
     """A section whose extra keys are options checked in stage 2 against a plugin's schema."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -213,6 +217,23 @@ class Spec:
 # -- reading --------------------------------------------------------------------------------
 
 
+#: Limits on a spec file, far above what a spec needs, that keep reading it fast and bounded.
+MAX_SPEC_BYTES = 16 * 2**20
+MAX_NESTING = 32
+MAX_ENTRIES = 10_000
+
+# What the nesting scan must step over (strings and comments, where brackets and dots mean
+# nothing) and what it counts: brackets, and the dots of a dotted key between delimiters.
+_TOML_TOKENS = re.compile(
+    r'"""[^\\"]*(?:(?:\\.|"(?!""))[^\\"]*)*"""'  # a multi-line basic string
+    r"|'''.*?'''"  # a multi-line literal string
+    r'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"?'  # a basic string (or the start of an unterminated one)
+    r"|'[^'\n]*'?"  # a literal string
+    r"|#[^\n]*"  # a comment
+    r"|[\[\]{}.=,\n]",  # what the scan counts, and what ends a key
+    re.S)
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse the spec file; every way it can be unreadable is a one-line SpecError."""
     path = Path(path)
@@ -220,18 +241,74 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise SpecError(f"spec file not found: {path}")
     if path.is_dir():
         raise SpecError(f"{path} is a directory; give the spec file (e.g. {path / 'spec.toml'})")
-    raw = path.read_bytes()
+    if not path.is_file():
+        raise SpecError(f"{path} is not a regular file (a device, pipe or socket); give the spec file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec ({exc.strerror or exc})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: larger than {MAX_SPEC_BYTES // 2**20} MiB; a spec is a short text file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a TOML file (not UTF-8 text)") from None
     if not text.strip():
         raise SpecError(f"{path}: the spec is empty; it needs at least [distillc] and [student]")
+    _check_nesting_text(text, path)
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message already ends with "(at line L, column C)".
         raise SpecError(f"{path}: invalid TOML: {exc}") from None
+    _check_nesting(data)
+    return data
+
+
+def _check_nesting_text(text: str, path: Path) -> None:
+    """Refuse brackets nested, or keys dotted, more than MAX_NESTING deep, before parsing.
+
+    tomllib parses nested arrays and inline tables recursively (a thousand levels exhaust
+    Python's stack) and takes minutes over a key of ten thousand dotted parts; one linear scan
+    of the text bounds both.
+    """
+    depth = dots = 0
+    line = 1
+    for token in _TOML_TOKENS.finditer(text):
+        kind = token.group()
+        if kind in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise SpecError(f"{path}: line {line}: brackets nested more than {MAX_NESTING} deep; "
+                                "a spec needs only a few levels")
+        elif kind in "]}":
+            depth = max(depth - 1, 0)
+        elif kind == ".":
+            dots += 1
+            if dots >= MAX_NESTING:
+                raise SpecError(f"{path}: line {line}: a key of more than {MAX_NESTING} dotted parts; "
+                                "a spec needs only a few levels")
+            continue
+        line += kind.count("\n")
+        if kind in "=,\n" or kind.startswith("#") or kind in "[]{}":
+            dots = 0
+
+
+def _check_nesting(data: dict[str, Any]) -> None:
+    """Refuse tables and arrays nested more than MAX_NESTING deep (brackets within dotted keys),
+    or holding more than MAX_ENTRIES entries (each would be validated, and reported, one by one)."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    while stack:
+        node, loc = stack.pop()
+        if len(loc) > MAX_NESTING:
+            raise SpecError(f"values nested more than {MAX_NESTING} deep; a spec needs only a few levels",
+                            shorten(format_loc(loc[:MAX_NESTING // 4]) + "..."))
+        if len(node) > MAX_ENTRIES:
+            raise SpecError(f"{len(node)} entries; a table or array of a spec holds at most {MAX_ENTRIES}",
+                            shorten(format_loc(loc)))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend((value, (*loc, key)) for key, value in items if isinstance(value, (dict, list)))
 
 
 def load_spec(path: Path | str, plugins: Any) -> Spec:
@@ -241,7 +318,7 @@ def load_spec(path: Path | str, plugins: Any) -> Spec:
     try:
         file = SpecFile.model_validate(data)
     except ValidationError as exc:
-        raise SpecError("\n".join(format_validation_error(exc, SpecFile))) from None
+        raise _problems_error(format_validation_error(exc, SpecFile), path) from None
     problems: list[str] = []
     spec_passes = _resolve_passes(file, plugins, problems, root=path.parent)
     target_cls, target_config = _resolve_target(file, plugins, problems)
@@ -252,8 +329,19 @@ def load_spec(path: Path | str, plugins: Any) -> Spec:
                 student_options=student_options)
     _check_files_and_names(spec, plugins, problems)
     if problems:
-        raise SpecError("\n".join(problems))
+        raise _problems_error(problems, path)
     return spec
+
+
+#: The most problems one SpecError lists; a list of 100,000 wrong entries is not 100,000 lines.
+MAX_PROBLEMS = 40
+
+
+def _problems_error(problems: list[str], path: Path) -> SpecError:
+    if len(problems) > MAX_PROBLEMS:
+        problems = [*problems[:MAX_PROBLEMS],
+                    f"{path}: {len(problems) - MAX_PROBLEMS} more problems not shown; fix these first"]
+    return SpecError("\n".join(problems))
 
 
 # -- stage 2 ------------------------------------------------------------------------------------
@@ -365,7 +453,7 @@ def _resolve_student(file: SpecFile, plugins: Any, problems: list[str]) -> dict[
 
 
 def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> None:
-    files = [(f"teachers[{i}].checkpoint", t.checkpoint) for i, t in enumerate(spec.teachers)]
+    files: list[tuple[Any, ...]] = [(f"teachers[{i}].checkpoint", t.checkpoint) for i, t in enumerate(spec.teachers)]
     files += [("student.checkpoint", spec.student.checkpoint), ("student.onnx", spec.student.onnx)]
     if spec.data.source not in plugins.datasets:
         problems.append(f"data.source: {plugins.datasets.unknown_message(spec.data.source)}")
@@ -375,12 +463,62 @@ def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> Non
             problems.append(f"data.path: source {spec.data.source!r} reads local files; give their path")
         elif not source.needs_path and spec.data.path is not None:
             problems.append(f"data.path: source {spec.data.source!r} takes no path; remove the key "
-                            f"(got {str(spec.data.path)!r})")
+                            f"(got {shown(str(spec.data.path))})")
         else:
-            files.append(("data.path", spec.data.path))
-    for key, rel in files:
-        if rel is not None and not spec.resolve(rel).exists():
-            problems.append(f"{key}: file not found: {str(rel)!r} (looked at {spec.resolve(rel)})")
+            wants = getattr(source, "path_kind", "any")
+            files.append(("data.path", spec.data.path, wants, f"source {spec.data.source!r} reads a {wants}"))
+    for key, rel, *wants in files:
+        problem = path_problem(spec.root, rel, *wants) if rel is not None else None
+        if problem:
+            problems.append(f"{key}: {problem}")
+
+
+#: What a path in a spec may be at most (Linux's PATH_MAX and NAME_MAX).
+MAX_PATH_CHARS, MAX_NAME_BYTES = 4096, 255
+
+
+def path_problem(root: Path, given: Path, wants: str = "file", why: str = "") -> str | None:
+    """What is wrong with a path a spec gives (relative to ``root``), or None.
+
+    ``wants`` is ``"file"`` (a regular file, readable), ``"folder"`` or ``"any"``.  Beyond
+    existence this refuses what would fail or hang later: a NUL byte, an over-long name, the
+    filesystem root, a device or pipe (``/dev/zero`` would be hashed forever), a file that
+    cannot be read (``/proc/self/mem``).  Values are echoed shortened.
+    """
+    text = str(given)
+    named = shown(text)
+    if "\x00" in text:
+        return f"holds a NUL byte (got {named}); give a file name"
+    if len(text) > MAX_PATH_CHARS or any(len(part.encode()) > MAX_NAME_BYTES for part in Path(text).parts):
+        return (f"path too long (got {named}, {len(text)} characters); a name has at most {MAX_NAME_BYTES} bytes "
+                f"and a path {MAX_PATH_CHARS} characters")
+    full = (root / given).resolve()
+    looked = shorten(str(full), 200)
+    try:
+        info = os.stat(full)
+    except (FileNotFoundError, NotADirectoryError):
+        return f"file not found: {named} (looked at {looked})"
+    except OSError as exc:
+        return f"cannot read {looked}: {exc.strerror or exc}"
+    because = f" ({why})" if why else ""
+    if stat.S_ISDIR(info.st_mode):
+        if wants == "file":
+            return f"{looked} is a folder{because}; give a file"
+        if full == Path(full.anchor):
+            return f"{looked} is the filesystem root; give the folder that holds the data"
+        if not os.access(full, os.R_OK | os.X_OK):
+            return f"cannot read the folder {looked}: permission denied"
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return f"{looked} is not a regular file (a device, pipe or socket); give a file"
+    if wants == "folder":
+        return f"{looked} is a file{because}; give a folder"
+    try:
+        with open(full, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        return f"cannot read {looked}: {exc.strerror or exc}"
+    return None
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -401,7 +539,7 @@ def _strict_variant(model: type[BaseModel]) -> type[BaseModel]:
     if model.model_config.get("strict"):
         return model
     return type(model.__name__, (model,), {"__module__": model.__module__,
-                                          "model_config": ConfigDict(strict=True)})
+                                          "model_config": ConfigDict(strict=True, allow_inf_nan=False)})
 
 
 #: Builder arguments the pipeline fills from [data]; a spec never sets them.
@@ -413,7 +551,7 @@ def builder_options_model(builder: Any) -> type[BaseModel]:
 
     Strict like the spec's sections (no ``"0.5"`` for a float); ``Path`` options still take strings.
     """
-    hints = typing.get_type_hints(builder)
+    hints = typing.get_type_hints(builder, include_extras=True)  # keeps Annotated bounds (Field(le=...))
     fields: dict[str, Any] = {}
     for name, param in inspect.signature(builder).parameters.items():
         if name in _BUILDER_PROVIDED or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
@@ -421,7 +559,7 @@ def builder_options_model(builder: Any) -> type[BaseModel]:
         default = ... if param.default is inspect.Parameter.empty else param.default
         fields[name] = (_lax_paths(hints.get(name, Any)), default)
     return create_model(f"{getattr(builder, '__name__', 'builder')}_options",
-                        __config__=ConfigDict(extra="forbid", strict=True), **fields)
+                        __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False), **fields)
 
 
 def _lax_paths(annotation: Any) -> Any:
@@ -464,16 +602,17 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         kind = err["type"]
+        where = shorten(format_loc(loc, prefix))
         if kind == "extra_forbidden":
-            lines.append(f"{format_loc(loc, prefix)}: unknown key (got {err['input']!r}); "
+            lines.append(f"{where}: unknown key (got {shown(err['input'])}); "
                          f"allowed: {_allowed_keys(model, loc, section_keys)}")
         elif kind == "missing":
-            lines.append(f"{format_loc(loc, prefix)}: required key is missing")
+            lines.append(f"{where}: required key is missing")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = shorten(err["msg"].removeprefix("Value error, "), 300)
             value = err.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            lines.append(f"{format_loc(loc, prefix)}: {msg}{shown}")
+            got = "" if isinstance(value, dict) else f" (got {shown(value)})"
+            lines.append(f"{where}: {msg}{got}")
     return lines
 
 

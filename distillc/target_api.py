@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class TargetConfig(BaseModel):
     """Keys of ``[target]`` shared by every target; a target may extend them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     flash_kb: int | None = Field(None, ge=1, description="flash available to the model (KiB)")
     ram_kb: int | None = Field(None, ge=1, description="RAM available to the model's arena (KiB)")

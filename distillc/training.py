@@ -11,6 +11,7 @@ Under torchrun, :class:`DataParallel` splits each global batch over the processe
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import time
@@ -157,13 +158,18 @@ class _Trained(torch.nn.Module):
 
 def run_epochs(*, progress: Any, checkpoint_dir: Path, description: str, epochs: int,
                state: dict[str, Any], epoch_fn: Callable[[int], tuple[float, int]],
-               extra: Callable[[], dict[str, Any]] | None = None) -> list[float]:
+               extra: Callable[[], dict[str, Any]] | None = None, step: str | None = None) -> list[float]:
     """Run ``epoch_fn(epoch) -> (mean loss, images seen)`` for each epoch not yet done.
 
     ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (modules,
     optimizers, schedulers); they are checkpointed after every epoch and restored on resume.
     ``extra()`` may add fields to the progress line (e.g. the curriculum's strength).
     Returns the loss of every epoch.
+
+    An epoch whose loss, or a trained module's parameters, are not finite (NaN or infinite: a
+    learning rate too high for the model) raises :class:`~distillc.errors.PassError` naming
+    ``step`` (default: ``description``), before that epoch is checkpointed: nothing of the
+    diverged run is stored, and the last good epoch stays resumable.
 
     When training is shared by several processes, rank 0 alone writes the checkpoint and decides
     whether to resume; the others then read the same file (the cache must be on storage that
@@ -189,6 +195,7 @@ def run_epochs(*, progress: Any, checkpoint_dir: Path, description: str, epochs:
             t0 = time.perf_counter()
             loss, images = epoch_fn(epoch)
             seconds = max(time.perf_counter() - t0, 1e-9)
+            _check_finite(step or description, epoch, epochs, float(loss), state)
             losses.append(float(loss))
             if distributed.is_main():
                 _save_atomic(path, {"epoch": epoch + 1, "losses": losses,
@@ -200,14 +207,35 @@ def run_epochs(*, progress: Any, checkpoint_dir: Path, description: str, epochs:
     return losses
 
 
+def _check_finite(step: str, epoch: int, epochs: int, loss: float, state: dict[str, Any]) -> None:
+    """Raise PassError when training diverged: a non-finite loss or module parameter."""
+    from distillc.errors import PassError
+
+    where = f"epoch {epoch + 1} of {epochs}"
+    fix = "lower lr (or weight_decay), or check the data; nothing of this run was stored"
+    if not math.isfinite(loss):
+        raise PassError(step, f"training diverged: the loss is {loss} at {where}; {fix}")
+    for name, obj in state.items():
+        if isinstance(obj, torch.nn.Module):
+            for tensor_name, tensor in [*obj.named_parameters(), *obj.named_buffers()]:
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise PassError(step, f"training diverged: {name} {tensor_name} holds NaN or infinite values "
+                                          f"after {where}; {fix}")
+
+
 def _save_atomic(path: Path, payload: dict[str, Any]) -> None:
     # A name of its own: a compile never shares its temporary file with another writer.
     tmp = path.with_name(f"{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError) and "inline_container" in str(exc):  # torch's writer on a full disk
+            from distillc.errors import WorkspaceError
+
+            raise WorkspaceError(f"cannot write the training checkpoint {path} (the disk may be full); free some "
+                                 "space, or give DISTILLC_CACHE another folder") from None
         raise
 
 

@@ -94,7 +94,7 @@ class TeacherTrain(Pass):
 
         losses = run_epochs(progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir, description=f"train {ctx.step_id}",
                             epochs=cfg.epochs, state={"model": model, "head": head, "optimizer": optimizer,
-                                                      "schedule": schedule}, epoch_fn=epoch_fn)
+                                                      "schedule": schedule}, epoch_fn=epoch_fn, step=ctx.step_id)
         with torch.no_grad():
             features = embed_all(model, data.val_x, fn=lambda m, b: m.embed(b))
             val_top1 = float((head.cpu()(features).argmax(1) == data.val_y).float().mean())
@@ -126,9 +126,11 @@ class TeacherLoad(Pass):
         options = {"image_size": cfg.image_size, "in_chans": cfg.channels, **cfg.options}
         model = ctx.plugins.teachers.get(cfg.arch)(**options)
         info = load_into(model, load_state_dict_file(cfg.checkpoint), source=cfg.checkpoint) or {}
+        adapted = _notice_adaptations(ctx, info)
         out = TorchModel.from_module(model, role="teacher", arch=cfg.arch, options=options,
                                      meta={"embed_dim": model.embed_dim, "params": count_params(model)})
-        return PassResult(out, {"params": count_params(model), **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
+        return PassResult(out, {"params": count_params(model), **adapted,
+                                **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
 
 
 class StudentInit(Pass):
@@ -156,11 +158,14 @@ class StudentInit(Pass):
         if cfg.checkpoint:
             from distillc.plugins.models.checkpoint import load_into, load_state_dict_file
 
-            load_into(model, load_state_dict_file(cfg.checkpoint), source=cfg.checkpoint)
+            adapted = _notice_adaptations(ctx, load_into(model, load_state_dict_file(cfg.checkpoint),
+                                                         source=cfg.checkpoint) or {})
+        else:
+            adapted = {}
         params = count_params(model)
         out = TorchModel.from_module(model, role="student", arch=cfg.arch, options=options,
                                      meta={"embed_dim": model.embed_dim, "params": params})
-        return PassResult(out, {"params": params, "embed_dim": model.embed_dim})
+        return PassResult(out, {"params": params, "embed_dim": model.embed_dim, **adapted})
 
 
 class StudentOnnx(Pass):
@@ -227,6 +232,16 @@ def _fits(model: list[int | str], image: list[int]) -> bool:
     """Whether images of shape ``image`` (C, H, W) fit a model input ``model`` (N, C, H, W; a
     symbolic dim fits anything)."""
     return len(model) == 4 and all(isinstance(m, str) or m == d for m, d in zip(model[1:], image))
+
+
+def _notice_adaptations(ctx: PassContext, info: dict[str, Any]) -> dict[str, Any]:
+    """Say what loading changed in the checkpoint's tensors (a 3-channel patch embedding summed for
+    a 1-channel model, a resampled position grid, renamed keys): never silently.  Returns the
+    ``adapted`` metric (the list), or nothing when the file loaded as it was."""
+    adapted = [*info.get("resized", []), *info.get("renamed", [])]
+    for change in adapted:
+        ctx.progress.log(f"{ctx.step_id}: checkpoint adapted: {change}")
+    return {"adapted": adapted} if adapted else {}
 
 
 @hookimpl

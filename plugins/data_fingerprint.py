@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from distillc.errors import SpecError
+from distillc.errors import SpecError, shown
 
 # Bump when a loader's output changes for the same inputs, so cached artifacts are rebuilt.
 LOADER_VERSION = 1
@@ -24,15 +24,19 @@ def fingerprint(source: str, *, image_size: int, val_fraction: float, seed: int,
     files: list[tuple[str, int, int]] = []
     if path is not None:
         path = Path(path)
-        if path.is_file():
-            stat = path.stat()
-            files.append((path.name, stat.st_size, stat.st_mtime_ns))
-        elif path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                stat = file.stat()
-                files.append((file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
-        else:
-            raise SpecError(f"data path {str(path)!r} does not exist", "data.path")
+        try:
+            if path.is_file():
+                stat = path.stat()
+                files.append((path.name, stat.st_size, stat.st_mtime_ns))
+            elif path.is_dir():
+                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                    stat = file.stat()
+                    files.append((file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
+            else:
+                raise SpecError(f"data path {shown(str(path))} does not exist", "data.path")
+        except OSError as exc:  # a file that vanished or cannot be read while listing
+            raise SpecError(f"cannot list {shown(str(exc.filename or path))}: {exc.strerror or exc}",
+                            "data.path") from None
     record = {
         "loader_version": LOADER_VERSION,
         "source": source,

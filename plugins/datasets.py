@@ -11,11 +11,12 @@ from typing import Any
 from distillc import hookimpl
 from distillc.data_api import DatasetSource
 
+#: name -> (what ``path`` is, or None: no path; description)
 _SOURCES = {
-    "sklearn-digits": (False, "scikit-learn's 8x8 handwritten digits; ships offline"),
-    "npz": (True, "a NumPy .npz with x (and y, x_val, y_val)"),
-    "image-folder": (True, "root/<class>/*.png|jpg"),
-    "cifar": (True, "CIFAR-10/100 python-pickle folder (data_batch_*, test_batch)"),
+    "sklearn-digits": (None, "scikit-learn's 8x8 handwritten digits; ships offline"),
+    "npz": ("file", "a NumPy .npz with x (and y, x_val, y_val)"),
+    "image-folder": ("folder", "root/<class>/*.png|jpg"),
+    "cifar": ("folder", "CIFAR-10/100 python-pickle folder (data_batch_*, test_batch)"),
 }
 
 
@@ -39,6 +40,7 @@ def _fingerprint(source: str) -> Any:
 
 @hookimpl
 def distillc_register_datasets(registry: Any) -> None:
-    for name, (needs_path, description) in _SOURCES.items():
+    for name, (path_kind, description) in _SOURCES.items():
         registry.add(name, DatasetSource(name=name, load=_loader(name), fingerprint=_fingerprint(name),
-                                         needs_path=needs_path, description=description))
+                                         needs_path=path_kind is not None, path_kind=path_kind or "any",
+                                         description=description))

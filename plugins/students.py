@@ -9,13 +9,22 @@ no torch (the CLI stays fast).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from distillc import hookimpl
+from distillc.plugins.models.archs import Blocks, Heads, MlpRatio, PatchSize, Width, WidthMultiplier
+
+#: MobileNetV2's inverted-residual blocks: ``hidden_channels`` has one entry per block.
+MOBILENETV2_BLOCKS = 17
 
 
-def mobilenetv2(image_size: int, in_chans: int = 3, width: float = 1.0, stem_stride: int | None = None,
-                hidden_channels: list[int] | None = None, last_channels: int | None = None) -> Any:
+def mobilenetv2(image_size: int, in_chans: int = 3, width: WidthMultiplier = 1.0,
+                stem_stride: Annotated[int, Field(ge=1, le=2)] | None = None,
+                hidden_channels: Annotated[list[Width], Field(min_length=MOBILENETV2_BLOCKS,
+                                                              max_length=MOBILENETV2_BLOCKS)] | None = None,
+                last_channels: Width | None = None) -> Any:
     """MobileNetV2 (width multiplier, usually 0.35..1.0; ``stem_stride`` 1 = small-input layout,
     the default up to 64 px)."""
     from distillc.plugins.models.mobilenetv2 import MobileNetV2
@@ -26,8 +35,8 @@ def mobilenetv2(image_size: int, in_chans: int = 3, width: float = 1.0, stem_str
                        hidden_channels=hidden_channels, last_channels=last_channels)
 
 
-def vit_mcu(image_size: int, in_chans: int = 3, patch_size: int = 4, dim: int = 64, depth: int = 6,
-            heads: int = 2, mlp_ratio: float = 2.0, act: Literal["relu", "gelu"] = "relu") -> Any:
+def vit_mcu(image_size: int, in_chans: int = 3, patch_size: PatchSize = 4, dim: Width = 64, depth: Blocks = 6,
+            heads: Heads = 2, mlp_ratio: MlpRatio = 2.0, act: Literal["relu", "gelu"] = "relu") -> Any:
     """An MCU-sized ViT (about 208K parameters at the defaults and 32 px); token API for CoMAD; ONNX opset 13."""
     from distillc.plugins.models.vit_student import MCUViT
 
@@ -35,8 +44,9 @@ def vit_mcu(image_size: int, in_chans: int = 3, patch_size: int = 4, dim: int = 
                   heads=heads, mlp_ratio=mlp_ratio, act=act)
 
 
-def ai8x_cnn(image_size: int, in_chans: int = 3, width: int = 24, embed_dim: int = 128, convs_per_stage: int = 2,
-             pool: Literal["max", "avg"] = "max") -> Any:
+def ai8x_cnn(image_size: int, in_chans: int = 3, width: Annotated[int, Field(ge=1, le=256)] = 24,
+             embed_dim: Annotated[int, Field(ge=1, le=1024)] = 128,
+             convs_per_stage: Annotated[int, Field(ge=1, le=16)] = 2, pool: Literal["max", "avg"] = "max") -> Any:
     """A MAX78000-friendly CNN: 3x3/1x1 convs, stride 1, pooling to downsample, no depthwise (about 215K weights)."""
     from distillc.passes.max78000.ai8x import Ai8xCNN
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from distillc import hookimpl
-from distillc.plugins.models.archs import vit_arch_table
+from distillc.plugins.models.archs import Blocks, Heads, MlpRatio, PatchSize, VocabSize, Width, vit_arch_table
 
 #: name -> (ViT configuration, the checkpoint it loads and how that file is laid out).
 VIT_ZOO: dict[str, tuple[str, str]] = {
@@ -53,8 +53,8 @@ VIT_ZOO: dict[str, tuple[str, str]] = {
 
 
 def _vit_builder(arch: str) -> Any:
-    def build(image_size: int, in_chans: int = 3, depth: int | None = None,
-              mlp_ratio: float = 4.0, pool: Literal["cls", "avg"] = "cls") -> Any:
+    def build(image_size: int, in_chans: int = 3, depth: Blocks | None = None,
+              mlp_ratio: MlpRatio = 4.0, pool: Literal["cls", "avg"] = "cls") -> Any:
         from distillc.plugins.models.vit import build_vit
 
         return build_vit(arch, img_size=image_size, in_chans=in_chans, depth=depth, mlp_ratio=mlp_ratio, pool=pool)
@@ -65,8 +65,8 @@ def _vit_builder(arch: str) -> Any:
 
 
 def _zoo_builder(name: str, arch: str, checkpoint: str) -> Any:
-    def build(image_size: int, in_chans: int = 3, depth: int | None = None, embed_dim: int | None = None,
-              num_heads: int | None = None, mlp_ratio: float = 4.0, patch_size: int | None = None,
+    def build(image_size: int, in_chans: int = 3, depth: Blocks | None = None, embed_dim: Width | None = None,
+              num_heads: Heads | None = None, mlp_ratio: MlpRatio = 4.0, patch_size: PatchSize | None = None,
               pool: Literal["cls", "avg"] = "cls") -> Any:
         from distillc.plugins.models.vit import build_vit
 
@@ -88,10 +88,10 @@ def _zoo_builder(name: str, arch: str, checkpoint: str) -> Any:
     return build
 
 
-def clip_vitb32(image_size: int, in_chans: int = 3, text: bool = True, depth: int | None = None,
-                width: int | None = None, heads: int | None = None, patch_size: int | None = None,
-                output_dim: int | None = None, text_depth: int | None = None, text_width: int | None = None,
-                text_heads: int | None = None, vocab_size: int | None = None) -> Any:
+def clip_vitb32(image_size: int, in_chans: int = 3, text: bool = True, depth: Blocks | None = None,
+                width: Width | None = None, heads: Heads | None = None, patch_size: PatchSize | None = None,
+                output_dim: Width | None = None, text_depth: Blocks | None = None, text_width: Width | None = None,
+                text_heads: Heads | None = None, vocab_size: VocabSize | None = None) -> Any:
     """clip_vitb32: CLIP ViT-B/32 with OpenAI/open_clip keys (ViT-B-32.pt converted to a state
     dict, or open_clip's open_clip_pytorch_model.bin / .safetensors for ViT-B-32).
 

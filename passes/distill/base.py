@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -134,7 +135,7 @@ def train_with_objective(ctx: PassContext, model: "torch.nn.Module", objective: 
         return parallel.epoch_mean(total, seen)
 
     return run_epochs(progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir, description=description,
-                      epochs=epochs, state=state, epoch_fn=epoch_fn,
+                      epochs=epochs, state=state, epoch_fn=epoch_fn, step=ctx.step_id,
                       extra=lambda: objective.progress_fields(current["epoch"], epochs))
 
 
@@ -219,7 +220,7 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
     targets = targets.contiguous()
     if distributed.is_main():
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = path.with_suffix(f".{os.getpid()}-{secrets.token_hex(4)}.tmp")  # two compiles may write it at once
         save_file({"targets": targets}, str(tmp), metadata={k: str(v) for k, v in key_fields.items()})
         os.replace(tmp, path)
     return targets

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from distillc import hookimpl
 from distillc.artifacts import Bundle
@@ -133,6 +133,16 @@ class VerifyQemu(_Verify):
     class Config(_VerifyConfig):
         images: int = Field(4, ge=1, le=1_000, description="validation images run on the emulated board")
         machine: str = Field("mps2-an500", description="QEMU board: mps2-an500 (Cortex-M7) or mps2-an386 (Cortex-M4)")
+
+        @field_validator("machine")
+        @classmethod
+        def _known_board(cls, machine: str) -> str:
+            """Checked by ``validate`` (the backend's configs are built with the plan), not after training."""
+            from distillc.targets.toolchain import BOARDS
+
+            if machine not in BOARDS:
+                raise ValueError(f"unknown QEMU board; valid: {', '.join(sorted(BOARDS))}")
+            return machine
 
     def run(self, artifact: Bundle, ctx: PassContext) -> PassResult:
         from distillc.targets.runner import run_on_qemu

@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
+
+#: Option types with the bounds ``validate`` checks (builders annotate their options with them):
+#: far above any MCU model or published checkpoint, low enough that a typo such as
+#: ``depth = 1000000000000000000`` is refused at once instead of hanging the build.
+Blocks = Annotated[int, Field(ge=1, le=64)]  # transformer blocks (ViT-g has 40)
+Width = Annotated[int, Field(ge=1, le=8192)]  # embedding and channel widths
+Heads = Annotated[int, Field(ge=1, le=128)]
+PatchSize = Annotated[int, Field(ge=1, le=1024)]  # at most image_size's own bound
+MlpRatio = Annotated[float, Field(gt=0.0, le=16.0)]
+VocabSize = Annotated[int, Field(ge=1, le=1_000_000)]
+WidthMultiplier = Annotated[float, Field(gt=0.0, le=8.0)]
+
 #: ViT sizes: name -> (embed_dim, num_heads); every size is 12 blocks deep, as in timm.
 VIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 VIT_PATCHES = (2, 4, 8, 16)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from distillc.errors import DistillcError, SpecError
+from distillc.errors import DistillcError, SpecError, shorten
 
 # Containers tried in order; DINO/iBOT full checkpoints hold "student" and "teacher" and the
 # teacher is the network people distill from.
@@ -54,7 +55,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise SpecError(f"checkpoint {str(path)!r} is not a readable safetensors file: "
-                            f"{exc}") from exc
+                            f"{shorten(str(exc), 160)}") from exc
     elif suffix in _PICKLE_SUFFIXES or path.name.lower().endswith(".pth.tar"):  # MoCo's .pth.tar
         if _is_torchscript_archive(path):
             raise SpecError(f"checkpoint {str(path)!r} is a TorchScript archive (as OpenAI's CLIP .pt files "
@@ -65,17 +66,29 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            # Also raised for corrupt files; torch's message tells the two apart.
-            raise SpecError(f"checkpoint {str(path)!r} does not load with weights_only=True "
-                            f"(only tensors and plain containers are allowed; re-save its state "
-                            f"dict or convert it to .safetensors): {exc}") from exc
+            # Also raised for corrupt files.  torch's message advises loading the file unsafely
+            # (weights_only=False, or allow-listing its classes): never repeated to a user.
+            problem = ("holds more than tensors and plain containers" if "Unsupported global" in str(exc)
+                       else "is not a readable weights-only PyTorch file")
+            raise SpecError(f"checkpoint {str(path)!r} {problem} ({_unpickler_reason(exc)}); distillc never "
+                            f"runs code from a checkpoint: re-save its state dict (torch.save(model.state_dict(), "
+                            f"...)) or convert it to .safetensors") from exc
         except (RuntimeError, OSError, EOFError) as exc:
             raise SpecError(f"checkpoint {str(path)!r} is not a readable PyTorch file: "
-                            f"{exc}") from exc
+                            f"{shorten(str(exc), 160)}") from exc
     else:
         raise SpecError(f"checkpoint {str(path)!r} has an unsupported suffix {suffix!r}; "
                         f"use .safetensors, .pt, .pth, .pth.tar or .bin")
     return _unwrap(obj, str(path))
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler refused ("Unsupported global: GLOBAL m.C ..."), without
+    torch's advice on loading the file unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s+Please|\n\s*\n|$)", text, re.S)
+    reason = found.group(1) if found else "not a weights-only file"
+    return shorten(reason.replace(" was not an allowed global by default", ""), 120)
 
 
 def _unwrap(obj: object, source: str) -> dict[str, torch.Tensor]:
