@@ -32,6 +32,9 @@ from distillc.errors import PassError
 from .onnx_import import NODE_MAP_ATTR, sanitize_name
 from .requant import choose_shift, fixed_point, round_half_even
 
+#: Internal switch (tests, benchmarks): False forces the 64-bit requantization everywhere.
+REQUANT_32 = True
+
 QUANT_ATTR = "distillc.quant"
 LAYERS_ATTR = "distillc.layers"
 PASS_NAME = "tvm.int8"
@@ -78,13 +81,17 @@ class Const:
 
 @dataclass
 class Term:
-    """``(expr + bias) * scale``: an int32 accumulator tensor, an integer bias added after
-    widening to 64 bits (so a bias near the int32 limits cannot overflow), and the real value
-    of one unit (both broadcastable to the tensor)."""
+    """``(expr + bias) * scale``: an int32 accumulator tensor, an integer bias, and the real
+    value of one unit (both broadcastable to the tensor).  ``bound`` (broadcastable too) is a
+    proven bound on ``|expr|`` computed from the stored weights and the input's integer range,
+    or None when nothing is known; with it the requantization may add the bias and multiply in
+    32-bit operands (see :meth:`_Rewriter.requantize`), else the bias is added after widening
+    to 64 bits (so a bias near the int32 limits cannot overflow)."""
 
     expr: object
     scale: np.ndarray
     bias: np.ndarray | None = None
+    bound: np.ndarray | None = None
 
 
 @dataclass
@@ -181,6 +188,7 @@ class _Rewriter:
         self.bb = None
         self.input_param = None
         self.current = "?"  # label of the binding being rewritten, for errors
+        self.last_layer = ""  # name of the layer emit_layer recorded last
 
     # -- driver ---------------------------------------------------------------------------------
 
@@ -262,6 +270,7 @@ class _Rewriter:
         name = self.node_name(var)
         out = self.bb.emit(expr, name_hint=name)
         self.layers[name] = {"op": kind, "node": self.label(var), "macs": int(macs)}
+        self.last_layer = name
         return out
 
     def error(self, message: str) -> PassError:
@@ -376,7 +385,8 @@ class _Rewriter:
             expr = self.emit(relax.op.astype(value.q.expr, "int32"))
             if value.zero_point != 0:
                 expr = self.emit(relax.op.subtract(expr, relax.const(np.int32(value.zero_point))))
-            return Accum([Term(expr, np.asarray(value.scale, dtype=np.float64))], value.q.shape)
+            return Accum([Term(expr, np.asarray(value.scale, dtype=np.float64), bound=_centered_max(value))],
+                         value.q.shape)
         return None
 
     def centered(self, value: Dequant):
@@ -446,26 +456,44 @@ class _Rewriter:
         operand_bits = max(
             [31] + [int(np.abs(t.bias).max()).bit_length() + 1 for t in acc.terms if t.bias is not None])
         shift = choose_shift(ratios, operand_bits=operand_bits)
-        total = None
-        for term, ratio in zip(acc.terms, ratios):
+        mults = []
+        for ratio in ratios:
             mult = fixed_point(ratio, shift)
-            wide = relax.op.astype(term.expr, "int64")
-            if term.bias is not None:
-                wide = relax.op.add(wide, _widened_const(term.bias))
             if np.all(mult == mult.reshape(-1)[0]):
                 mult = mult.reshape(-1)[:1]
-            factor = _widened_const(mult)
-            prod = self.emit(relax.op.multiply(wide, factor))
+            mults.append(mult)
+        narrow = REQUANT_32 and _fits_32_bits(acc.terms, mults, shift, zp)
+        total = None
+        for term, mult in zip(acc.terms, mults):
+            if narrow:  # int32 bias add, then one 32x32->64 multiply (SMULL on Cortex-M)
+                summed = term.expr
+                if term.bias is not None:
+                    # added as uint32 and read back as int32: TVM's simplifier would otherwise
+                    # turn int64(acc + bias) into int64(acc) + int64(bias), a 64-bit add and a
+                    # 64x64 multiply; the bound proves the sum fits int32, so nothing wraps
+                    bias = _narrow_const(term.bias, "int32")
+                    summed = self.emit(relax.op.astype(relax.op.add(
+                        relax.op.astype(summed, "uint32"), relax.op.astype(bias, "uint32")), "int32"))
+                wide = relax.op.astype(summed, "int64")
+            else:  # bias added after widening, 64x64 multiply
+                wide = relax.op.astype(term.expr, "int64")
+                if term.bias is not None:
+                    wide = relax.op.add(wide, _widened_const(term.bias))
+            prod = self.emit(relax.op.multiply(wide, _widened_const(mult)))
             total = prod if total is None else self.emit(relax.op.add(total, prod))
         half_minus_one = relax.const(np.int64((1 << (shift - 1)) - 1), "int64")
         sh = relax.const(np.int64(shift), "int64")
         odd = self.emit(relax.op.bitwise_and(relax.op.right_shift(total, sh), relax.const(np.int64(1), "int64")))
         rounded = self.emit(relax.op.right_shift(relax.op.add(relax.op.add(total, half_minus_one), odd), sh))
+        out_type = "int32" if narrow else "int64"
+        if narrow:
+            rounded = self.emit(relax.op.astype(rounded, "int32"))
         if zp:
-            rounded = self.emit(relax.op.add(rounded, relax.const(np.int64(zp), "int64")))
-        clipped = self.emit(relax.op.clip(rounded, relax.prim_value(_int_imm(lo, "int64")),
-                                          relax.prim_value(_int_imm(hi, "int64"))))
+            rounded = self.emit(relax.op.add(rounded, relax.const(np.dtype(out_type).type(zp), out_type)))
+        clipped = self.emit(relax.op.clip(rounded, relax.prim_value(_int_imm(lo, out_type)),
+                                          relax.prim_value(_int_imm(hi, out_type))))
         out = self.emit_layer(relax.op.astype(clipped, dtype), var, acc.kind)
+        self.layers[self.last_layer]["requant_bits"] = 32 if narrow else 64
         if acc.view is not None:
             out = self.emit(relax.op.reshape(out, acc.view))
         return IntTensor(out, dtype, acc.shape)
@@ -643,7 +671,9 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
         data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"), var, kind,
         macs=int(np.prod(_shape_of(var))) * int(np.prod(w_int.shape[1:])))
     scale = (np.float64(np.float32(data.scale)) * w_scale).reshape(1, -1, 1, 1)
-    return Accum([Term(conv, scale)], _shape_of(var), kind=kind)
+    # |sum of products| <= sum of |w| of the output channel * the largest |q - zp| (padding adds 0)
+    bound = np.abs(w_int.astype(np.int64)).reshape(w_int.shape[0], -1).sum(axis=1) * _centered_max(data)
+    return Accum([Term(conv, scale, bound=bound.reshape(1, -1, 1, 1))], _shape_of(var), kind=kind)
 
 
 def _h_matmul(rw: _Rewriter, var, call, args):
@@ -664,7 +694,8 @@ def _h_matmul(rw: _Rewriter, var, call, args):
                                        out_dtype="int32"), var, "dense",
                        macs=int(np.prod(_shape_of(var))) * int(w_int.shape[0]))
     scale = (np.float64(np.float32(a.scale)) * w_scale).reshape((1,) * (len(a.q.shape) - 1) + (-1,))
-    return Accum([Term(mm, scale)], _shape_of(var), kind="dense")
+    bound = np.abs(w_int.astype(np.int64)).sum(axis=0) * _centered_max(a)
+    return Accum([Term(mm, scale, bound=bound.reshape(scale.shape))], _shape_of(var), kind="dense")
 
 
 def _h_add(rw: _Rewriter, var, call, args, *, sign: float = 1.0):
@@ -692,14 +723,14 @@ def _h_add(rw: _Rewriter, var, call, args, *, sign: float = 1.0):
             raise rw.error(f"bias of '{rw.current}' is too large for the accumulator scale")
         out_rank = len(acc.shape)
         bias = bias.reshape((1,) * (out_rank - bias.ndim) + bias.shape) if bias.ndim < out_rank else bias
-        new_term = Term(term.expr, term.scale, bias.astype(np.int64))
+        new_term = replace(term, bias=bias.astype(np.int64))
         return Accum([new_term] + acc.terms[1:], _shape_of(var), kind=acc.kind)
     left, right = rw.to_accum(a), rw.to_accum(b)
     if left is None or right is None or left.clamped or right.clamped:
         return None
     if left.view is not None or right.view is not None:
         return None
-    right_terms = [Term(t.expr, t.scale * sign, t.bias) for t in right.terms]
+    right_terms = [replace(t, scale=t.scale * sign) for t in right.terms]
     return Accum(left.terms + right_terms, _shape_of(var), kind="add" if sign > 0 else "subtract")
 
 
@@ -715,7 +746,7 @@ def _h_multiply(rw: _Rewriter, var, call, args):
     acc = rw.to_accum(a)
     if acc is None:
         return None
-    terms = [Term(t.expr, t.scale * factor, t.bias) for t in acc.terms]
+    terms = [replace(t, scale=t.scale * factor) for t in acc.terms]
     return replace(acc, terms=terms, lo=acc.lo * factor, hi=acc.hi * factor)
 
 
@@ -750,7 +781,8 @@ def _h_avg_pool2d(rw: _Rewriter, var, call, args):
         raise rw.error(f"average pool '{rw.current}' in ceil mode has partial windows")
     summed = _window_sum(rw, data, pool, strides, padding, dilation, var)
     scale = np.asarray(np.float64(np.float32(data.scale)) / (pool[0] * pool[1]))
-    return Accum([Term(summed, scale)], out_shape, kind="avg_pool")
+    bound = _centered_max(data) * (pool[0] * pool[1])
+    return Accum([Term(summed, scale, bound=bound)], out_shape, kind="avg_pool")
 
 
 def _h_global_mean(rw: _Rewriter, var, call, args):
@@ -775,7 +807,7 @@ def _h_global_mean(rw: _Rewriter, var, call, args):
     wide = rw.emit(relax.op.astype(rw.centered(data), "int32"))
     summed = rw.emit_layer(relax.op.sum(wide, axis=axes, keepdims=keepdims), var, "global_avg_pool")
     scale = np.asarray(np.float64(np.float32(data.scale)) / count)
-    return Accum([Term(summed, scale)], _shape_of(var), kind="global_avg_pool")
+    return Accum([Term(summed, scale, bound=_centered_max(data) * count)], _shape_of(var), kind="global_avg_pool")
 
 
 def _h_max_pool2d(rw: _Rewriter, var, call, args):
@@ -914,6 +946,48 @@ def _prim_number(expr):
         return float(inner)
     except (TypeError, ValueError):
         return None
+
+
+def _centered_max(value: Dequant) -> np.ndarray:
+    """The largest ``|q - zero_point|`` the integer type of ``value`` can hold."""
+    qmin, qmax = _INT_RANGES[value.q.dtype]
+    return np.asarray(max(abs(qmin - value.zero_point), abs(qmax - value.zero_point)), dtype=np.int64)
+
+
+def _fits_32_bits(terms: list, mults: list, shift: int, zp: int) -> bool:
+    """Whether the 32-bit requantization of ``terms`` is exact: every ``|expr + bias|`` is proven
+    below 2**31 (so the int32 bias add cannot overflow), and the rounded, shifted sum of the
+    products plus the zero point fits an int32 (so the clamp can run in int32).  The products of
+    two int32 operands always fit int64."""
+    limit = 2**31 - 1
+    total = 0
+    for term, mult in zip(terms, mults):
+        if term.bound is None:
+            return False
+        operand = np.asarray(term.bound, dtype=np.int64)
+        if term.bias is not None:
+            operand = operand + np.abs(np.asarray(term.bias, dtype=np.int64))
+        if int(operand.max()) > limit:
+            return False
+        total += int(np.max(operand * np.abs(np.asarray(mult, dtype=np.int64))))
+    if total + (1 << shift) >= 2**63:
+        return False
+    return (total >> shift) + 1 + abs(int(zp)) <= limit
+
+
+def _narrow_const(values: np.ndarray, dtype: str):
+    """An operand of type ``dtype`` for a fused kernel, stored in flash in the narrowest integer
+    type that holds it and widened inside the kernel (like :func:`_widened_const`)."""
+    from tvm import relax
+
+    values = np.asarray(values, dtype=np.int64)
+    if values.size == 1:
+        return relax.const(np.dtype(dtype).type(values.reshape(-1)[0]), dtype)
+    for narrow in (np.int8, np.int16):
+        info = np.iinfo(narrow)
+        if values.min() >= info.min and values.max() <= info.max:
+            return relax.op.astype(relax.const(values.astype(narrow)), dtype)
+    return relax.const(values.astype(dtype), dtype)
 
 
 def _widened_const(values: np.ndarray):

@@ -25,6 +25,7 @@ class TvmInt8(Pass):
     description = "TVM Relax import, QDQ -> integer rewrite, kernel fusion, kernel C generation"
     takes = OnnxModel
     makes = Int8Program
+    version = "2"  # 2: 32-bit requantization where the accumulator bound proves it exact
     tools = ("apache-tvm", "onnx")
 
     class Config(PassConfig):
