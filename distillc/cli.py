@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -377,7 +378,21 @@ def _format_metrics(metrics: dict[str, Any], prefix: str = "") -> str:
 
 def main() -> None:
     """Console-script entry point."""
+    _interrupt_on_termination()
     app(prog_name="distillc")
+
+
+def _interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP (a plain ``kill``, a closed terminal) stop a command as Ctrl-C does:
+    the tools it runs are killed with their process groups (``targets/toolchain.py``), finished
+    epochs stay checkpointed and the exit status is 130."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupt)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,9 +7,13 @@ the reasons as comments (see :mod:`.bundle_files`).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import shutil
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -165,25 +169,73 @@ def check_newlib(arm_gcc: str) -> None:
                             f"{_install_hint(NEWLIB_PACKAGE)}")
 
 
+#: The tools this process started that are still running (see :func:`run_tool`).
+_running: set[subprocess.Popen[str]] = set()
+_running_lock = threading.Lock()
+
+
 def run_tool(args: Sequence[str | Path], *, what: str, timeout: float,
              cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Runs a tool and returns what it printed (stdout and stderr kept apart).
 
     A non-zero exit status or a timeout is a DistillcError that says ``what`` failed and shows
     its output (stderr and stdout in full, or their beginning and end when they are long).
+
+    The tool runs in a process group of its own, and that group (the tool and whatever it
+    started: gcc's cc1, as and ld) is killed when the tool times out, when the wait for it is
+    interrupted (Ctrl-C; the CLI turns SIGTERM and SIGHUP into the same), and at interpreter
+    exit (:func:`end_tools`), so a stopped compile leaves no compiler or QEMU running.
     """
     argv = [str(arg) for arg in args]
+    process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, errors="replace", process_group=0)
+    with _running_lock:
+        _running.add(process)
     try:
-        result = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
-                                text=True, errors="replace", timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        printed = _as_text(exc.stderr) + _as_text(exc.stdout)
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _end(process)
+        stdout, stderr = _leftover_output(process)
+        printed = _as_text(stderr) + _as_text(stdout)
         raise DistillcError(f"{what} did not finish within {timeout:g} s\n"
                             f"$ {' '.join(argv)}\n{excerpt(printed)}") from None
-    if result.returncode != 0:
-        raise DistillcError(f"{what} failed ({_describe_exit(result.returncode)})\n"
-                            f"$ {' '.join(argv)}\n{excerpt(result.stderr + result.stdout)}")
-    return result
+    except BaseException:
+        _end(process)
+        raise
+    finally:
+        with _running_lock:
+            _running.discard(process)
+    if process.returncode != 0:
+        raise DistillcError(f"{what} failed ({_describe_exit(process.returncode)})\n"
+                            f"$ {' '.join(argv)}\n{excerpt(stderr + stdout)}")
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+def end_tools() -> None:
+    """Kill every tool this process started that is still running, with its process group."""
+    with _running_lock:
+        running = list(_running)
+    for process in running:
+        _end(process)
+
+
+atexit.register(end_tools)
+
+
+def _end(process: subprocess.Popen[str]) -> None:
+    # SIGKILL while the tool is not yet reaped, so the group id cannot name anything else.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+def _leftover_output(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """What a killed tool printed before it ended (nothing if a child of it keeps the pipes open)."""
+    try:
+        return process.communicate(timeout=5)
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        return "", ""
 
 
 def _describe_exit(returncode: int) -> str:

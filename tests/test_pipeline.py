@@ -185,6 +185,45 @@ def test_interrupted_training_resumes_from_the_last_finished_epoch(write_spec, m
     assert result.ran[0] == "distill.feature"
 
 
+def test_an_interrupted_forced_run_resumes_with_the_same_command(write_spec, monkeypatch):
+    """``compile --force teacher:vit`` stopped inside distill.feature: the same command again
+    does not re-run the steps it already ran again and continues distill.feature from its last
+    finished epoch.  Once a forced run has got to its end, the next one starts over."""
+    path = write_spec(tiny_spec_text(distill_epochs=3))
+    compile_(path, until="distill.feature")
+    import distillc.training as training
+
+    real = training.run_epochs
+    calls: list[tuple[str, list[int]]] = []
+    stop_at: list[tuple[str, int]] = [("distill.feature", 2)]
+
+    def run_epochs(**kwargs):
+        fn, description, seen = kwargs["epoch_fn"], kwargs["description"], []
+        calls.append((description, seen))
+
+        def epoch_fn(epoch):
+            seen.append(epoch)
+            if (description, epoch) in stop_at:
+                stop_at.clear()
+                raise KeyboardInterrupt
+            return fn(epoch)
+
+        return real(**{**kwargs, "epoch_fn": epoch_fn})
+
+    monkeypatch.setattr(training, "run_epochs", run_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        compile_(path, force="teacher:vit", until="distill.feature")
+    assert calls == [("train teacher:vit", [0]), ("distill.feature", [0, 1, 2])]
+    calls.clear()
+    resumed = compile_(path, force="teacher:vit", until="distill.feature")
+    assert resumed.ran == ["distill.feature"]
+    assert calls == [("distill.feature", [2])]  # only the unfinished epoch
+    calls.clear()
+    again = compile_(path, force="teacher:vit", until="distill.feature")
+    assert again.ran == ["teacher:vit", "student", "distill.feature"]
+    assert calls == [("train teacher:vit", [0]), ("distill.feature", [0, 1, 2])]
+
+
 def test_store_save_is_atomic_and_replace_swaps_entries(tmp_path):
     from distillc.artifacts import OnnxModel
 
