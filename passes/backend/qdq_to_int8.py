@@ -13,7 +13,8 @@ it really is, instead of the float op that computes it:
 
 Integer Relax ops are emitted as the walk goes (int8 conv2d/matmul with int32 accumulation,
 int32 bias add, window sums); a ``QuantizeLinear`` of an ``Accum`` becomes the fixed-point
-requantization of :mod:`requant` (int64 multiply, rounding shift, zero point, clamp, cast), so
+requantization of :mod:`requant` (a 64-bit product, rounding shift, zero point, clamp, cast;
+in 32-bit operands and an int32 clamp where bounds from the stored weights prove that exact), so
 after ``FuseOps``/``FuseTIR`` a conv, its bias, requantization and activation are one kernel.
 A float op the walk cannot express is an error naming the op and its ONNX node, unless float
 fallback is allowed: then its inputs are dequantized in Relax and the op runs in float.

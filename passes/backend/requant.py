@@ -11,7 +11,10 @@ with one shift ``S`` shared by all terms of one layer, so the C kernel computes
     p = sum_i (int64)acc_i * m_i
     q = (p + 2**(S-1) - 1 + ((p >> S) & 1)) >> S     # round half to even, like onnxruntime
 
-in 64-bit integers only.  A shared shift keeps the shift out of the weight arrays; the
+with a 64-bit ``p``.  Where the rewrite proves every ``|acc_i|`` (bias included) below 2**31
+and the shifted result plus ``zp_out`` inside int32, ``acc_i`` is an int32 and each product
+one 32x32->64 multiply, and the clamp runs in int32 (``qdq_to_int8._fits_32_bits``); the result
+is the same.  A shared shift keeps the shift out of the weight arrays; the
 multipliers keep at least 24 significant bits for every channel whose ratio is within 2**7 of
 the largest, far below one output LSB.
 """
