@@ -95,7 +95,7 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 #: The longest error line printed; messages shorten the values they echo well below it.
-MAX_LINE = 500
+MAX_LINE = 1000
 
 
 def _user_error(exc: DistillcError, original: BaseException | None = None) -> None:
