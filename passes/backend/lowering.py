@@ -223,6 +223,36 @@ def _schedule(sch, blocked: bool) -> None:
         sch.decompose_reduction(block, loops[n_spatial])
         if not _selects(stmt):
             _unroll_reduction(sch, loops[n_spatial:])
+        if DEPTHWISE_WEIGHTS_LOCAL and stmt.name_hint == "group_conv2d_nchw" and n_spatial == 4:
+            _weights_per_channel(sch, block, stmt, loops[1])
+
+
+#: Depthwise/grouped convs copy one channel's window weights into locals before its spatial loops
+#: (``False`` gives the previous kernels, which reload every weight for every pixel; tests compare).
+DEPTHWISE_WEIGHTS_LOCAL = True
+
+
+def _weights_per_channel(sch, block, stmt, channel_loop) -> None:
+    """Read the weights of one output channel (``w[f, :, :, :]``, 9 values for a 3x3 depthwise
+    window) into a local array once per channel, outside the spatial loops.
+
+    With the window unrolled every local is read at a constant index, so GCC keeps them in
+    registers instead of loading each weight byte again for every output pixel.
+    """
+    window = [iv.var for iv in stmt.iter_vars[4:]]
+    weights = [r.source for r in stmt.reads
+               if len(r.region) == 4 and all(r.region[2 + k].min.same_as(window[1 + k]) for k in range(2))]
+    if len(weights) != 1:
+        return
+    reads = sch.get(block).reads
+    index = [k for k, r in enumerate(reads) if r.source.same_as(weights[0])]
+    if len(index) != 1:
+        return
+    cache = sch.cache_read(block, index[0], "global")
+    sch.compute_at(cache, channel_loop)
+    for loop in sch.get_loops(cache)[2:]:
+        if int(sch.get(loop).extent) > 1:
+            sch.unroll(loop)
 
 
 def _selects(block) -> bool:

@@ -25,7 +25,7 @@ class TvmInt8(Pass):
     description = "TVM Relax import, QDQ -> integer rewrite, kernel fusion, kernel C generation"
     takes = OnnxModel
     makes = Int8Program
-    version = "2"  # 2: 32-bit requantization where the accumulator bound proves it exact
+    version = "3"  # 2: 32-bit requantization where proven exact; 3: depthwise weights per channel
     tools = ("apache-tvm", "onnx")
 
     class Config(PassConfig):
