@@ -62,7 +62,8 @@ class _Verify(Pass):
             problem = (f"the bundle differs from onnxruntime by {max_lsb} LSB (> {self.config.tolerance_lsb}) on "
                        f"validation image {worst[0]}, output element {worst[1]}: bundle {got[worst]}, "
                        f"onnxruntime {reference[worst]}")
-            result["kernels"] = self.check_kernels(artifact, ctx, inputs, outputs, problem)
+            result["kernels"] = self.check_kernels(artifact, ctx, inputs, outputs, problem,
+                                                   image_lsb=diff.max(axis=1) if diff.size else diff)
             ctx.log(f"end to end the bundle differs from onnxruntime by up to {max_lsb} LSB; every kernel matches "
                     f"onnxruntime on its own inputs ({result['kernels']['kernel_tie_differences']} value(s) one step "
                     f"apart on float32 rounding ties), so the difference is onnxruntime's float32 rounding carried "
@@ -74,7 +75,7 @@ class _Verify(Pass):
         return PassResult(Bundle(path=bundle, reference=artifact.reference), result)
 
     def check_kernels(self, artifact: Bundle, ctx: PassContext, inputs: Any, outputs: Any,
-                      problem: str) -> dict[str, Any]:
+                      problem: str, image_lsb: Any) -> dict[str, Any]:
         """Explain an end-to-end difference kernel by kernel, or fail (see ``passes/verify/layercheck.py``).
 
         onnxruntime computes each layer in float32 and may round a value that lies on a .5 tie to
@@ -82,7 +83,9 @@ class _Verify(Pass):
         grow it.  So the bundle is traced on the host (every kernel's output) and each kernel is
         compared with onnxruntime on that kernel's own inputs: every kernel must match, except for
         one-step differences on float32 ties, and the traced build must compute the outputs the
-        verified build computed.  Anything else fails with ``problem`` and the kernels at fault.
+        verified build computed.  A tie explains only its own input: every input whose outputs
+        differ by more than the tolerance (``image_lsb``, per input) must meet a tie in one of its
+        kernels.  Anything else fails with ``problem`` and the kernels at fault.
         """
         import numpy as np
 
@@ -106,6 +109,13 @@ class _Verify(Pass):
         if report.differing == 0:
             raise PassError(self.name, f"{problem}; yet every kernel matches onnxruntime exactly on its own inputs, "
                                        f"so no rounding tie explains the difference")
+        unexplained = [int(i) for i in np.nonzero(np.asarray(image_lsb) > self.config.tolerance_lsb)[0]
+                       if int(i) not in report.tied_examples]
+        if unexplained:
+            raise PassError(self.name, f"{problem}; every kernel matches onnxruntime on its own inputs, but "
+                                       f"{len(unexplained)} input(s) that differ end to end (first: image "
+                                       f"{unexplained[0]}) meet no float32 rounding tie in any kernel, so no tie "
+                                       f"explains their difference")
         if self.config.end_to_end == "strict":
             raise PassError(self.name, f"{problem} (end_to_end = 'strict'). Every kernel matches onnxruntime on "
                                        f"its own inputs except {report.differing} value(s) on float32 rounding ties, "

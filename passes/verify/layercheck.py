@@ -60,6 +60,7 @@ class KernelReport:
     differing: int = 0  # elements that differ by one step on a float32 tie
     compared: int = 0
     errors: list[str] = field(default_factory=list)  # kernels that differ otherwise
+    tied_examples: set[int] = field(default_factory=set)  # inputs whose trace meets at least one tie
 
     @property
     def ok(self) -> bool:
@@ -302,6 +303,8 @@ def compare_kernels(onnx_path: str | Path, manifest: dict[str, Any], inputs: np.
                     tie_ok |= tied.reshape(-1)[off] & (alternative[off] == got[off])
                 ties += int(tie_ok.sum())
                 errors += int((~tie_ok).sum())
+                if tie_ok.any():
+                    report.tied_examples.add(example)
         report.checked.append(index)
         report.max_lsb = max(report.max_lsb, worst)
         report.differing += ties
