@@ -10,6 +10,7 @@ line naming a key path or the spec file, no line longer than :data:`MAX_LINE` ch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -93,21 +94,30 @@ def run_validate(spec: Path, *, timeout: float = 20.0) -> Outcome:
 
     from distillc.cli import app
 
-    def stop(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"validate ran past {timeout} s")
-
-    alarm = threading.current_thread() is threading.main_thread()
-    if alarm:
-        previous = signal.signal(signal.SIGALRM, stop)
-        signal.setitimer(signal.ITIMER_REAL, timeout)
     t0 = time.perf_counter()
-    try:
+    with time_limit(timeout):
         result = CliRunner().invoke(app, ["validate", str(spec)], env={"COLUMNS": "200"})
-    finally:
-        if alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
     return Outcome(result.exit_code, result.output, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the code run inside after ``seconds`` (SIGALRM; main thread only,
+    elsewhere no limit): a hang becomes a failure instead of a test run that never ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def outcome_problems(outcome: Outcome, spec: Path) -> list[str]:

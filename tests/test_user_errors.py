@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from distillc.cli import app
 from distillc.errors import PassError, WorkspaceError
 from tests.conftest import tiny_spec_text
+from tests.spec_fuzzing import time_limit
 
 runner = CliRunner()
 TRAIN = "train = { epochs = 1, batch_size = 256, lr = 3e-3 }"
@@ -23,7 +24,8 @@ STUDENT = 'arch = "mobilenetv2"\nwidth = 0.35\nlast_channels = 32'
 
 
 def invoke(*args: str, **env: str):
-    return runner.invoke(app, list(args), env={"COLUMNS": "200", **env})
+    with time_limit(120):  # before these fixes, validating /dev/zero as a checkpoint never ended
+        return runner.invoke(app, list(args), env={"COLUMNS": "200", **env})
 
 
 def one_error(result, *wanted: str) -> str:
@@ -72,6 +74,17 @@ def test_a_bad_checkpoint_or_onnx_path_is_one_error_naming_the_key(write_spec, t
     line = one_error(invoke("validate", str(write_spec(text))), f"error: {key}: ", problem)
     assert time.perf_counter() - started < 10
     assert len(line) < 300  # the 5,000-character path is echoed shortened
+
+
+@pytest.mark.parametrize("value, problem", [("/dev/zero", "not a regular file"), ("adir", "is a folder"),
+                                            ("a\x00b.npy", "NUL byte"), ("x" * 5000, "path too long"),
+                                            ("missing.npy", "file not found")])
+def test_a_bad_class_embeddings_file_of_a_pass_is_one_error_naming_the_pass(write_spec, tmp_path, value, problem):
+    (tmp_path / "adir").mkdir()
+    example = Path(__file__).resolve().parents[1] / "examples" / "clip-matryoshka" / "spec.toml"
+    text = example.read_text().replace('class_embeddings = "prototypes"',
+                                       f'class_embeddings = "file"\nembeddings_file = {toml_string(value)}')
+    one_error(invoke("validate", str(write_spec(text))), "error: passes[0]: embeddings_file: ", problem)
 
 
 @pytest.mark.parametrize("source, value, problem", [

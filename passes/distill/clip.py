@@ -73,17 +73,20 @@ class ClipMatryoshka(MatryoshkaPass):
         @model_validator(mode="after")
         def _hash_files(self, info: ValidationInfo) -> "ClipMatryoshka.Config":
             """Hash the class-embedding file, resolved like the spec resolves paths (relative to its
-            folder, given as the validation context's ``spec_root``).  A missing file is left to
-            the run, which names it."""
+            folder, given as the validation context's ``spec_root``).  A path that is missing, a
+            folder, a device or unreadable is refused here, as the spec's own paths are."""
             from distillc.cache import file_sha256
+            from distillc.spec import path_problem
 
             root = (info.context or {}).get("spec_root")
             for key in ("text_tokens", "embeddings_file"):
                 given = getattr(self, key)
                 if root is not None and given is not None:
+                    problem = path_problem(Path(root), given)
+                    if problem:
+                        raise ValueError(f"{key}: {problem}")
                     self._file_path[key] = (Path(root) / given).resolve()
-                    if self._file_path[key].is_file():
-                        self._file_sha256[key] = file_sha256(self._file_path[key])
+                    self._file_sha256[key] = file_sha256(self._file_path[key])
             return self
 
     def linked_key(self) -> dict[str, Any]:
