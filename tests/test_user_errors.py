@@ -15,12 +15,14 @@ from typer.testing import CliRunner
 
 from distillc.cli import app
 from distillc.errors import PassError, WorkspaceError
-from tests.conftest import tiny_spec_text
+from tests.conftest import TINY_HEADER, tiny_spec_text
 from tests.spec_fuzzing import time_limit
 
 runner = CliRunner()
 TRAIN = "train = { epochs = 1, batch_size = 256, lr = 3e-3 }"
 STUDENT = 'arch = "mobilenetv2"\nwidth = 0.35\nlast_channels = 32'
+#: A spec whose first step is the student (no teacher to train first): fast to compile --until student.
+STUDENT_ONLY = TINY_HEADER.format(name="tiny") + f"\n[student]\n{STUDENT}\n"
 
 
 def invoke(*args: str, **env: str):
@@ -227,7 +229,7 @@ def test_a_3_channel_student_checkpoint_is_refused_by_a_1_channel_model(write_sp
     import torch
 
     torch.save(student.state_dict(), tmp_path / "rgb.pt")
-    text = tiny_spec_text().replace(STUDENT, f'{STUDENT}\ncheckpoint = "rgb.pt"')
+    text = STUDENT_ONLY.replace(STUDENT, f'{STUDENT}\ncheckpoint = "rgb.pt"')
     one_error(invoke("compile", str(write_spec(text)), "--until", "student"),
               "rgb.pt' does not fit MobileNetV2", "stem.conv.weight: checkpoint (16, 3, 3, 3) vs model (16, 1, 3, 3)")
 
@@ -308,7 +310,7 @@ def test_a_cache_that_names_a_file_is_one_error(write_spec, tmp_path, command):
 
 def test_a_workdir_that_names_a_file_is_one_error(write_spec, tmp_path):
     (tmp_path / "a-file").write_text("x")
-    result = invoke("compile", str(write_spec(tiny_spec_text())), "--workdir", str(tmp_path / "a-file"),
+    result = invoke("compile", str(write_spec(STUDENT_ONLY)), "--workdir", str(tmp_path / "a-file"),
                     "--until", "student")
     one_error(result, f"error: the work directory {tmp_path / 'a-file'} is a file", "--workdir")
 
@@ -323,7 +325,7 @@ def test_a_read_only_cache_is_one_error_before_anything_runs(write_spec, tmp_pat
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    result = invoke("compile", str(write_spec(tiny_spec_text())), "--until", "student", DISTILLC_CACHE=str(cache))
+    result = invoke("compile", str(write_spec(STUDENT_ONLY)), "--until", "student", DISTILLC_CACHE=str(cache))
     one_error(result, f"error: the cache {cache} cannot be written (Read-only file system)", "DISTILLC_CACHE")
     assert "running" not in result.output
 
@@ -336,7 +338,7 @@ def test_a_full_disk_inside_a_pass_is_one_error_and_stores_nothing(write_spec, m
         raise OSError(errno.ENOSPC, "No space left on device", str(ctx.scratch / "weights.bin"))
 
     monkeypatch.setattr(StudentInit, "run", full)
-    path = write_spec(tiny_spec_text())
+    path = write_spec(STUDENT_ONLY)
     result = invoke("compile", str(path), "--until", "student")
     one_error(result, "weights.bin: no space left on the disk", "free some space")
     assert not stored(path, "student")
@@ -360,9 +362,9 @@ def test_a_full_disk_while_storing_leaves_no_half_entry(write_spec, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "model.safetensors"))
 
     monkeypatch.setattr(TorchModel, "save", full)
-    path = write_spec(tiny_spec_text())
-    one_error(invoke("compile", str(path), "--until", "teacher:vit"), "no space left on the disk")
-    assert not stored(path, "teacher:vit")
+    path = write_spec(STUDENT_ONLY)
+    one_error(invoke("compile", str(path), "--until", "student"), "no space left on the disk")
+    assert not stored(path, "student")
     tmp = path.parent / ".distillc-cache" / "tmp"
     assert not tmp.exists() or not [p for p in tmp.rglob("*") if p.is_file()]
 
