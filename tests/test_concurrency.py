@@ -28,7 +28,7 @@ from distillc.progress import SilentProgress
 from tests.conftest import TINY_HEADER, tiny_spec_text
 
 #: How long a held compile waits for the other one before it gives up (the test then fails).
-PATIENCE_S = 60.0
+PATIENCE_S = 120.0
 
 
 class HoldStep:
