@@ -28,7 +28,8 @@ from distillc.locks import held, owned_folder, remove_abandoned
 from distillc.pass_api import Pass, PassContext, PassResult
 from distillc.registry import Plugins
 from distillc.progress import ProgressReporter, SilentProgress
-from distillc.spec import Spec, format_validation_error
+from distillc.spec import Spec
+from distillc.validation import format_validation_error
 from distillc.workspace import check_folder
 
 CACHE_ENV = "DISTILLC_CACHE"

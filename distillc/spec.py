@@ -17,7 +17,6 @@ reported together in one :class:`SpecError`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import json
@@ -35,6 +34,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, Val
                       model_validator)
 
 from distillc.errors import SpecError, shorten, shown
+from distillc.validation import format_loc, format_validation_error, strict_variant, validate_into
 
 SPEC_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -367,7 +367,7 @@ def _resolve_passes(file: SpecFile, plugins: Any, problems: list[str], *, root: 
             problems.append(f"{path}.use: {entry.use!r} is a source pass distillc adds itself; "
                             "it cannot be listed in [[passes]]")
             continue
-        config = _validate_options(cls.Config, entry.options, path, problems, context={"spec_root": root})
+        config = validate_into(cls.Config, entry.options, path, problems, context={"spec_root": root})
         if config is not None:
             resolved.append(SpecPass(index=i, name=entry.use, cls=cls, config=config))
         # An invalid config still names teachers worth checking: report both at once.
@@ -413,9 +413,9 @@ def _resolve_target(file: SpecFile, plugins: Any, problems: list[str]) -> tuple[
         return None, None
     cls = plugins.targets.get(use)
     # Wrong types are refused even where a target's Config does not ask for strict mode itself.
-    if _validate_options(_strict_variant(cls.Config), file.target.options, "target", problems) is None:
+    if validate_into(strict_variant(cls.Config), file.target.options, "target", problems) is None:
         return cls, None
-    return cls, _validate_options(cls.Config, file.target.options, "target", problems)
+    return cls, validate_into(cls.Config, file.target.options, "target", problems)
 
 
 #: Keys of [[teachers]] and [student] that distillc reads itself; the rest are builder options.
@@ -524,24 +524,6 @@ def path_problem(root: Path, given: Path, wants: str = "file", why: str = "") ->
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _validate_options(model: type[BaseModel], options: dict[str, Any], path: str, problems: list[str],
-                      section_keys: tuple[str, ...] = (), context: dict[str, Any] | None = None) -> Any:
-    try:
-        return model.model_validate(options, context=context)
-    except ValidationError as exc:
-        problems.extend(format_validation_error(exc, model, prefix=path, section_keys=section_keys))
-        return None
-
-
-@functools.cache
-def _strict_variant(model: type[BaseModel]) -> type[BaseModel]:
-    """``model`` with strict mode on (fields that opt out with ``Strict(False)`` keep opting out)."""
-    if model.model_config.get("strict"):
-        return model
-    return type(model.__name__, (model,), {"__module__": model.__module__,
-                                          "model_config": ConfigDict(strict=True, allow_inf_nan=False)})
-
-
 #: Builder arguments the pipeline fills from [data]; a spec never sets them.
 _BUILDER_PROVIDED = ("image_size", "in_chans")
 
@@ -574,69 +556,7 @@ def _lax_paths(annotation: Any) -> Any:
 
 def _validate_builder_options(builder: Any, options: dict[str, Any], path: str, problems: list[str],
                               section_keys: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    checked = _validate_options(builder_options_model(builder), options, path, problems, section_keys)
+    checked = validate_into(builder_options_model(builder), options, path, problems, section_keys)
     if checked is None:
         return None
     return {k: v for k, v in checked.model_dump().items() if k in options}
-
-
-def format_loc(loc: tuple[Any, ...], prefix: str = "") -> str:
-    """('passes', 2, 'dims') -> 'passes[2].dims'."""
-    out = prefix
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "",
-                            section_keys: tuple[str, ...] = ()) -> list[str]:
-    """One line per problem of validating ``model``: key path, message, offending value.
-
-    ``section_keys`` are keys the section also accepts besides ``model``'s (the keys distillc
-    reads itself in a section whose other keys are a plugin's options), for "unknown key" lines.
-    """
-    lines = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        kind = err["type"]
-        where = shorten(format_loc(loc, prefix))
-        if kind == "extra_forbidden":
-            lines.append(f"{where}: unknown key (got {shown(err['input'])}); "
-                         f"allowed: {_allowed_keys(model, loc, section_keys)}")
-        elif kind == "missing":
-            lines.append(f"{where}: required key is missing")
-        else:
-            msg = shorten(err["msg"].removeprefix("Value error, "), 300)
-            value = err.get("input")
-            got = "" if isinstance(value, dict) else f" (got {shown(value)})"
-            lines.append(f"{where}: {msg}{got}")
-    return lines
-
-
-def _allowed_keys(model: Any, loc: tuple[Any, ...], section_keys: tuple[str, ...] = ()) -> str:
-    """The keys the (sub)model at ``loc[:-1]`` accepts, for 'unknown key' messages."""
-    for part in loc[:-1]:
-        if model is None:
-            break
-        if isinstance(part, int):
-            continue
-        field_info = model.model_fields.get(part)
-        model = _inner_model(field_info.annotation) if field_info else None
-    if model is None:
-        return "see docs/spec.md"
-    keys = dict.fromkeys(section_keys if len(loc) == 1 else ())
-    keys.update(dict.fromkeys(model.model_fields))
-    return ", ".join(keys) or "none"
-
-
-def _inner_model(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
