@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import ProgressReporter
 

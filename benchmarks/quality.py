@@ -97,7 +97,7 @@ def main() -> None:
 
 def run_method(method: str, plugins: Any, *, quick: bool) -> Row:
     """Compile the method's spec up to the probe in a fresh temporary work directory and cache."""
-    from distillc.pipeline import compile_spec
+    from distillc.run import compile_spec
     from distillc.progress import SilentProgress
 
     folder, pass_name = METHODS[method]

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.progress import SilentProgress
 
 

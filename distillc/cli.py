@@ -122,7 +122,7 @@ def _load(spec_path: Path) -> tuple[Any, Any]:
 @handled
 def validate(spec: Path = typer.Argument(..., help="The spec file (spec.toml).")) -> None:
     """Check a spec and its plan (artifact types of every step) without running or caching anything."""
-    from distillc.pipeline import build_plan
+    from distillc.plan import build_plan
 
     plugins, resolved = _load(spec)
     the_plan = build_plan(resolved, plugins)  # reads the cache's state, writes nothing
@@ -135,7 +135,7 @@ def validate(spec: Path = typer.Argument(..., help="The spec file (spec.toml).")
 def plan(spec: Path = typer.Argument(..., help="The spec file (spec.toml)."),
          workdir: Optional[Path] = typer.Option(None, help="Work directory (default build/<name>/ beside the spec).")) -> None:
     """Print the resolved passes, their artifact types and what is cached."""
-    from distillc.pipeline import build_plan
+    from distillc.plan import build_plan
 
     plugins, resolved = _load(spec)
     the_plan = build_plan(resolved, plugins, workdir=workdir)
@@ -159,7 +159,7 @@ def compile_(
     until: Optional[str] = typer.Option(None, help="Stop after this step."),
 ) -> None:
     """Run the spec's plan; the last line ends with the bundle's path (or the work directory)."""
-    from distillc.pipeline import compile_spec
+    from distillc.run import compile_spec
     from distillc.progress import RichProgress
 
     result = compile_spec(spec, workdir=workdir, force=force, until=until, progress=RichProgress(out))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from distillc.cli import app
 from distillc.errors import SpecError, TargetError
 import distillc
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from tests.conftest import tiny_spec_text
@@ -141,7 +141,7 @@ def test_budgets_that_do_not_fit_list_every_violation(stm32_build, tmp_path):
 
 
 def test_backend_options_come_from_the_target_table(write_spec):
-    from distillc.pipeline import build_plan
+    from distillc.plan import build_plan
     from distillc.spec import load_spec
 
     plugins = load_plugins()

@@ -22,7 +22,7 @@ def test_version():
 
 def test_help_imports_no_heavy_library():
     """--help stays fast because torch, TVM, onnx and brevitas are imported only inside passes."""
-    code = ("import sys, distillc.cli, distillc.plugin_manager as pm, distillc.spec, distillc.pipeline; "
+    code = ("import sys, distillc.cli, distillc.plugin_manager as pm, distillc.spec, distillc.plan, distillc.run; "
             "pm.load_plugins(); "
             "print(sorted(m for m in ('torch', 'tvm', 'onnx', 'onnxruntime', 'brevitas', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -119,13 +119,13 @@ def test_validate_checks_the_plans_types_and_writes_nothing(write_spec, tmp_path
 
 
 def test_ctrl_c_exits_130_and_the_handler_documents_it(write_spec, monkeypatch):
-    import distillc.pipeline
+    import distillc.run
     from distillc.cli import handled
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(distillc.pipeline, "compile_spec", interrupted)
+    monkeypatch.setattr(distillc.run, "compile_spec", interrupted)
     result = runner.invoke(app, ["compile", str(write_spec(tiny_spec_text()))])
     assert result.exit_code == 130 and "interrupted" in result.output
     assert "130" in handled.__doc__ and "Ctrl-C" in handled.__doc__

@@ -22,7 +22,7 @@ import distillc
 from distillc.artifacts import OnnxModel
 from distillc.cache import ArtifactStore
 from distillc.errors import DistillcError
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from tests.conftest import TINY_HEADER, tiny_spec_text

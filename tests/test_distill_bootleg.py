@@ -8,7 +8,7 @@ import re
 import pytest
 
 from distillc.errors import PassError, SpecError
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from distillc.spec import load_spec

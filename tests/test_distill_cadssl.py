@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from distillc.errors import PassError, SpecError
 from distillc.passes.distill.cadssl import aligned_teacher_map, augment_with_coordinates, pools_last_stage
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.plugins.augment import Augment
 from distillc.progress import ProgressReporter

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from distillc.errors import PassError, SpecError
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from distillc.spec import load_spec
@@ -126,7 +126,7 @@ def test_class_embedding_keys_are_checked_with_the_spec(write_spec, options, mes
 
 
 def test_rewriting_the_class_embeddings_file_changes_the_passes_cache_key(tmp_path):
-    from distillc.pipeline import build_plan
+    from distillc.plan import build_plan
 
     plugins = load_plugins()
     (tmp_path / "spec.toml").write_text(spec_text("key", 'class_embeddings = "file"\nembeddings_file = "classes.npy"'))

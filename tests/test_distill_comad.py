@@ -10,7 +10,7 @@ import torch
 
 from distillc.errors import SpecError
 from distillc.passes.distill.comad import comad_masks, consensus_gate, resize_map
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from distillc.spec import load_spec

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distillc.pipeline import build_plan
+from distillc.plan import build_plan
 from distillc.plugin_manager import load_plugins
 from distillc.spec import load_spec
 

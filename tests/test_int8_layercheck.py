@@ -121,7 +121,7 @@ def test_verify_fails_an_end_to_end_difference_that_no_tie_explains(write_spec, 
     kernel; with every kernel exact, nothing explains it and the compile fails."""
     from distillc.errors import PassError
     from distillc.passes.verify import host_qemu as verify
-    from distillc.pipeline import compile_spec
+    from distillc.run import compile_spec
     from distillc.plugin_manager import load_plugins
     from distillc.progress import SilentProgress
     from tests.conftest import tiny_spec_text
@@ -144,7 +144,7 @@ def test_verify_accepts_real_ties_carried_to_the_output_unless_strict(write_spec
     later conv triples the step: verify.host sees 3 LSB end to end, explains it kernel by kernel
     and goes on; ``end_to_end = "strict"`` refuses the same bundle."""
     from distillc.errors import PassError
-    from distillc.pipeline import compile_spec
+    from distillc.run import compile_spec
     from distillc.plugin_manager import load_plugins
     from distillc.progress import SilentProgress
     from tests.conftest import TINY_HEADER
@@ -168,7 +168,7 @@ def test_verify_accepts_real_ties_carried_to_the_output_unless_strict(write_spec
 def test_verify_checks_kernels_with_a_relative_workdir(write_spec, monkeypatch):
     """The kernel-by-kernel check runs its trace program from its own build folder: a relative
     ``--workdir`` (resolved against the current folder, not that one) must still find it."""
-    from distillc.pipeline import compile_spec
+    from distillc.run import compile_spec
     from distillc.plugin_manager import load_plugins
     from distillc.progress import SilentProgress
     from tests.conftest import TINY_HEADER

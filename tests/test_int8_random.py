@@ -60,7 +60,7 @@ def test_an_onnx_student_with_no_data_is_verified_on_random_inputs_of_its_own_sh
     follow the model's input (seeded random int8 values), whatever its channels and size."""
     import json
 
-    from distillc.pipeline import compile_spec
+    from distillc.run import compile_spec
     from distillc.progress import SilentProgress
 
     testing.random_qcdq(seed, tmp_path / "student.onnx", in_channels=channels, size=size)
@@ -83,7 +83,7 @@ def test_data_that_does_not_fit_an_onnx_student_is_a_plan_error(tmp_path):
     """Given [data], its images are the model's inputs: images the model cannot take are refused
     before anything runs, naming the keys to change."""
     from distillc.errors import SpecError
-    from distillc.pipeline import build_plan
+    from distillc.plan import build_plan
     from distillc.plugin_manager import load_plugins
     from distillc.spec import load_spec
 

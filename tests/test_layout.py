@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "distillc"
 #: The engine: what a pass must never import (it would reach past its cache key).
-ENGINE = ("distillc.pipeline", "distillc.cli", "distillc.plugin_manager")
+ENGINE = ("distillc.plan", "distillc.run", "distillc.cli", "distillc.plugin_manager")
 STAGES = ("distill", "eval", "quantize", "export", "backend", "verify", "max78000")
 
 

@@ -12,7 +12,7 @@ import pytest
 from distillc.errors import PassError, SpecError
 from distillc.passes.backend import testing
 from distillc.passes.distill.matryoshka import ClassEmbeddings, class_embeddings_extension
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from distillc.spec import load_spec

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from distillc.errors import TargetError
-from distillc.pipeline import build_plan, compile_spec
+from distillc.plan import build_plan
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from distillc.spec import load_spec

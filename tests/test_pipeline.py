@@ -10,7 +10,8 @@ import pytest
 import distillc
 from distillc.cache import ArtifactStore
 from distillc.errors import SpecError
-from distillc.pipeline import build_plan, compile_spec
+from distillc.plan import build_plan
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from distillc.spec import load_spec

@@ -12,7 +12,7 @@ import pytest
 
 import distillc
 from distillc.errors import PluginError, SpecError
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import BUILTIN_PLUGINS, load_plugins
 from distillc.progress import SilentProgress
 from distillc.artifacts import TorchModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from distillc.artifacts import QuantTorchModel
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
 from tests.conftest import tiny_spec_text
@@ -53,7 +53,7 @@ def test_qat_reports_fp32_and_int8_and_exports_qcdq_that_onnxruntime_reproduces(
 
 def test_a_quantized_student_cannot_be_trained_as_a_float_one(write_spec):
     from distillc.errors import SpecError
-    from distillc.pipeline import build_plan
+    from distillc.plan import build_plan
     from distillc.spec import load_spec
 
     import pytest

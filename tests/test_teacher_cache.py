@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from distillc.artifacts import TorchModel
 from distillc.passes.distill.base import teacher_targets, teacher_view
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.plugins.augment import Augment
 from distillc.plugins.models.vit import VisionTransformer, build_vit

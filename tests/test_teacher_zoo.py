@@ -650,7 +650,7 @@ def test_clip_matches_openais_reference_forward_with_the_same_state_dict(teacher
 
 
 def test_clip_teacher_can_be_trained_by_the_spec(write_spec):
-    from distillc.pipeline import compile_spec
+    from distillc.run import compile_spec
     from distillc.progress import SilentProgress
 
     path = write_spec("""

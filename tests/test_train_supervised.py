@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from distillc.errors import PassError
-from distillc.pipeline import compile_spec
+from distillc.run import compile_spec
 from distillc.progress import SilentProgress
 
 SPEC = """

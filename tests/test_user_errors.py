@@ -345,7 +345,7 @@ def test_a_full_disk_inside_a_pass_is_one_error_and_stores_nothing(write_spec, m
 
 
 def stored(spec_path: Path, step_id: str) -> bool:
-    from distillc.pipeline import build_plan
+    from distillc.plan import build_plan
     from distillc.plugin_manager import load_plugins
     from distillc.spec import load_spec
 
