@@ -66,6 +66,8 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
         columns = os.environ.get("COLUMNS", "")
         if columns.isdigit():  # the width asked for now (rich reads COLUMNS once, at import)
             out.width = err.width = int(columns)
+        elif not out.is_terminal:  # a pipe or a file: tables as wide as their content, nothing cut
+            out.width = PIPE_WIDTH
         try:
             return command(*args, **kwargs)
         except typer.Exit:
@@ -96,6 +98,15 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
 
 #: The longest error line printed; messages shorten the values they echo well below it.
 MAX_LINE = 1000
+#: The console width when stdout is not a terminal (and COLUMNS is not set): wide enough that no
+#: table cell is cut or wrapped, so `distillc passes | grep ...` sees whole names.
+PIPE_WIDTH = 10_000
+
+JSON_OPTION = typer.Option(False, "--json", help="Print the same facts as JSON (for scripts).")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _user_error(exc: DistillcError, original: BaseException | None = None) -> None:
@@ -133,19 +144,24 @@ def validate(spec: Path = typer.Argument(..., help="The spec file (spec.toml).")
 @app.command()
 @handled
 def plan(spec: Path = typer.Argument(..., help="The spec file (spec.toml)."),
-         workdir: Optional[Path] = typer.Option(None, help="Work directory (default build/<name>/ beside the spec).")) -> None:
+         workdir: Optional[Path] = typer.Option(None, help="Work directory (default build/<name>/ beside the spec)."),
+         as_json: bool = JSON_OPTION) -> None:
     """Print the resolved passes, their artifact types and what is cached."""
     from distillc.plan import build_plan
 
     plugins, resolved = _load(spec)
     the_plan = build_plan(resolved, plugins, workdir=workdir)
+    if as_json:
+        _print_json({"name": resolved.name, "cache": str(the_plan.store.root), "workdir": str(the_plan.workdir),
+                     "steps": [{**step.describe(), "cached": step.cached} for step in the_plan.steps]})
+        return
     table = Table(title=f"plan for {resolved.name}")
     for column in ("#", "step", "takes", "makes", "from", "cache"):
         table.add_column(column)
     for i, step in enumerate(the_plan.steps):
         d = step.describe()
-        table.add_row(str(i + 1), d["id"], d["takes"], d["makes"], d["source"],
-                      "[green]cached[/]" if step.cached else "will run")
+        table.add_row(str(i + 1), *map(Text, (d["id"], d["takes"], d["makes"], d["source"])),
+                      Text("cached", style="green") if step.cached else "will run")
     out.print(table)
     out.print(f"cache: {the_plan.store.root}")
 
@@ -174,45 +190,60 @@ def compile_(
 
 @app.command()
 @handled
-def passes() -> None:
+def passes(as_json: bool = JSON_OPTION) -> None:
     """List every registered pass and the plugin it came from."""
     from distillc.plugin_manager import load_plugins
 
     plugins = load_plugins()
+    if as_json:
+        _print_json([{"name": e.name, "takes": e.obj.takes_names(), "makes": e.obj.makes.kind,
+                      "version": e.obj.version, "plugin": e.plugin, "origin": plugins.origin(e.plugin),
+                      "description": e.obj.description} for e in plugins.passes])
+        return
     table = Table(title="passes")
     for column in ("pass", "takes", "makes", "plugin", "description"):
         table.add_column(column)
     for entry in plugins.passes:
         cls = entry.obj
-        table.add_row(entry.name, cls.takes_names(), cls.makes.kind,
-                      f"{entry.plugin} ({plugins.origin(entry.plugin)})", cls.description)
+        table.add_row(*map(Text, (entry.name, cls.takes_names(), cls.makes.kind,
+                                  f"{entry.plugin} ({plugins.origin(entry.plugin)})", cls.description)))
     out.print(table)
 
 
 @app.command()
 @handled
-def targets() -> None:
+def targets(as_json: bool = JSON_OPTION) -> None:
     """List every registered target and the plugin it came from."""
+    from distillc.artifacts import TorchModel
     from distillc.plugin_manager import load_plugins
 
     plugins = load_plugins()
+    rows = []
+    for entry in plugins.targets:
+        cls = entry.obj
+        rows.append({"name": entry.name, "backend": [name for name, _ in cls(cls.Config()).backend_passes(TorchModel)],
+                     "plugin": entry.plugin, "origin": plugins.origin(entry.plugin), "description": cls.description})
+    if as_json:
+        _print_json(rows)
+        return
     table = Table(title="targets")
     for column in ("target", "backend passes", "plugin", "description"):
         table.add_column(column)
-    for entry in plugins.targets:
-        cls = entry.obj
-        from distillc.artifacts import TorchModel
-
-        backend = " -> ".join(name for name, _ in cls(cls.Config()).backend_passes(TorchModel))
-        table.add_row(entry.name, backend, f"{entry.plugin} ({plugins.origin(entry.plugin)})", cls.description)
+    for row in rows:
+        table.add_row(*map(Text, (row["name"], " -> ".join(row["backend"]), f"{row['plugin']} ({row['origin']})",
+                                  row["description"])))
     out.print(table)
 
 
 @app.command()
 @handled
-def inspect(bundle: Path = typer.Argument(..., help="A bundle directory (with manifest.json).")) -> None:
-    """Show a bundle's manifest as tables: memory, input/output, layers, dims."""
+def inspect(bundle: Path = typer.Argument(..., help="A bundle directory (with manifest.json)."),
+            as_json: bool = JSON_OPTION) -> None:
+    """Show a bundle's manifest as tables: memory, input/output, layers, dims (--json: the manifest)."""
     manifest = _read_manifest(bundle)
+    if as_json:
+        _print_json(manifest)
+        return
     try:
         _show_manifest(manifest)
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:  # a manifest edited by hand
@@ -226,13 +257,14 @@ def _show_manifest(manifest: dict[str, Any]) -> None:
         io.add_column(column)
     for name in ("input", "output"):
         t = manifest.get(name, {})
-        io.add_row(name, str(t.get("shape")), str(t.get("dtype")), str(t.get("scale")), str(t.get("zero_point")))
+        io.add_row(*map(Text, (name, str(t.get("shape")), str(t.get("dtype")), str(t.get("scale")),
+                               str(t.get("zero_point")))))
     out.print(io)
     memory = Table(title="memory")
     memory.add_column("item")
     memory.add_column("bytes", justify="right")
     for key, value in manifest.get("memory", {}).items():
-        memory.add_row(key, str(value))
+        memory.add_row(Text(str(key)), Text(str(value)))
     out.print(memory)
     layers = manifest.get("layers", [])
     if layers:
@@ -241,7 +273,7 @@ def _show_manifest(manifest: dict[str, Any]) -> None:
         for column in columns:
             table.add_column(column)
         for layer in layers:
-            table.add_row(*(str(layer.get(c, "")) for c in columns))
+            table.add_row(*(Text(str(layer.get(c, ""))) for c in columns))
         out.print(table)
     if manifest.get("matryoshka_dims"):
         out.print(f"Matryoshka dims: {manifest['matryoshka_dims']}")
@@ -260,7 +292,7 @@ def run_bundle(
     bundle: Path = typer.Argument(..., help="A bundle directory (with manifest.json)."),
     input: Path = typer.Option(..., "--input", help="float32 .npy in the manifest's input shape (a leading batch allowed)."),
     output: Path = typer.Option(..., "--output", help="Where to write the output .npy."),
-    qemu: bool = typer.Option(False, "--qemu", help="Run on the emulated Cortex-M board (QEMU) instead of the host."),
+    qemu: bool = typer.Option(False, "--qemu", help="Run on QEMU, on the board the manifest names (the one the bundle was verified on)."),
     raw: bool = typer.Option(False, "--raw", help="Write the int8 output as the C code produced it."),
 ) -> None:
     """Build the bundle's C, run it on an input, write the output (dequantized unless --raw)."""
@@ -288,9 +320,7 @@ def run_bundle(
     q = quantize_inputs(batch, manifest["input"])
     with tempfile.TemporaryDirectory(prefix="distillc-run-") as work:
         if qemu:
-            target = manifest.get("target")
-            machine = {"max78000": "mps2-an386"}.get(target.get("name") if isinstance(target, dict) else None,
-                                                     "mps2-an500")
+            machine = _qemu_board(manifest)
             result = run_on_qemu(bundle, q, Path(work), machine=machine)
             outputs = result.outputs
             err.print(f"{machine}: {result.instructions_per_inference} instructions per inference")
@@ -303,6 +333,28 @@ def run_bundle(
         outputs = ((outputs.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"]))
     np.save(output, outputs)
     out.print(f"wrote {output} ({outputs.dtype}, shape {list(outputs.shape)})")
+
+
+def _qemu_board(manifest: dict[str, Any]) -> str:
+    """The QEMU board a bundle was verified on (``verification.qemu.machine``), else the board its
+    target verifies on (the target's ``verify.qemu`` config), else mps2-an500 (a host bundle)."""
+    verified = manifest.get("verification")
+    qemu = verified.get("qemu") if isinstance(verified, dict) else None
+    if isinstance(qemu, dict) and isinstance(qemu.get("machine"), str):
+        return qemu["machine"]
+    target = manifest.get("target")
+    name = target.get("name") if isinstance(target, dict) else None
+    if isinstance(name, str):
+        from distillc.artifacts import OnnxModel
+        from distillc.plugin_manager import load_plugins
+
+        targets = load_plugins().targets
+        if name in targets:
+            cls = targets.get(name)
+            for pass_name, config in cls(cls.Config()).backend_passes(OnnxModel):
+                if pass_name == "verify.qemu" and "machine" in config:
+                    return str(config["machine"])
+    return "mps2-an500"
 
 
 def _read_manifest(bundle: Path, *, tensors: bool = False) -> dict[str, Any]:
@@ -345,7 +397,7 @@ def _print_summary(report: dict[str, Any]) -> None:
         table.add_column(column)
     for row in report["plan"]:
         metrics = report["metrics"].get(row["id"], {})
-        table.add_row(row["id"], row["status"], f"{row['seconds']:.1f}", _format_metrics(metrics))
+        table.add_row(*map(Text, (row["id"], row["status"], f"{row['seconds']:.1f}", _format_metrics(metrics))))
     out.print(table)
     for name, path in report["outputs"].items():
         out.print(f"{name}: {path}")
