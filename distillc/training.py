@@ -184,10 +184,17 @@ def run_epochs(*, progress: Any, checkpoint_dir: Path, description: str, epochs:
 
             raise DistillcError(f"rank {distributed.rank()} cannot read rank 0's checkpoint {path}: "
                                 "under torchrun the cache must be on storage that every rank sees")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        for name, obj in state.items():
-            obj.load_state_dict(saved["state"][name])
-        start, losses = int(saved["epoch"]), list(saved["losses"])
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            for name, obj in state.items():
+                obj.load_state_dict(saved["state"][name])
+            start, losses = int(saved["epoch"]), list(saved["losses"])
+        except Exception as exc:  # torn by a disk fault, edited, or from a pass whose code changed
+            from distillc.errors import PassError, shorten
+
+            raise PassError(step or description, f"cannot resume from the training checkpoint {path} "
+                                                 f"({type(exc).__name__}: {shorten(str(exc), 160)}); delete it "
+                                                 "to train this step from its first epoch") from None
     with progress.task(description, total=epochs, unit="epoch") as task:
         if start:
             task.advance(start, resumed_from=start)

@@ -288,6 +288,35 @@ def test_resumed_training_shows_resumed_from_only_once(tmp_path):
     assert "loss" in lines[-1] and "resumed" not in lines[-1]
 
 
+@pytest.mark.parametrize("damage", ["torn", "other-state"])
+def test_a_checkpoint_that_cannot_be_resumed_is_one_error_naming_it(tmp_path, damage):
+    import torch
+
+    from distillc.errors import PassError
+    from distillc.training import CHECKPOINT_FILE, run_epochs
+
+    def train(module, epoch_fn):
+        return run_epochs(progress=SilentProgress(), checkpoint_dir=tmp_path, description="distill", epochs=3,
+                          state={"model": module}, epoch_fn=epoch_fn, step="distill.feature")
+
+    def crash_at_1(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return 1.0, 10
+
+    with pytest.raises(KeyboardInterrupt):
+        train(torch.nn.Linear(2, 2), crash_at_1)
+    checkpoint = tmp_path / CHECKPOINT_FILE
+    if damage == "torn":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+        module = torch.nn.Linear(2, 2)
+    else:  # the pass's model changed shape since the checkpoint was written
+        module = torch.nn.Linear(3, 2)
+    with pytest.raises(PassError, match=r"pass 'distill.feature': cannot resume from the training checkpoint "
+                                        rf".*{CHECKPOINT_FILE} .*delete it to train this step from its first epoch"):
+        train(module, lambda epoch: (0.5, 10))
+
+
 def test_specs_differing_only_in_name_each_get_their_own_bundle_name(write_spec):
     """The spec's name enters codegen.c's config (so its key): a second spec in the same folder (one
     cache) that differs only in name re-runs codegen.c and what follows, never training, and each
