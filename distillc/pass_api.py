@@ -13,11 +13,12 @@ import abc
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from distillc.artifacts import Artifact
+from distillc.spec import NAME_PATTERN
 
 if TYPE_CHECKING:  # pragma: no cover
     from distillc.registry import Plugins
@@ -31,6 +32,10 @@ PLANNED_KEYS = {
     "inputs": "where a backend pass takes the model's inputs from: 'data' (validation images) or "
               "'random' (seeded random int8 values: an ONNX student and no [data] section)",
 }
+#: The types of the planned keys, so every pass that lists one accepts what the planner fills in
+#: (each Config gives its own default and description through ``Field``).
+ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=64)]
+InputSource = Literal["data", "random"]
 
 
 class PassConfig(BaseModel):

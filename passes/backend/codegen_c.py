@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from distillc import __version__, hookimpl
 from distillc.artifacts import Bundle, Int8Program
 from distillc.errors import PassError, TargetError
-from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
-from distillc.spec import NAME_PATTERN
+from distillc.pass_api import InputSource, ModelName, Pass, PassConfig, PassContext, PassResult
 from distillc.cache import dist_version
 from distillc.passes.backend.tvm_int8 import require_plan
 
@@ -37,10 +36,10 @@ class CodegenC(Pass):
         target: str = Field("host", description="target name, recorded in the manifest")
         flash_kb: int | None = Field(None, ge=1, description="flash budget for weights (KiB)")
         ram_kb: int | None = Field(None, ge=1, description="RAM budget for the arena (KiB)")
-        model_name: str = Field("model", pattern=NAME_PATTERN, max_length=64,
+        model_name: ModelName = Field("model",
                                 description="the bundle's name (DISTILLC_MODEL_NAME, the manifest's name, the "
                                             "programs its builds make); the planner fills in the spec's name")
-        inputs: Literal["data", "random"] = Field(
+        inputs: InputSource = Field(
             "data", description="the example input: the first validation image ('data') or seeded random int8 "
                                 "values ('random'; the planner's choice for an ONNX student with no [data])")
 

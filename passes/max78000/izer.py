@@ -56,11 +56,10 @@ from pydantic import Field
 from distillc import hookimpl
 from distillc.artifacts import Bundle
 from distillc.errors import PassError, TargetError
-from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
+from distillc.pass_api import InputSource, ModelName, Pass, PassConfig, PassContext, PassResult
 from distillc.passes.backend.codegen_c import model_inputs, write_manifest
 from distillc.passes.max78000.memory import (LayerShape, data_offsets, kernel_offsets, kernel_slots,
                                               processors_for, stored_weight_bits)
-from distillc.spec import NAME_PATTERN
 
 #: izer's output shift range (``ai8x.py``: clamp to -15..15), implicit shift of narrow weights included.
 MAX_SHIFT = 15
@@ -460,10 +459,10 @@ class ExportIzer(Pass):
         images: int = Field(16, ge=1, le=10_000, description="validation images simulated to check the conversion")
         dataset: str | None = Field(None, max_length=64, description="dataset name in the YAML and the sample's file name "
                                                       "(the planner fills in the spec's data source, or 'random')")
-        model_name: str = Field("model", pattern=NAME_PATTERN, max_length=64,
+        model_name: ModelName = Field("model",
                                 description="izer's network name (--prefix, the checkpoint's arch); the planner "
                                             "fills in the spec's name")
-        inputs: Literal["data", "random"] = Field(
+        inputs: InputSource = Field(
             "data", description="validation images ('data') or seeded random int8 inputs ('random'; the planner's "
                                 "choice for an ONNX student with no [data])")
 

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 from distillc import hookimpl
 from distillc.artifacts import Bundle
 from distillc.errors import PassError
-from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
+from distillc.pass_api import InputSource, Pass, PassConfig, PassContext, PassResult
 from distillc.passes.backend.codegen_c import model_inputs, write_manifest
 
 
@@ -29,7 +29,7 @@ class _VerifyConfig(PassConfig):
     end_to_end: Literal["explain", "strict"] = Field(
         "explain", description="an output beyond tolerance_lsb: 'explain' checks every kernel on its own inputs "
                                "and accepts float32 rounding ties carried through later layers; 'strict' fails")
-    inputs: Literal["data", "random"] = Field(
+    inputs: InputSource = Field(
         "data", description="validation images ('data') or seeded random int8 inputs ('random'; the planner's "
                             "choice for an ONNX student with no [data])")
 
