@@ -22,7 +22,7 @@ from distillc.cache import ArtifactStore, cache_key, dist_version, file_sha256
 from distillc.errors import PluginError, SpecError
 from distillc.pass_api import Pass
 from distillc.registry import Plugins
-from distillc.spec import Spec
+from distillc.spec import Spec, is_plain_input
 from distillc.validation import format_validation_error
 from distillc.workspace import check_folder
 
@@ -172,8 +172,11 @@ def _unique(name: str, used: set[str]) -> str:
 
 def _teacher_step(spec: Spec, plugins: Plugins, name: str) -> Step:
     teacher = spec.teacher(name)
+    contract = spec.teacher_inputs[name]
+    plain = is_plain_input(contract, spec.data)
     common = {"arch": teacher.arch, "options": spec.teacher_options.get(name, {}),
-              "image_size": spec.data.image_size, "channels": spec.data.channels}
+              "image_size": contract["input_size"], "channels": contract["channels"],
+              "input": None if plain else contract, **_tokenizer_fields(spec, teacher)}
     if teacher.train is not None:
         cls = plugins.passes.get("teacher.train")
         config = cls.Config(**common, **teacher.train.model_dump())
@@ -182,6 +185,14 @@ def _teacher_step(spec: Spec, plugins: Plugins, name: str) -> Step:
         path = spec.resolve(teacher.checkpoint)
         config = cls.Config(**common, checkpoint=str(path), sha256=file_sha256(path))
     return Step(id=f"teacher:{name}", pass_=cls(config), source=f"teachers.{name}", flow=False)
+
+
+def _tokenizer_fields(spec: Spec, teacher: Any) -> dict[str, Any]:
+    """A teacher's tokenizer file for its source pass: the path (not in the key) and its sha256."""
+    if teacher.tokenizer is None:
+        return {}
+    path = spec.resolve(teacher.tokenizer)
+    return {"tokenizer": str(path), "tokenizer_sha256": file_sha256(path)}
 
 
 def _student_step(spec: Spec, plugins: Plugins) -> Step:

@@ -93,11 +93,23 @@ class TeacherTraining(_Section):
     weight_decay: float = Field(0.05, ge=0.0)
 
 
+#: How a teacher's input is resized (``torch.nn.functional.interpolate`` modes).
+Interpolation = Literal["bicubic", "bilinear", "nearest", "area"]
+
+
 class TeacherSection(_Open):
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
     arch: str
     checkpoint: LaxPath | None = None
     train: TeacherTraining | None = None
+    # The text tokenizer that ships with the checkpoint (tokenizer.json, or a BPE .txt.gz).
+    tokenizer: LaxPath | None = None
+    # The teacher's input contract (see :func:`teacher_input`); None takes the default.
+    input_size: int | None = Field(None, ge=4, le=1024)
+    channels: Annotated[Literal[1, 3], BeforeValidator(_exact_int)] | None = None
+    mean: list[float] | None = Field(None, min_length=1, max_length=3)
+    std: list[Annotated[float, Field(gt=0.0)]] | None = Field(None, min_length=1, max_length=3)
+    interpolation: Interpolation | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSection":
@@ -164,6 +176,8 @@ class Spec:
     target_config: Any
     teacher_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     student_options: dict[str, Any] = field(default_factory=dict)
+    #: Each teacher's input contract (:func:`teacher_input`), by teacher name.
+    teacher_inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -322,11 +336,12 @@ def load_spec(path: Path | str, plugins: Any) -> Spec:
     problems: list[str] = []
     spec_passes = _resolve_passes(file, plugins, problems, root=path.parent)
     target_cls, target_config = _resolve_target(file, plugins, problems)
-    teacher_options = _resolve_teachers(file, plugins, problems)
+    teacher_inputs: dict[str, dict[str, Any]] = {}
+    teacher_options = _resolve_teachers(file, plugins, problems, teacher_inputs)
     student_options = _resolve_student(file, plugins, problems)
     spec = Spec(file=file, path=path, passes=spec_passes, target_cls=target_cls,
                 target_config=target_config, teacher_options=teacher_options,
-                student_options=student_options)
+                student_options=student_options, teacher_inputs=teacher_inputs)
     _check_files_and_names(spec, plugins, problems)
     if problems:
         raise _problems_error(problems, path)
@@ -370,6 +385,7 @@ def _resolve_passes(file: SpecFile, plugins: Any, problems: list[str], *, root: 
         config = validate_into(cls.Config, entry.options, path, problems, context={"spec_root": root})
         if config is not None:
             resolved.append(SpecPass(index=i, name=entry.use, cls=cls, config=config))
+            _check_teacher_requirements(cls, config, path, file.teachers, problems)
         # An invalid config still names teachers worth checking: report both at once.
         _check_teacher_references(cls, config, entry.options, path, teacher_names, problems)
     return resolved
@@ -378,6 +394,20 @@ def _resolve_passes(file: SpecFile, plugins: Any, problems: list[str], *, root: 
 def _is_source_pass(cls: Any) -> bool:
     """Source passes (``takes = None``) are added by distillc, never listed in [[passes]]."""
     return getattr(cls, "takes", None) is None
+
+
+def _check_teacher_requirements(cls: Any, config: Any, path: str, teachers: list[TeacherSection],
+                                problems: list[str]) -> None:
+    """Each ``[[teachers]]`` key a pass's config needs (``Pass.teacher_requirements``) is given."""
+    try:
+        needs = cls(config).teacher_requirements()
+    except Exception:  # a config too broken to say: its own errors are reported
+        return
+    for config_key, (name, teacher_key) in needs.items():
+        index = next((i for i, t in enumerate(teachers) if t.name == name), None)
+        if index is not None and getattr(teachers[index], teacher_key, None) is None:
+            problems.append(f"{path}.{config_key}: teacher {name!r} has no {teacher_key}; give its [[teachers]] "
+                            f"entry (teachers[{index}]) {teacher_key} = \"...\"")
 
 
 def _check_teacher_references(cls: Any, config: Any, options: dict[str, Any], path: str,
@@ -419,11 +449,56 @@ def _resolve_target(file: SpecFile, plugins: Any, problems: list[str]) -> tuple[
 
 
 #: Keys of [[teachers]] and [student] that distillc reads itself; the rest are builder options.
-_TEACHER_KEYS = ("name", "arch", "checkpoint", "train")
+_TEACHER_KEYS = ("name", "arch", "checkpoint", "train", "tokenizer", "input_size", "channels", "mean", "std", "interpolation")
+_INPUT_KEYS = ("input_size", "channels", "mean", "std", "interpolation")
 _STUDENT_KEYS = ("arch", "checkpoint", "onnx")
 
 
-def _resolve_teachers(file: SpecFile, plugins: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+def teacher_input(teacher: TeacherSection, builder: Any, data: DataSection, path: str,
+                  problems: list[str]) -> dict[str, Any] | None:
+    """A teacher's input contract: what every pass feeds it, whatever the student sees.
+
+    ``{"input_size", "channels", "mean", "std", "interpolation"}``: each image (the student's
+    [0, 1] view) is converted to ``channels`` (grey repeated, or RGB to luma), resized to
+    ``input_size`` and normalised with ``mean``/``std``.  A loaded teacher starts from its
+    builder's published defaults (``builder.input_defaults``, e.g. 224 px and ImageNet
+    statistics for DINO); a teacher the spec trains, or one whose builder publishes none, starts
+    from the data as it is (its size and channels, no normalisation).  Every key of the
+    ``[[teachers]]`` entry overrides its default.  Appends a problem and returns None when the
+    result does not hold together (``mean``/``std`` of another length than ``channels``).
+    """
+    contract: dict[str, Any] = {"input_size": data.image_size, "channels": data.channels,
+                                "mean": [0.0] * data.channels, "std": [1.0] * data.channels,
+                                "interpolation": "bicubic"}
+    published = getattr(builder, "input_defaults", None) if teacher.train is None else None
+    contract.update(dict(published or {}))
+    given = {key: getattr(teacher, key) for key in _INPUT_KEYS if getattr(teacher, key) is not None}
+    if "channels" in given and "mean" not in given and given["channels"] != len(contract["mean"]):
+        # Statistics of an RGB teacher do not carry over to one grey channel: ask for them.
+        if any(v != 0.0 for v in contract["mean"]) or any(v != 1.0 for v in contract["std"]):
+            problems.append(f"{path}.channels: {given['channels']} channel(s), but the default mean/std have "
+                            f"{len(contract['mean'])} values; give mean and std with {given['channels']} each")
+            return None
+        contract["mean"], contract["std"] = [0.0] * given["channels"], [1.0] * given["channels"]
+    contract.update(given)
+    ok = True
+    for key in ("mean", "std"):
+        if len(contract[key]) != contract["channels"]:
+            problems.append(f"{path}.{key}: {len(contract[key])} values for a {contract['channels']}-channel "
+                            f"teacher input; give one per channel")
+            ok = False
+    return contract if ok else None
+
+
+def is_plain_input(contract: dict[str, Any], data: DataSection) -> bool:
+    """Whether a teacher input contract feeds the data as it is (nothing to convert)."""
+    return (contract["input_size"] == data.image_size and contract["channels"] == data.channels
+            and all(v == 0.0 for v in contract["mean"]) and all(v == 1.0 for v in contract["std"]))
+
+
+def _resolve_teachers(file: SpecFile, plugins: Any, problems: list[str],
+                      inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each teacher's builder options; fills ``inputs`` with each one's input contract."""
     options: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     for i, teacher in enumerate(file.teachers):
@@ -434,10 +509,13 @@ def _resolve_teachers(file: SpecFile, plugins: Any, problems: list[str]) -> dict
         if teacher.arch not in plugins.teachers:
             problems.append(f"{path}.arch: {plugins.teachers.unknown_message(teacher.arch)}")
             continue
-        checked = _validate_builder_options(plugins.teachers.get(teacher.arch), teacher.options, path, problems,
-                                            section_keys=_TEACHER_KEYS)
+        builder = plugins.teachers.get(teacher.arch)
+        checked = _validate_builder_options(builder, teacher.options, path, problems, section_keys=_TEACHER_KEYS)
         if checked is not None:
             options[teacher.name] = checked
+        contract = teacher_input(teacher, builder, file.data, path, problems)
+        if contract is not None:
+            inputs[teacher.name] = contract
     return options
 
 
@@ -454,6 +532,7 @@ def _resolve_student(file: SpecFile, plugins: Any, problems: list[str]) -> dict[
 
 def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> None:
     files: list[tuple[Any, ...]] = [(f"teachers[{i}].checkpoint", t.checkpoint) for i, t in enumerate(spec.teachers)]
+    files += [(f"teachers[{i}].tokenizer", t.tokenizer) for i, t in enumerate(spec.teachers)]
     files += [("student.checkpoint", spec.student.checkpoint), ("student.onnx", spec.student.onnx)]
     if spec.data.source not in plugins.datasets:
         problems.append(f"data.source: {plugins.datasets.unknown_message(spec.data.source)}")
@@ -471,6 +550,13 @@ def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> Non
         problem = path_problem(spec.root, rel, *wants) if rel is not None else None
         if problem:
             problems.append(f"{key}: {problem}")
+        elif key.endswith(".tokenizer") and rel is not None and not str(rel).lower().endswith(TOKENIZER_SUFFIXES):
+            problems.append(f"{key}: {shown(str(rel))} is not a tokenizer file; give a Hugging Face tokenizer.json "
+                            f"or OpenAI's BPE merges (bpe_simple_vocab_16e6.txt.gz)")
+
+
+#: What a teacher's ``tokenizer`` file may be: a Hugging Face tokenizer.json, or BPE merges.
+TOKENIZER_SUFFIXES = (".json", ".txt.gz", ".txt")
 
 
 #: What a path in a spec may be at most (Linux's PATH_MAX and NAME_MAX).

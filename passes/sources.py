@@ -26,6 +26,38 @@ class _ArchConfig(PassConfig):
     channels: int
 
 
+class _TeacherConfig(_ArchConfig):
+    # The teacher's input contract (distillc.spec.teacher_input) when it is not the data as it
+    # is; then image_size/channels are the contract's.  Left out of the key when None, so a
+    # teacher fed the plain data keeps the key it had before contracts existed.
+    input: dict[str, Any] | None = Field(None, exclude_if=lambda value: value is None)
+    # The teacher entry's tokenizer file: its path is not in the key, its content hash is (left out
+    # when there is none, so a teacher without one keeps its key).
+    tokenizer: str | None = Field(None, exclude=True)
+    tokenizer_sha256: str | None = Field(None, exclude_if=lambda value: value is None)
+
+
+def _with_tokenizer(meta: dict[str, Any], model: Any, cfg: Any, teacher: str) -> dict[str, Any]:
+    """``meta`` with the teacher's tokenizer (``meta["tokenizer"]``, its whole content: the artifact
+    carries it to the passes that encode text), after checking it fits the text tower."""
+    if cfg.tokenizer is None:
+        return meta
+    from distillc.plugins.models.clip_tokenizer import ClipTokenizer, check_fits
+
+    tokenizer = ClipTokenizer.from_file(cfg.tokenizer)
+    check_fits(tokenizer, model, teacher=teacher)
+    return {**meta, "tokenizer": tokenizer.to_meta()}
+
+
+def _teacher_meta(model: Any, contract: dict[str, Any] | None, params: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {"embed_dim": model.embed_dim, "params": params}
+    if getattr(model, "grid", None) is not None:  # the patch-token grid, reported by the passes it teaches
+        meta["grid"] = int(model.grid)
+    if contract is not None:
+        meta["input"] = contract
+    return meta
+
+
 class TeacherTrain(Pass):
     """Train a teacher with labels (for demos and tests, where no pretrained weights exist)."""
 
@@ -37,7 +69,7 @@ class TeacherTrain(Pass):
     tools = ("torch",)
     distributed = True
 
-    class Config(_ArchConfig):
+    class Config(_TeacherConfig):
         epochs: int = Field(ge=1)
         lr: float = 1e-3
         batch_size: int = 128
@@ -58,7 +90,10 @@ class TeacherTrain(Pass):
         torch.manual_seed(ctx.seed)
         options = {"image_size": cfg.image_size, "in_chans": cfg.channels, **cfg.options}
         device = pick_device()
-        model = prepare(ctx.plugins.teachers.get(cfg.arch)(**options), device)
+        from distillc.plugins.models.teacher_input import with_input
+
+        bare = ctx.plugins.teachers.get(cfg.arch)(**options)
+        model = prepare(with_input(bare, cfg.input), device)  # trained on its own input, as it will be used
         head = torch.nn.Linear(model.embed_dim, data.num_classes).to(device)
         parallel = DataParallel({"model": model, "head": head}, device)
         params = list(model.parameters()) + list(head.parameters())
@@ -98,9 +133,11 @@ class TeacherTrain(Pass):
         with torch.no_grad():
             features = embed_all(model, data.val_x, fn=lambda m, b: m.embed(b))
             val_top1 = float((head.cpu()(features).argmax(1) == data.val_y).float().mean())
-        out = TorchModel.from_module(model, role="teacher", arch=cfg.arch, options=options,
-                                     meta={"embed_dim": model.embed_dim, "params": count_params(model)})
-        return PassResult(out, {"loss": losses[-1], "supervised_val_top1": val_top1, "params": count_params(model)})
+        out = TorchModel.from_module(bare, role="teacher", arch=cfg.arch, options=options,
+                                     meta=_with_tokenizer(_teacher_meta(bare, cfg.input, count_params(bare)), bare,
+                                                          cfg, ctx.step_id.removeprefix("teacher:")))
+        return PassResult(out, {"loss": losses[-1], "epoch_losses": losses, "supervised_val_top1": val_top1,
+                                "params": count_params(bare)})
 
 
 class TeacherLoad(Pass):
@@ -112,7 +149,7 @@ class TeacherLoad(Pass):
     makes = TorchModel
     tools = ("torch",)
 
-    class Config(_ArchConfig):
+    class Config(_TeacherConfig):
         # The file's location is not part of the cache key (exclude=True), its content hash is:
         # moving a project or sharing a cache does not retrain anything.
         checkpoint: str = Field(exclude=True)
@@ -128,7 +165,8 @@ class TeacherLoad(Pass):
         info = load_into(model, load_state_dict_file(cfg.checkpoint), source=cfg.checkpoint) or {}
         adapted = _notice_adaptations(ctx, info)
         out = TorchModel.from_module(model, role="teacher", arch=cfg.arch, options=options,
-                                     meta={"embed_dim": model.embed_dim, "params": count_params(model)})
+                                     meta=_with_tokenizer(_teacher_meta(model, cfg.input, count_params(model)),
+                                                          model, cfg, ctx.step_id.removeprefix("teacher:")))
         return PassResult(out, {"params": count_params(model), **adapted,
                                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
 

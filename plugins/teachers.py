@@ -13,6 +13,11 @@ Names:
 - :data:`VIT_ZOO`: a name per published self-supervised checkpoint, saying which file it loads.
 - ``clip_vitb32``: CLIP ViT-B/32 (image tower, and the text tower unless ``text = false``).
 
+A builder may publish its native input as ``builder.input_defaults`` (``input_size``,
+``channels``, ``mean``, ``std``, ``interpolation``): a loaded teacher is fed that (see
+:func:`distillc.spec.teacher_input`).  The zoo and CLIP publish theirs; the plain ``vit_*``
+builders do not, so they take the data as it is.
+
 Shallow or narrow overrides (``depth``, ``embed_dim``/``width``, ...) keep every key name, so
 tests and demos build tiny instances of the same architecture; weights of the published
 checkpoints only fit the default sizes. This module imports no torch (the CLI stays fast).
@@ -52,6 +57,15 @@ VIT_ZOO: dict[str, tuple[str, str]] = {
 }
 
 
+#: The published input of the self-supervised ViTs (DINO, MAE, MoCo v3, iBOT): 224 px RGB, ImageNet
+#: statistics, bicubic resize.  A loaded teacher is fed this unless its [[teachers]] entry says otherwise.
+IMAGENET_INPUT: dict[str, Any] = {"input_size": 224, "channels": 3, "mean": [0.485, 0.456, 0.406],
+                                  "std": [0.229, 0.224, 0.225], "interpolation": "bicubic"}
+#: CLIP's published input: 224 px RGB with its own statistics, bicubic resize.
+CLIP_INPUT: dict[str, Any] = {"input_size": 224, "channels": 3, "mean": [0.48145466, 0.4578275, 0.40821073],
+                              "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic"}
+
+
 def _vit_builder(arch: str) -> Any:
     def build(image_size: int, in_chans: int = 3, depth: Blocks | None = None,
               mlp_ratio: MlpRatio = 4.0, pool: Literal["cls", "avg"] = "cls") -> Any:
@@ -82,6 +96,7 @@ def _zoo_builder(name: str, arch: str, checkpoint: str) -> Any:
         return build_vit(arch, img_size=image_size, in_chans=in_chans, depth=depth, **overrides)
 
     build.__name__ = name
+    build.input_defaults = IMAGENET_INPUT
     build.__doc__ = (f"{name}: {arch} for {checkpoint}. Overrides (depth, embed_dim, num_heads, "
                      f"mlp_ratio, patch_size) keep the key names, for shallow test and demo teachers; "
                      f"pool = 'avg' embeds by the normed mean patch token (a fine-tuned MAE's global pool).")
@@ -107,6 +122,9 @@ def clip_vitb32(image_size: int, in_chans: int = 3, text: bool = True, depth: Bl
                       width=width, heads=heads, patch_size=patch_size, output_dim=output_dim,
                       text_layers=text_depth, text_width=text_width, text_heads=text_heads,
                       vocab_size=vocab_size)
+
+
+clip_vitb32.input_defaults = CLIP_INPUT
 
 
 @hookimpl

@@ -91,7 +91,8 @@ BAD_SPECS = {
                                            ["passes[1].teachers:", "unknown teacher 'dino'", "valid: vit"]),
     "unknown teacher option lists the section's own keys": (
         ("depth = 1", "depth = 1\ndeep = 2"),
-        ["teachers[0].deep", "unknown key", "allowed: name, arch, checkpoint, train, depth"]),
+        ["teachers[0].deep", "unknown key",
+         "allowed: name, arch, checkpoint, train, tokenizer, input_size, channels, mean, std, interpolation, depth"]),
     "unknown student option lists the section's own keys": (
         ("last_channels = 32", "last_channels = 32\ndepth = 3"),
         ["student.depth", "unknown key", "allowed: arch, checkpoint, onnx, width"]),

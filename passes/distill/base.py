@@ -173,8 +173,9 @@ class DistillationPass(Pass):
                                       description=ctx.step_id)
         out = TorchModel.from_module(student, role="student", arch=artifact.arch, options=artifact.options,
                                      meta={**artifact.meta, "distilled_by": self.name})
-        metrics = {"loss": losses[-1], "first_loss": losses[0], "params": count_params(student),
-                   "head_params": count_params(objective.heads), **objective.metrics()}
+        metrics = {"loss": losses[-1], "first_loss": losses[0], "epoch_losses": losses, "params": count_params(student),
+                   "head_params": count_params(objective.heads), **teacher_input_metrics(ctx, self.teachers()),
+                   **objective.metrics()}
         return PassResult(out, metrics)
 
 
@@ -195,9 +196,12 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
 
     from distillc.training import embed_all, pick_device, prepare
 
+    contract = ctx.teachers[teacher].meta.get("input")
     key_fields = {"teacher": ctx.teacher_keys.get(teacher, teacher), "data": ctx.data_fingerprint, "what": what,
                   "view": repr(view) if view is not None else None, "view_seed": view_seed if view is not None else None,
                   "format": 1}
+    if contract is not None:  # also in the teacher's key; named here so the file says what it holds
+        key_fields["input"] = contract
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
     folder = (ctx.derived_dir or ctx.scratch) / "teacher-targets"
     path = folder / f"{key}.safetensors"
@@ -209,7 +213,7 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
     # Building the teacher draws a throw-away random init; fork the RNG so that a run computing
     # the targets leaves the same random state as a run finding them cached.
     with torch.random.fork_rng(devices=[]):
-        module = prepare(ctx.teachers[teacher].build(ctx.plugins), device)
+        module = prepare(teacher_module(ctx, teacher), device)
     images = ctx.data.train_x
     if view is not None:
         images = teacher_view(images, view, view_seed)
@@ -224,6 +228,48 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
         save_file({"targets": targets}, str(tmp), metadata={k: str(v) for k, v in key_fields.items()})
         os.replace(tmp, path)
     return targets
+
+
+def teacher_module(ctx: PassContext, teacher: str) -> "torch.nn.Module":
+    """The teacher named ``teacher``, with its weights (CPU, eval mode), behind its input contract:
+    it takes the student's images and sees them at its own size, channels and normalisation
+    (:mod:`distillc.plugins.models.teacher_input`)."""
+    from distillc.plugins.models.teacher_input import with_input
+
+    artifact = ctx.teachers[teacher]
+    return with_input(artifact.build(ctx.plugins), artifact.meta.get("input")).eval()
+
+
+def teacher_input_metrics(ctx: PassContext, teachers: list[str]) -> dict[str, Any]:
+    """``teacher_input`` (``[C, H, W]`` a teacher was fed) and ``teacher_grid`` (its patch-token grid,
+    ``[rows, cols]``): one value for a pass with one teacher, a dict by name for several."""
+    from distillc.plugins.models.teacher_input import input_shape
+
+    shapes: dict[str, list[int]] = {}
+    grids: dict[str, list[int]] = {}
+    for name in teachers:
+        artifact = ctx.teachers[name]
+        options = artifact.options
+        contract = artifact.meta.get("input") or {"channels": options.get("in_chans", 3),
+                                                  "input_size": options["image_size"]}
+        shapes[name] = input_shape(contract)
+        grid = artifact.meta.get("grid")
+        if grid is not None:
+            grids[name] = [int(grid), int(grid)]
+    if not shapes:
+        return {}
+    if len(teachers) == 1:
+        out: dict[str, Any] = {"teacher_input": shapes[teachers[0]]}
+        if grids:
+            out["teacher_grid"] = grids[teachers[0]]
+        return out
+    return {"teacher_input": shapes, **({"teacher_grid": grids} if grids else {})}
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit`` (at least 1): the finest grid of equal
+    cells that tiles an ``n``-pixel image with at most ``limit`` cells a side."""
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
 def teacher_view(images: "torch.Tensor", view: Any, view_seed: int) -> "torch.Tensor":

@@ -18,7 +18,8 @@ from pydantic import Field, field_validator
 from distillc import hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
-from distillc.passes.distill.base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
+from distillc.passes.distill.base import (Batch, DistillConfig, DistillationPass, Objective, largest_divisor_at_most,
+                                          teacher_targets)
 from distillc.passes.distill.feature import projection_head
 
 #: target name -> which token summaries of a block's output are predicted
@@ -80,9 +81,12 @@ class BootlegObjective(Objective):
         return out
 
     def _mask_grid(self, skeleton: Any) -> int:
-        """Patches per side of the student's mask."""
+        """Patches per side of the student's mask: by default the teacher's token grid (one masked
+        patch per teacher token), the finest that tiles the student's image when it does not."""
         size = self.ctx.data.image_shape[-1]
-        patch = self.cfg.mask_patch or skeleton.patch_size
+        if self.cfg.mask_patch is None:
+            return largest_divisor_at_most(size, int(skeleton.grid))
+        patch = self.cfg.mask_patch
         if size % patch:
             raise PassError(self.pass_name, f"mask_patch {patch} does not divide the image size {size}")
         return size // patch
@@ -99,8 +103,8 @@ class BootlegDistillation(DistillationPass):
         target: Literal["cls", "mean", "both"] = Field(
             "both", description="what of each block's output is predicted: its CLS token, its mean patch token or both")
         mask_ratio: float = Field(0.5, ge=0.0, le=0.95, description="fraction of the student's input patches masked")
-        mask_patch: int | None = Field(None, ge=1, description="side of a masked patch in pixels; "
-                                                               "default: the teacher's patch size")
+        mask_patch: int | None = Field(None, ge=1, description="side of a masked patch in pixels; default: one "
+                                                               "patch per teacher token (the teacher's grid)")
         mask_fill: float = Field(0.0, ge=0.0, le=1.0, description="pixel value of masked patches")
         predictor_hidden: int = Field(256, ge=0, description="hidden width of each per-block predictor "
                                                              "(Linear-BN-ReLU-Linear); 0 = one linear layer")

@@ -8,8 +8,9 @@ embedding of the clean image and ``W`` one shared, nested linear map into the te
 
 Class embeddings are decoupled from the student (``class_embeddings``):
 
-- ``"text"``: the teacher's text tower encodes the token ids in ``text_tokens`` (a ``.npy`` of
-  shape ``(classes, context_length)``; distillc has no tokenizer);
+- ``"text"``: the teacher's text tower encodes ``classes`` filled into ``prompts`` (tokenized by
+  the teacher's tokenizer, prompt ensembles: :mod:`distillc.passes.distill.prompts`), or the
+  token ids in ``text_tokens`` (a ``.npy`` of shape ``(classes, context_length)``);
 - ``"file"``: precomputed teacher-space embeddings, ``(classes, D)``, from ``.npy`` or
   ``.safetensors``;
 - ``"prototypes"``: mean normalized student embeddings of ``shots`` labelled images per class.
@@ -31,12 +32,13 @@ from distillc import hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
 from distillc.passes.distill.matryoshka import ClassEmbeddings, MatryoshkaConfig, MatryoshkaObjective, MatryoshkaPass
+from distillc.passes.distill.prompts import encode_classes
 from distillc.spec import LaxPath
 
 
 class ClipMatryoshka(MatryoshkaPass):
     name = "distill.clip-matryoshka"
-    version = "2"  # 2: the content of text_tokens / embeddings_file is part of the cache key
+    version = "3"  # 2: the content of text_tokens / embeddings_file is part of the cache key; 3: classes + prompts
     description = "TinyVLM: match a CLIP-style teacher's embedding at every Matryoshka dim; text/file/prototype classes"
     center_targets = False  # text and file class embeddings live in the teacher's own (uncentered) space
 
@@ -59,15 +61,17 @@ class ClipMatryoshka(MatryoshkaPass):
 
         @model_validator(mode="after")
         def _source_files(self) -> "ClipMatryoshka.Config":
-            needs = {"text": "text_tokens", "file": "embeddings_file"}
-            wanted = needs.get(self.class_embeddings)
-            for source, key in needs.items():
-                given = getattr(self, key) is not None
-                if key == wanted and not given:
-                    raise ValueError(f"class_embeddings = {source!r} needs {key}")
-                if key != wanted and given:
+            for key, source in (("text_tokens", "text"), ("classes", "text"), ("embeddings_file", "file")):
+                if getattr(self, key) is not None and self.class_embeddings != source:
                     raise ValueError(f"{key} is only read with class_embeddings = {source!r} "
                                      f"(this pass has {self.class_embeddings!r})")
+            if self.class_embeddings == "text" and self.text_tokens is None and self.classes is None:
+                raise ValueError("class_embeddings = 'text' needs text_tokens (token ids) or classes (names the "
+                                 "teacher's tokenizer encodes)")
+            if self.text_tokens is not None and self.classes is not None:
+                raise ValueError("give text_tokens or classes, not both")
+            if self.class_embeddings == "file" and self.embeddings_file is None:
+                raise ValueError("class_embeddings = 'file' needs embeddings_file")
             return self
 
         @model_validator(mode="after")
@@ -100,34 +104,14 @@ class ClipMatryoshka(MatryoshkaPass):
         cfg = self.config
         if cfg.class_embeddings == "prototypes":
             return super().class_embeddings(ctx, model, objective)
-        import numpy as np
-
-        teacher_space = self._text_embeddings(ctx) if cfg.class_embeddings == "text" else self._file_embeddings(ctx)
-        if teacher_space.ndim != 2 or teacher_space.shape[1] != objective.target_dim:
-            raise PassError(self.name, f"class embeddings of shape {tuple(teacher_space.shape)} do not fit teacher "
-                                       f"{cfg.teacher!r}, whose embedding is {objective.target_dim} wide "
-                                       f"(expected (classes, {objective.target_dim}))")
-        data = ctx.data
-        if data.labelled and teacher_space.shape[0] != data.num_classes:
-            raise PassError(self.name, f"{teacher_space.shape[0]} class embeddings for {data.num_classes} classes "
-                                       f"in the data")
-        names = list(data.class_names) if data.labelled else [str(i) for i in range(teacher_space.shape[0])]
-        unit = teacher_space / np.maximum(np.linalg.norm(teacher_space, axis=1, keepdims=True), 1e-12)
-        student_space = unit @ objective.nested_map.numpy()
-        classes = ClassEmbeddings.quantize(student_space, dims=cfg.dims, classes=names, metric="dot",
-                                           source=cfg.class_embeddings)
-        metrics = {}
-        if data.labelled:
-            metrics["teacher_zero_shot_top1"] = self._teacher_top1(ctx, unit)
-        return classes, metrics
-
-    def _teacher_top1(self, ctx: PassContext, unit: Any) -> float:
-        """The teacher's own zero-shot top-1 with the same class embeddings: the student's ceiling."""
-        from distillc.training import embed_all
-
-        teacher = ctx.teachers[self.config.teacher].build(ctx.plugins)
-        images = embed_all(teacher, ctx.data.val_x, fn=lambda m, b: m.embed(b)).numpy()
-        return float(((images @ unit.T).argmax(axis=1) == ctx.data.val_y.numpy()).mean())
+        if cfg.class_embeddings == "text" and cfg.classes is not None:
+            teacher_space = encode_classes(ctx, cfg.teacher, cfg.class_names(), cfg.prompt_templates(),
+                                           pass_name=self.name)
+        elif cfg.class_embeddings == "text":
+            teacher_space = self._text_embeddings(ctx)
+        else:
+            teacher_space = self._file_embeddings(ctx)
+        return self.teacher_space_classes(ctx, objective, teacher_space, source=cfg.class_embeddings)
 
     # -- class embedding sources ----------------------------------------------------------------------
 

@@ -45,7 +45,8 @@ from pydantic import Field, field_validator, model_validator
 from distillc import distributed, hookimpl
 from distillc.errors import PassError
 from distillc.pass_api import PassContext
-from distillc.passes.distill.base import Batch, DistillConfig, DistillationPass, Objective, teacher_targets
+from distillc.passes.distill.base import (Batch, DistillConfig, DistillationPass, Objective, largest_divisor_at_most,
+                                          teacher_targets)
 
 #: Teacher tokens used to find an adapter's principal directions.
 _PCA_TOKENS = 8192
@@ -77,7 +78,10 @@ class ComadObjective(Objective):
         self.student_dim = int(sample.shape[1])
         maps = [teacher_targets(self.ctx, name, "patch_tokens", lambda m, b: m.patch_tokens(b))
                 for name in self.teachers]
-        default_grid = int(sample.shape[-1]) if hasattr(student, "patch_tokens") else max(m.shape[-1] for m in maps)
+        if hasattr(student, "patch_tokens"):
+            default_grid = int(sample.shape[-1])
+        else:  # the finest teacher grid (a 224-px ViT-S/16's is 14) that also tiles the student's image
+            default_grid = largest_divisor_at_most(image_size, max(int(m.shape[-1]) for m in maps))
         self.grid = cfg.grid or default_grid
         if image_size % self.grid:
             raise PassError("distill.comad", f"grid {self.grid} does not divide the image size {image_size}; "

@@ -32,13 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from distillc import distributed, hookimpl
 from distillc.artifacts import TorchModel
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassContext, PassResult
 from distillc.passes.distill.base import Batch, DistillConfig, Objective, train_with_objective
+from distillc.passes.distill.prompts import ClassPromptsConfig, encode_classes, teacher_tokenizer_requirement
 
 #: Largest Matryoshka dimension: keeps the C classifier's int32 dot products from overflowing.
 MAX_DIM = 8192
@@ -47,8 +48,9 @@ MULTIPLIER_BITS = 15
 CLASSES_SOURCE = "src/distillc_classes.c"
 
 
-class MatryoshkaConfig(DistillConfig):
-    """Keys shared by the passes that train a Matryoshka head."""
+class MatryoshkaConfig(DistillConfig, ClassPromptsConfig):
+    """Keys shared by the passes that train a Matryoshka head (``classes``/``prompts``: see
+    :mod:`~distillc.passes.distill.prompts`)."""
 
     dims: list[int] = Field(min_length=1, description="nested embedding widths, increasing (e.g. [16, 32, 64])")
     teacher: str | None = Field(None, description="a [[teachers]] entry whose embedding the head's prefixes match; "
@@ -65,6 +67,13 @@ class MatryoshkaConfig(DistillConfig):
         if any(b <= a for a, b in zip(dims, dims[1:])):
             raise ValueError("dims must be strictly increasing (each prefix nests in the next)")
         return dims
+
+    @model_validator(mode="after")
+    def _classes_need_a_teacher(self) -> "MatryoshkaConfig":
+        if self.classes is not None and self.teacher is None:
+            raise ValueError("classes are encoded by a teacher's text tower: give teacher (a CLIP teacher "
+                             "with a tokenizer)")
+        return self
 
 
 class MatryoshkaPass(Pass):
@@ -124,7 +133,7 @@ class MatryoshkaPass(Pass):
             targets = teacher_targets(ctx, cfg.teacher, "embed", lambda m, b: m.embed(b))
         else:
             targets = embed_all(backbone, ctx.data.train_x)
-        if self.center_targets:
+        if self.centers_targets():
             targets = targets - targets.mean(0, keepdim=True)
 
         if cfg.train_backbone:
@@ -140,8 +149,13 @@ class MatryoshkaPass(Pass):
                                       description=ctx.step_id)
         model = model.cpu().eval().requires_grad_(True)
 
-        metrics: dict[str, Any] = {"loss": losses[-1], "first_loss": losses[0], "loss_per_dim": objective.dim_losses(),
+        metrics: dict[str, Any] = {"loss": losses[-1], "first_loss": losses[0], "epoch_losses": losses,
+                                   "loss_per_dim": objective.dim_losses(),
                                    "params": count_params(model), "head_params": count_params(model.head)}
+        if cfg.teacher is not None:
+            from distillc.passes.distill.base import teacher_input_metrics
+
+            metrics.update(teacher_input_metrics(ctx, [cfg.teacher]))
         meta = {**artifact.meta, "embed_dim": cfg.dims[-1], "backbone_embed_dim": in_dim,
                 "matryoshka_dims": list(cfg.dims)}
         classes, class_metrics = self.class_embeddings(ctx, model, objective)
@@ -171,21 +185,104 @@ class MatryoshkaPass(Pass):
             targets = teacher_targets(ctx, cfg.teacher, "embed", lambda m, b: m.embed(b))
         else:
             targets = embed_all(getattr(float_model, "backbone", float_model), ctx.data.train_x)
-        if self.center_targets:
+        if self.centers_targets():
             targets = targets - targets.mean(0, keepdim=True)
         return MatryoshkaObjective(ctx, dims=cfg.dims, targets=targets, augment=cfg.augment)
+
+    def teacher_requirements(self) -> dict[str, tuple[str, str]]:
+        """``classes`` need the teacher's tokenizer."""
+        return teacher_tokenizer_requirement(self.config)
+
+    def linked_key(self) -> dict[str, Any]:
+        """A class-names file joins the key by its sha256."""
+        return {**super().linked_key(), **self.config.classes_key()}
+
+    def centers_targets(self) -> bool:
+        """Whether the targets lose their mean: not when class embeddings come from the teacher's
+        own space (``classes``), which the nested map must then reach as it is."""
+        return self.center_targets and self.config.classes is None
 
     def class_embeddings(self, ctx: PassContext, model: Any,
                          objective: "MatryoshkaObjective") -> "tuple[ClassEmbeddings | None, dict[str, Any]]":
         """The class embeddings to store and any metrics about them.
 
-        Here: visual prototypes from labelled training images; none (logged) for unlabelled data.
+        Here: with ``classes``, the teacher's text tower encodes them (prompt ensembles); else
+        visual prototypes from labelled training images; none (logged) for unlabelled data.
         """
+        cfg = self.config
+        if cfg.classes is not None:
+            teacher_space = encode_classes(ctx, cfg.teacher, cfg.class_names(), cfg.prompt_templates(),
+                                           pass_name=self.name)
+            return self.teacher_space_classes(ctx, objective, teacher_space, source="text")
         if not ctx.data.labelled:
             ctx.log("the data has no labels: no class embeddings stored, no zero-shot accuracy")
             return None, {}
         center_head(model, ctx.data.train_x)
         return visual_prototypes(model, ctx.data, shots=self.config.shots, seed=ctx.seed, dims=self.config.dims), {}
+
+
+    def teacher_space_classes(self, ctx: PassContext, objective: "MatryoshkaObjective", teacher_space: Any, *,
+                              source: str, names: list[str] | None = None) -> "tuple[ClassEmbeddings, dict[str, Any]]":
+        """Class embeddings ``t_c`` in the teacher's space, ``(classes, D)``, brought into the head's
+        through the nested map (``e_c = W^T t_c / |t_c|``, INT8, dot metric), with the teacher's own
+        zero-shot top-1 on them (the student's ceiling) when the data has labels.
+
+        The map goes with them (``teacher_map``), so ``eval.zero-shot`` can bring other class
+        names into the same space later.
+        """
+        import numpy as np
+
+        cfg = self.config
+        if teacher_space.ndim != 2 or teacher_space.shape[1] != objective.target_dim:
+            raise PassError(self.name, f"class embeddings of shape {tuple(teacher_space.shape)} do not fit teacher "
+                                       f"{cfg.teacher!r}, whose embedding is {objective.target_dim} wide "
+                                       f"(expected (classes, {objective.target_dim}))")
+        data = ctx.data
+        if data.labelled and teacher_space.shape[0] != data.num_classes:
+            raise PassError(self.name, f"{teacher_space.shape[0]} class embeddings for {data.num_classes} classes "
+                                       f"in the data")
+        if names is None:
+            names = cfg.class_names()
+        if names is None:
+            names = list(data.class_names) if data.labelled else [str(i) for i in range(teacher_space.shape[0])]
+        unit = teacher_space / np.maximum(np.linalg.norm(teacher_space, axis=1, keepdims=True), 1e-12)
+        nested_map = objective.nested_map.numpy()
+        classes = ClassEmbeddings.quantize(unit @ nested_map, dims=cfg.dims, classes=names, metric="dot",
+                                           source=source)
+        classes.teacher_map = encode_teacher_map(nested_map, cfg.teacher, ctx.teacher_keys.get(cfg.teacher))
+        metrics = {}
+        if data.labelled:
+            metrics["teacher_zero_shot_top1"] = teacher_top1(ctx, cfg.teacher, unit)
+        return classes, metrics
+
+
+def teacher_top1(ctx: PassContext, teacher: str, unit: Any) -> float:
+    """The teacher's own zero-shot top-1 with unit class embeddings ``unit`` (its space)."""
+    from distillc.passes.distill.base import teacher_module
+    from distillc.training import embed_all
+
+    images = embed_all(teacher_module(ctx, teacher), ctx.data.val_x, fn=lambda m, b: m.embed(b)).numpy()
+    return float(((images @ unit.T).argmax(axis=1) == ctx.data.val_y.numpy()).mean())
+
+
+def encode_teacher_map(nested_map: Any, teacher: str, teacher_key: str | None) -> dict[str, Any]:
+    """The nested map ``W`` (``D x max(dims)``) as JSON: float32 bytes in base64."""
+    import base64
+
+    import numpy as np
+
+    values = np.ascontiguousarray(nested_map, dtype="<f4")
+    return {"teacher": teacher, "teacher_key": teacher_key, "shape": list(values.shape),
+            "float32_base64": base64.b64encode(values.tobytes()).decode("ascii")}
+
+
+def decode_teacher_map(info: dict[str, Any]) -> Any:
+    """The ``D x max(dims)`` float32 array :func:`encode_teacher_map` wrote."""
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(info["float32_base64"]), dtype="<f4").reshape(info["shape"]).copy()
 
 
 # -- objective --------------------------------------------------------------------------------------
@@ -281,6 +378,9 @@ class ClassEmbeddings:
     scales: Any
     metric: str
     source: str
+    #: The nested map from the head's space into the teacher's, for teacher-space class embeddings
+    #: (:func:`encode_teacher_map`), else None.
+    teacher_map: dict[str, Any] | None = None
 
     @classmethod
     def quantize(cls, matrix: Any, *, dims: list[int], classes: list[str], metric: str,
@@ -302,13 +402,14 @@ class ClassEmbeddings:
         return cls(dims=list(info["dims"]), classes=list(info["classes"]),
                    values=np.asarray(info["prototypes_int8"], dtype=np.int8).reshape(len(info["classes"]), -1),
                    scales=np.asarray(info["prototype_scales"], dtype=np.float32), metric=info["metric"],
-                   source=info.get("source", ""))
+                   source=info.get("source", ""), teacher_map=info.get("teacher_map"))
 
     def to_meta(self) -> dict[str, Any]:
         """The JSON form kept in ``TorchModel.meta["matryoshka"]``."""
         return {"dims": list(self.dims), "classes": list(self.classes), "embed_dim": int(self.values.shape[1]),
                 "metric": self.metric, "source": self.source, "prototypes_int8": self.values.tolist(),
-                "prototype_scales": [float(s) for s in self.scales]}
+                "prototype_scales": [float(s) for s in self.scales],
+                **({"teacher_map": self.teacher_map} if self.teacher_map is not None else {})}
 
     @property
     def embed_dim(self) -> int:

@@ -31,7 +31,7 @@ from distillc import hookimpl
 from distillc.artifacts import QuantTorchModel, TorchModel
 from distillc.errors import SpecError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
-from distillc.passes.distill.base import Batch, DistillationPass, Objective
+from distillc.passes.distill.base import Batch, DistillationPass, Objective, teacher_input_metrics
 from distillc.passes.distill.feature import FeatureObjective
 
 _BUILTIN_OBJECTIVES = ("auto", "self", "feature")
@@ -159,6 +159,7 @@ class BrevitasQat(Pass):
                                                weight_decay=0.0, device=device, description=f"{ctx.step_id} heads")
             student.requires_grad_(True)
             metrics["head_warmup_loss"] = head_losses[-1]
+            metrics["head_warmup_epoch_losses"] = head_losses
         losses = train_with_objective(ctx, student, objective, epochs=cfg.epochs, lr=cfg.lr,
                                       batch_size=cfg.batch_size, weight_decay=0.0, device=device,
                                       description=ctx.step_id, schedule=False)
@@ -166,7 +167,9 @@ class BrevitasQat(Pass):
         if losses:
             metrics["loss"] = losses[-1]
             metrics["first_loss"] = losses[0]
+            metrics["epoch_losses"] = losses
         metrics.update({k: v for k, v in objective.metrics().items() if k not in metrics})
+        metrics.update(teacher_input_metrics(ctx, self.teachers()))
         if "fp32" in metrics:
             metrics["int8"] = {"top1": linear_probe_top1(qmodel, data)}
         quant = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "per_channel": cfg.per_channel}
