@@ -252,3 +252,47 @@ def test_two_teachers_of_different_native_sizes_each_get_their_own_view(plugins,
     assert comad["teacher_grid"] == {"dino": [14, 14], "mae": [7, 7]}
     assert comad["grid"] == 8  # the finest teacher grid (14) that tiles the 16-px student image
     assert any(change.startswith("pos_embed") for change in metrics["teacher:mae"]["adapted"])
+
+
+def test_ca_dssl_bootleg_matryoshka_and_qat_each_feed_the_teacher_its_view(plugins, write_spec, tmp_path):
+    """The other passes that run a teacher, chained on one spec: each reports the 224-px input and the
+    14x14 grid; Bootleg masks the 16-px student on the finest grid that tiles it (8), CA-DSSL samples
+    the 14x14 map on its stages' grids, and QAT keeps the Matryoshka objective against the teacher."""
+    _write_images(tmp_path)
+    _save_teacher(plugins, tmp_path, "dino_vits16", "dino.safetensors", image_size=224, depth=1)
+    passes = """
+        [[passes]]
+        use = "distill.ca-dssl"
+        teacher = "dino"
+        epochs = 1
+        batch_size = 16
+        teacher_views = 1
+        projector_hidden = 0
+
+        [[passes]]
+        use = "distill.bootleg"
+        teacher = "dino"
+        epochs = 1
+        batch_size = 16
+        predictor_hidden = 0
+
+        [[passes]]
+        use = "matryoshka"
+        teacher = "dino"
+        dims = [8, 16]
+        epochs = 1
+        batch_size = 16
+
+        [[passes]]
+        use = "quantize.brevitas-qat"
+        epochs = 1
+        batch_size = 16
+        calib_images = 8
+        probe = false
+        """
+    compile_(write_spec(_spec_text(DINO_S16.format(depth=1, extra=""), passes)), until="quantize.brevitas-qat")
+    metrics = _metrics(tmp_path)
+    for step in ("distill.ca-dssl", "distill.bootleg", "matryoshka", "quantize.brevitas-qat"):
+        assert metrics[step]["teacher_input"] == [3, 224, 224], step
+        assert metrics[step]["teacher_grid"] == [14, 14], step
+    assert metrics["distill.bootleg"]["mask_grid"] == 8
