@@ -16,9 +16,10 @@ Pre-norm blocks, LayerNorm eps 1e-5, QuickGELU (``x * sigmoid(1.702 x)``), a cau
 the text tower, whose embedding is read at the end-of-text token: the position of the largest
 token id (OpenAI's tokenizer gives EOT the largest id, 49407).
 
-No tokenizer is included: :meth:`CLIP.encode_text` takes token ids (``(B, 77)`` int64) that
-were made elsewhere (e.g. by ``open_clip.tokenize`` on another machine) and stored in a file,
-and passes that need class embeddings can equally read precomputed text embeddings.
+:meth:`CLIP.encode_text` takes token ids (``(B, 77)`` int64): from the tokenizer a teacher entry
+names (:mod:`.clip_tokenizer`, OpenAI's BPE file or a Hugging Face ``tokenizer.json``), or made
+elsewhere and stored in a file; passes that need class embeddings can equally read precomputed
+text embeddings.
 
 Smaller inputs work with a smaller position grid: :func:`~.checkpoint.load_into` resamples
 ``visual.positional_embedding`` (see :mod:`.keymaps`). OpenAI's TorchScript ``.pt`` files must be
@@ -251,11 +252,14 @@ class CLIP(nn.Module):
 
     # -- text tower -----------------------------------------------------------------------------
 
-    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, token_ids: torch.Tensor, eot_id: int | None = None) -> torch.Tensor:
         """Projected text embeddings (B, output_dim) of token ids (B, context_length), int64.
 
-        Read at each row's end-of-text token, the position of its largest id. The causal mask
-        makes that embedding independent of every token after it (padding included).
+        Read at each row's end-of-text token: the first position holding ``eot_id`` when it is
+        given (a tokenizer's end-of-text id; Hugging Face's pooling), else the position of the
+        row's largest id (OpenAI's, where end-of-text is the largest id). Both agree for OpenAI's
+        tokenizer. The causal mask makes that embedding independent of every token after it
+        (padding included).
         """
         if not self.has_text_tower:
             raise DistillcError("this CLIP teacher was built without its text tower (text = false); "
@@ -267,7 +271,13 @@ class CLIP(nn.Module):
             raise DistillcError(f"CLIP token ids must be integers, got {token_ids.dtype}")
         x = self.token_embedding(token_ids.long()) + self.positional_embedding
         x = self.ln_final(self.transformer(x))
-        eot = token_ids.argmax(dim=-1)
+        if eot_id is None:
+            eot = token_ids.argmax(dim=-1)
+        else:
+            found = token_ids == eot_id
+            if not bool(found.any(dim=-1).all()):
+                raise DistillcError(f"CLIP token ids: a row without the end-of-text token {eot_id}")
+            eot = found.int().argmax(dim=-1)  # the first occurrence
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 
 
