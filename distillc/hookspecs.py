@@ -45,7 +45,9 @@ def distillc_register_teachers(registry: Any) -> None:
 
     ``builder(image_size: int, in_chans: int, **options) -> torch.nn.Module`` returns a module
     with ``embed_dim`` and ``embed(x) -> (B, embed_dim)``; ViT-like teachers also offer
-    ``forward_tokens`` and ``forward_hidden``.
+    ``forward_tokens`` and ``forward_hidden``.  ``image_size``/``in_chans`` are the teacher's
+    input contract's; ``builder.input_defaults`` (a dict: ``input_size``, ``channels``,
+    ``mean``, ``std``, ``interpolation``) publishes the native input a loaded teacher is fed.
     """
 
 
