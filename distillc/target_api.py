@@ -16,6 +16,8 @@ class TargetConfig(BaseModel):
 
     flash_kb: int | None = Field(None, ge=1, description="flash available to the model (KiB)")
     ram_kb: int | None = Field(None, ge=1, description="RAM available to the model's arena (KiB)")
+    clock_mhz: float | None = Field(None, gt=0, description="core clock (MHz): the bundle's report.html estimates "
+                                                           "inferences per second from it")
     backend: dict[str, dict[str, Any]] = Field(
         {}, description='options for the backend passes, e.g. { "tvm.int8" = { allow_float_fallback = true } }')
 
@@ -45,12 +47,15 @@ class Target(abc.ABC):
 
 
 def int8_backend(makes: type, *, target: str, flash_kb: int | None, ram_kb: int | None,
-                 verify: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+                 verify: list[tuple[str, dict[str, Any]]],
+                 clock_mhz: float | None = None, chip: str | None = None,
+                 arena_bank: str = "auto") -> list[tuple[str, dict[str, Any]]]:
     """The standard INT8 backend from wherever the spec's passes stop.
 
     A float student is quantized first (post-training calibration: ``quantize.brevitas-qat``
     with ``epochs = 0``; list the pass in the spec to run QAT epochs instead), exported to QCDQ
-    ONNX and simplified; an ONNX student goes straight to TVM.
+    ONNX and simplified; an ONNX student goes straight to TVM.  ``chip`` (an STM32 part) gives
+    the bundle that part's linker script and startup code, with the arena in ``arena_bank``.
     """
     from distillc.artifacts import OnnxModel, QuantTorchModel, TorchModel
 
@@ -64,7 +69,8 @@ def int8_backend(makes: type, *, target: str, flash_kb: int | None, ram_kb: int 
     return front + [
         ("tvm.int8", {}),
         ("plan-memory", {}),
-        ("codegen.c", {"target": target, "flash_kb": flash_kb, "ram_kb": ram_kb}),
+        ("codegen.c", {"target": target, "flash_kb": flash_kb, "ram_kb": ram_kb, "clock_mhz": clock_mhz,
+                       **({"chip": chip, "arena_bank": arena_bank} if chip else {})}),
         *verify,
     ]
 

@@ -6,6 +6,8 @@ Layout they add to a bundle (beside include/ and src/, which the code generator 
     Makefile  CMakeLists.txt
     examples/main.c  examples/input_data.h
     targets/mps2/startup.c  board.h  mps2.ld  arm-none-eabi.cmake
+    targets/<part>/<part>.ld  startup_<part>.c  <part>.cmake    (an STM32 target: the real part's
+                                                                 map; see targets/stm32.py)
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DistillcError
-from .toolchain import (ARM_FLAGS, ARM_LINK_FLAGS, BOARDS, C_FLAGS, CORTEX_M_DIR, LIBS,
-                        QEMU_FLAGS, Flag, command_line)
+from .stm32 import Chip, chip_bundle_files, chip_files_dir, get_chip
+from .toolchain import (ARM_FLAGS, ARM_LINK_FLAGS, BOARDS, C_FLAGS, CHIP_LINK_FLAGS, CORTEX_M_DIR, LIBS,
+                        MPS2_BOARDS, QEMU_FLAGS, Flag, command_line)
 
 #: Where the board files go inside a bundle, and which files they are.
 BUNDLE_BOARD_DIR = Path("targets") / "mps2"
@@ -45,6 +48,23 @@ class ModelHeader:
 
 def read_model_header(bundle_dir: Path) -> ModelHeader:
     """Reads the integer #defines of ``bundle_dir/include/distillc_model.h``."""
+    integer = _header_integers(bundle_dir)
+    path = Path(bundle_dir) / MODEL_HEADER
+    header = ModelHeader(input_size=integer("DISTILLC_INPUT_SIZE"),
+                         output_size=integer("DISTILLC_OUTPUT_SIZE"),
+                         input_zero_point=integer("DISTILLC_INPUT_ZERO_POINT"))
+    if header.input_size <= 0 or header.output_size <= 0:
+        raise DistillcError(f"{path}: DISTILLC_INPUT_SIZE and DISTILLC_OUTPUT_SIZE must be positive")
+    return header
+
+
+def read_arena_bytes(bundle_dir: Path) -> int:
+    """DISTILLC_ARENA_BYTES of ``bundle_dir/include/distillc_model.h``."""
+    return _header_integers(bundle_dir)("DISTILLC_ARENA_BYTES")
+
+
+def _header_integers(bundle_dir: Path):
+    """A function that reads one integer #define of the bundle's header (a DistillcError if absent)."""
     path = Path(bundle_dir) / MODEL_HEADER
     if not path.is_file():
         raise DistillcError(f"{bundle_dir} is not a distillc bundle: {MODEL_HEADER} is missing")
@@ -60,12 +80,7 @@ def read_model_header(bundle_dir: Path) -> ModelHeader:
             raise DistillcError(f"{path}: {name} is {defines[name].strip()!r}, "
                                 "not an integer constant") from None
 
-    header = ModelHeader(input_size=integer("DISTILLC_INPUT_SIZE"),
-                         output_size=integer("DISTILLC_OUTPUT_SIZE"),
-                         input_zero_point=integer("DISTILLC_INPUT_ZERO_POINT"))
-    if header.input_size <= 0 or header.output_size <= 0:
-        raise DistillcError(f"{path}: DISTILLC_INPUT_SIZE and DISTILLC_OUTPUT_SIZE must be positive")
-    return header
+    return integer
 
 
 def render_input_data(inputs: np.ndarray) -> str:
@@ -102,12 +117,15 @@ def render_input_data(inputs: np.ndarray) -> str:
 
 
 def write_bundle_build_files(bundle_dir: Path, *, name: str,
-                             example_inputs: np.ndarray | None = None) -> list[Path]:
+                             example_inputs: np.ndarray | None = None, chip: str | None = None,
+                             arena_bank: str | None = None) -> list[Path]:
     """Writes the build files into a bundle whose include/ and src/ exist; returns their paths.
 
     ``name`` names the programs the builds make.  ``example_inputs`` (int8, one example per
     row) become examples/input_data.h; by default one input at the zero point (an all-zero
-    float input), so that ``make`` works out of the box.
+    float input), so that ``make`` works out of the box.  ``chip`` (an STM32 part of
+    targets/stm32.py) adds its linker script, startup code and CMake toolchain file with the
+    arena in ``arena_bank``, and Makefile and CMake rules that build for its memory map.
     """
     bundle_dir = Path(bundle_dir)
     header = read_model_header(bundle_dir)
@@ -119,17 +137,24 @@ def write_bundle_build_files(bundle_dir: Path, *, name: str,
         raise DistillcError(f"example inputs have {example_size} values each, the model takes "
                             f"DISTILLC_INPUT_SIZE = {header.input_size}")
 
-    values = _template_values(program)
+    part = get_chip(chip) if chip is not None else None
+    if part is not None and arena_bank is None:
+        arena_bank = part.place_arena(read_arena_bytes(bundle_dir), "auto").key
+    values = _template_values(program, part)
     contents: dict[Path, str] = {
         Path("examples") / "main.c": EXAMPLE_MAIN.read_text(),
         Path("examples") / "input_data.h": render_input_data(example_inputs),
         Path("Makefile"): _fill(CORTEX_M_DIR / "Makefile.in",
-                                {**values, "BOARDS": _make_boards()}),
+                                {**values, "BOARDS": _make_boards(),
+                                 "CHIPS": _make_chip(part, program) if part else ""}),
         Path("CMakeLists.txt"): _fill(CORTEX_M_DIR / "CMakeLists.txt.in",
-                                      {**values, "BOARDS": _cmake_boards()}),
+                                      {**values, "BOARDS": _cmake_boards(),
+                                       "CHIPS": _cmake_chip(part, program) if part else ""}),
     }
     for file in BOARD_FILES:
         contents[BUNDLE_BOARD_DIR / file] = (CORTEX_M_DIR / file).read_text()
+    if part is not None:
+        contents.update(chip_bundle_files(part, arena_bank))
 
     written = []
     for relative, text in contents.items():
@@ -140,10 +165,10 @@ def write_bundle_build_files(bundle_dir: Path, *, name: str,
     return written
 
 
-def _template_values(program: str) -> dict[str, str]:
+def _template_values(program: str, chip: Chip | None = None) -> dict[str, str]:
     """What the Makefile and CMakeLists.txt templates share: the name, the flags and their
     reasons (``@C_FLAGS@`` and ``@C_FLAGS_DOC@``), the targets."""
-    targets = ["host", *(board.make_target for board in BOARDS.values())]
+    targets = ["host", *(board.make_target for board in MPS2_BOARDS.values()), *([chip.name] if chip else [])]
     values = {"NAME": program, "TARGETS": ", ".join(targets[:-1]) + " or " + targets[-1]}
     groups = {"C_FLAGS": C_FLAGS, "LIBS": LIBS, "ARM_FLAGS": ARM_FLAGS,
               "ARM_LINK_FLAGS": ARM_LINK_FLAGS, "QEMU_FLAGS": QEMU_FLAGS}
@@ -176,7 +201,7 @@ def _make_boards() -> str:
         f"QEMU_CPU := {board.cpu}",
         f"MCU_FLAGS := {' '.join(command_line(board.cpu_flags))}",
         "endif",
-    ]) for board in BOARDS.values())
+    ]) for board in MPS2_BOARDS.values())
 
 
 def _cmake_boards() -> str:
@@ -186,7 +211,81 @@ def _cmake_boards() -> str:
         f'if(DISTILLC_TARGET STREQUAL "{board.make_target}")',
         f"  set(DISTILLC_MCU_FLAGS {' '.join(command_line(board.cpu_flags))})",
         "endif()",
-    ]) for board in BOARDS.values())
+    ]) for board in MPS2_BOARDS.values())
+
+
+def _chip_flags(chip: Chip) -> list[str]:
+    """Compiler flags of a build for an STM32 part (the MPS2 counter left out)."""
+    return [*command_line(chip.cpu_flags), *command_line([f for f in ARM_FLAGS if f.value != "-DDISTILLC_BOARD"])]
+
+
+def _make_chip(chip: Chip, program: str) -> str:
+    """Makefile rules for an STM32 part's real memory map (and its QEMU board, if it has one)."""
+    folder = chip_files_dir(chip).as_posix()
+    var = chip.name.upper()
+    flags = " ".join(_chip_flags(chip))
+    link = " ".join(command_line(CHIP_LINK_FLAGS))
+    lines = [
+        "",
+        f"# {chip.part} ({chip.core}): ST's memory map, {folder}/{chip.name}.ld (the arena's bank is named there)",
+        f"#   make {chip.name}        the example for the real part -> build/{chip.name}/{program}.elf",
+        "#                         (no semihosting, no counter: flash it with your debugger, or read",
+        "#                         `make size-" + chip.name + "`; define _write to see its printf)",
+    ]
+    if chip.qemu_machine:
+        lines += [
+            f"#   make run-{chip.name}-qemu  the same map on QEMU's {chip.qemu_machine} ({folder}/{chip.name}-qemu.ld),",
+            "#                         semihosting on, instructions counted with board.h",
+        ]
+    lines += [
+        f"#   -nostartfiles ... : {'; '.join(flag.why for flag in CHIP_LINK_FLAGS)}",
+        f"{var}_DIR := {folder}",
+        f"{var}_FLAGS := {flags}",
+        f"{var}_ELF := build/{chip.name}/{program}.elf",
+        f"{var}_DEPS := $(SOURCES) $(HEADERS) $({var}_DIR)/startup_{chip.name}.c $({var}_DIR)/{chip.name}.ld",
+        f".PHONY: {chip.name} size-{chip.name}",
+        f"{chip.name}: $({var}_ELF)",
+        f"$({var}_ELF): $({var}_DEPS)",
+        "	@mkdir -p $(@D)",
+        f"	$(ARM_CC) $({var}_FLAGS) $(CFLAGS) $(CPPFLAGS) $(SOURCES) $({var}_DIR)/startup_{chip.name}.c \\",
+        f"		{link} -T $({var}_DIR)/{chip.name}.ld -Wl,--defsym=__stack_size=$(STACK_SIZE) \\",
+        "		-Wl,-Map=$(@:.elf=.map) -o $@ $(LDLIBS)",
+        f"size-{chip.name}: $({var}_ELF)",
+        f"	$(ARM_SIZE) -A $({var}_ELF)",
+    ]
+    if chip.qemu_machine:
+        board = next(b for b in BOARDS.values() if b.chip == chip.name)
+        arm_link = " ".join(command_line(ARM_LINK_FLAGS))
+        lines += [
+            f"{var}_QEMU_ELF := build/{chip.name}-qemu/{program}.elf",
+            f".PHONY: {chip.name}-qemu run-{chip.name}-qemu",
+            f"{chip.name}-qemu: $({var}_QEMU_ELF)",
+            f"$({var}_QEMU_ELF): $({var}_DEPS) $({var}_DIR)/{chip.name}-qemu.ld $({var}_DIR)/board.h",
+            "	@mkdir -p $(@D)",
+            f"	$(ARM_CC) $({var}_FLAGS) -DDISTILLC_BOARD -DDISTILLC_SEMIHOSTING -I$({var}_DIR) $(CFLAGS) $(CPPFLAGS) \\",
+            f"		$(SOURCES) $({var}_DIR)/startup_{chip.name}.c {arm_link} -T $({var}_DIR)/{chip.name}-qemu.ld \\",
+            "		-Wl,--defsym=__stack_size=$(STACK_SIZE) -Wl,-Map=$(@:.elf=.map) -o $@ $(LDLIBS)",
+            f"run-{chip.name}-qemu: $({var}_QEMU_ELF)",
+            f"	$(QEMU) -machine {board.machine} -cpu {board.cpu} $(QEMU_FLAGS) -kernel $({var}_QEMU_ELF) </dev/null",
+        ]
+    return "\n".join(lines)
+
+
+def _cmake_chip(chip: Chip, program: str) -> str:
+    """The CMakeLists.txt branch that builds for an STM32 part's real memory map."""
+    flags = " ".join(_chip_flags(chip))
+    link = " ".join(command_line(CHIP_LINK_FLAGS))
+    folder = chip_files_dir(chip).as_posix()
+    return "\n".join([
+        f'elseif(DISTILLC_TARGET STREQUAL "{chip.name}")',
+        f"  # {chip.part} ({chip.core}): ST's memory map ({folder}/{chip.name}.ld); no semihosting, no counter",
+        f"  set(DISTILLC_CHIP_DIR ${{CMAKE_CURRENT_SOURCE_DIR}}/{folder})",
+        f"  target_sources({program} PRIVATE ${{DISTILLC_CHIP_DIR}}/startup_{chip.name}.c)",
+        f"  target_compile_options({program} PRIVATE {flags})",
+        f"  target_link_options({program} PRIVATE {' '.join(command_line(chip.cpu_flags))} {link}",
+        f"    -T ${{DISTILLC_CHIP_DIR}}/{chip.name}.ld -Wl,--defsym=__stack_size=${{DISTILLC_STACK_SIZE}})",
+        f"  set_target_properties({program} PROPERTIES SUFFIX .elf LINK_DEPENDS ${{DISTILLC_CHIP_DIR}}/{chip.name}.ld)",
+    ])
 
 
 def _program_name(name: str) -> str:

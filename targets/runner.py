@@ -7,6 +7,7 @@ copy of the example program (whose output format it parses) and board files, in 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DistillcError
-from .bundle_files import EXAMPLE_MAIN, TRACE_MAIN, ModelHeader, read_model_header, render_input_data
-from .toolchain import (ARM_FLAGS, ARM_LINK_FLAGS, C_FLAGS, CORTEX_M_DIR, LIBS, Board,
+from .bundle_files import (EXAMPLE_MAIN, TRACE_MAIN, ModelHeader, read_arena_bytes, read_model_header,
+                           render_input_data)
+from .stm32 import STM32_DIR, Chip, chip_files_dir, get_chip, render_linker_script, render_startup
+from .toolchain import (ARM_FLAGS, ARM_LINK_FLAGS, C_FLAGS, CHIP_LINK_FLAGS, CORTEX_M_DIR, LIBS, Board, Flag,
                         check_newlib, command_line, excerpt, find_tool,
                         get_board, run_tool)
 
@@ -34,7 +37,7 @@ class QemuRun:
     """What running a bundle on an emulated board produced and measured."""
 
     outputs: np.ndarray  # int8, (n, DISTILLC_OUTPUT_SIZE)
-    instructions: tuple[int, ...]  # per input, to 40 instructions (QEMU's MPS2 counter)
+    instructions: tuple[int, ...]  # per input (to 40 instructions on MPS2, exact on netduinoplus2)
     instructions_per_inference: int  # their median (the lower middle one for an even count)
     elf_path: Path
     flash_bytes: int  # text + data of the whole example program (model, newlib, startup)
@@ -42,6 +45,9 @@ class QemuRun:
     ram_bytes: int  # data + bss, the reserved stack included
     stack_bytes: int  # stack the program used at most
     machine: str
+    counter: str = ""  # what the instruction counts come from (the board's counter)
+    memory_map: str = ""  # the memory map the program was linked to (the board's)
+    arena_bank: str | None = None  # an STM32 board: the RAM bank the arena was linked into
 
 
 def run_on_host(bundle_dir: Path, inputs: np.ndarray, workdir: Path) -> np.ndarray:
@@ -105,7 +111,15 @@ def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,
     check_newlib(arm_gcc)
     build = _prepare_build_dir(Path(workdir) / machine, rows)
     elf = build / "example.elf"
-    objects = _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes)
+    arena_bank = None
+    if board.chip is not None:
+        chip = get_chip(board.chip)
+        arena_bank = bundle_arena_bank(bundle_dir, chip)
+        files = _write_chip_files(chip, arena_bank, build / "board", qemu=True)
+        objects = _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes, files=files,
+                            defines=("-DDISTILLC_SEMIHOSTING",))
+    else:
+        objects = _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes)
     flash_bytes, ram_bytes = _elf_size(arm_size, elf)
     model_flash_bytes = sum(_elf_size(arm_size, obj)[0] for obj in objects)
 
@@ -124,7 +138,75 @@ def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,
     return QemuRun(outputs=outputs, instructions=tuple(instructions),
                    instructions_per_inference=int(statistics.median_low(instructions)),
                    elf_path=elf, flash_bytes=flash_bytes, model_flash_bytes=model_flash_bytes, ram_bytes=ram_bytes,
-                   stack_bytes=used, machine=machine)
+                   stack_bytes=used, machine=machine, counter=board.counter, arena_bank=arena_bank,
+                   memory_map=board.memory_map)
+
+
+@dataclass(frozen=True)
+class ChipLink:
+    """The example program linked for a real STM32 part's memory map, and where things landed."""
+
+    elf_path: Path
+    chip: str
+    arena_bank: str  # the bank the linker script puts the arena in
+    arena_address: int | None  # distillc_arena's address (None: the model needs no arena)
+    arena_bytes: int
+    arena_region: str | None  # the region of the part that holds that address
+    weights: dict[str, int]  # distillc_w* symbol -> address
+    weights_in_flash: bool  # every weight array lies in the part's flash
+    flash_bytes: int  # text + data of the whole program
+    sections: dict[str, tuple[int, int]]  # allocated section -> (address, size)
+
+
+def link_for_chip(bundle_dir: Path, workdir: Path, chip_name: str, *, arena_bank: str | None = None,
+                  stack_bytes: int = DEFAULT_STACK_BYTES) -> ChipLink:
+    """Links the bundle with its example program (one input at the zero point, no counter, no
+    semihosting) for ``chip_name``'s real memory map, with the linker script and startup code
+    the bundle ships (targets/<part>/; distillc's own when the bundle has none or ``arena_bank``
+    is given), and reads back (arm-none-eabi-nm, -readelf) where the arena and the
+    weights landed.  ``arena_bank``: the bank to link the arena into (default: the bundle's)."""
+    bundle_dir = Path(bundle_dir).resolve()
+    chip = get_chip(chip_name)
+    header, sources = _check_bundle(bundle_dir)
+    arm_gcc, arm_size, arm_nm, arm_readelf = (find_tool(tool) for tool in (
+        "arm-none-eabi-gcc", "arm-none-eabi-size", "arm-none-eabi-nm", "arm-none-eabi-readelf"))
+    check_newlib(arm_gcc)
+    bank = arena_bank or bundle_arena_bank(bundle_dir, chip)
+    build = _prepare_build_dir(Path(workdir) / chip.name,
+                               np.full((1, header.input_size), header.input_zero_point, dtype=np.int8))
+    shipped = bundle_dir / chip_files_dir(chip)
+    if arena_bank is None and (shipped / f"{chip.name}.ld").is_file():  # the files the bundle ships
+        files = BoardFiles(startup=shipped / f"startup_{chip.name}.c", linker_script=shipped / f"{chip.name}.ld",
+                           include_dir=shipped)
+    else:
+        files = _write_chip_files(chip, bank, build / "board", qemu=False)
+    board = Board(machine="", cpu="", make_target=chip.name, description=f"the {chip.part}",
+                  cpu_flags=chip.cpu_flags, chip=chip.name)
+    elf = build / "example.elf"
+    _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes, files=files, counter=False,
+              link_flags=CHIP_LINK_FLAGS)
+    flash_bytes, _ = _elf_size(arm_size, elf)
+    symbols = {}
+    for line in run_tool([arm_nm, elf], what="arm-none-eabi-nm", timeout=60).stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            symbols[parts[2]] = int(parts[0], 16)
+    sections = {}
+    for match in re.finditer(r"^\s*\[\s*\d+\]\s+(\S+)\s+\S+\s+([0-9a-f]{8})\s+[0-9a-f]+\s+([0-9a-f]+)\s+\S+\s+(\S*A\S*)",
+                             run_tool([arm_readelf, "-SW", elf], what="arm-none-eabi-readelf",
+                                      timeout=60).stdout, flags=re.M):
+        sections[match.group(1)] = (int(match.group(2), 16), int(match.group(3), 16))
+    arena = symbols.get("distillc_arena")
+    regions = [(b.region, b.origin, b.bytes) for b in chip.banks] + [
+        (region, origin, kb * 1024) for region, origin, kb, _ in chip.other_regions]
+    arena_region = next((name for name, origin, size in regions if arena is not None
+                         and origin <= arena < origin + size), None)
+    weights = {name: address for name, address in symbols.items() if re.fullmatch(r"distillc_w\d+", name)}
+    flash_end = chip.flash_origin + chip.flash_kb * 1024
+    return ChipLink(elf_path=elf, chip=chip.name, arena_bank=bank, arena_address=arena,
+                    arena_bytes=read_arena_bytes(bundle_dir), arena_region=arena_region, weights=weights,
+                    weights_in_flash=all(chip.flash_origin <= a < flash_end for a in weights.values()),
+                    flash_bytes=flash_bytes, sections=sections)
 
 
 def _check_bundle(bundle_dir: Path) -> tuple[ModelHeader, list[Path]]:
@@ -163,14 +245,62 @@ def _prepare_build_dir(build: Path, rows: np.ndarray) -> Path:
     return build
 
 
+@dataclass(frozen=True)
+class BoardFiles:
+    """The startup code, linker script and folder of board.h that a Cortex-M link uses."""
+
+    startup: Path
+    linker_script: Path
+    include_dir: Path
+
+
+MPS2_FILES = BoardFiles(startup=CORTEX_M_DIR / "startup.c", linker_script=CORTEX_M_DIR / "mps2.ld",
+                        include_dir=CORTEX_M_DIR)
+
+
+def _write_chip_files(chip: Chip, arena_bank: str, folder: Path, *, qemu: bool) -> BoardFiles:
+    """An STM32 part's startup code and linker script (the QEMU variant: ``qemu``) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    startup = folder / f"startup_{chip.name}.c"
+    startup.write_text(render_startup(chip))
+    script = folder / f"{chip.name}{'-qemu' if qemu else ''}.ld"
+    script.write_text(render_linker_script(chip, arena_bank, qemu=qemu))
+    if qemu:
+        shutil.copyfile(STM32_DIR / "board.h", folder / "board.h")
+    return BoardFiles(startup=startup, linker_script=script, include_dir=folder)
+
+
+def bundle_arena_bank(bundle_dir: Path, chip: Chip) -> str:
+    """The RAM bank of ``chip`` a bundle's arena goes to: the one its manifest records
+    (``memory.arena_bank``, chosen by codegen.c), else where ``auto`` puts DISTILLC_ARENA_BYTES."""
+    manifest = Path(bundle_dir) / "manifest.json"
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text()).get("memory", {}).get("arena_bank")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise DistillcError(f"{manifest} is not a distillc manifest: {exc}") from None
+        if recorded is not None:
+            if recorded not in chip.bank_keys():
+                raise DistillcError(f"{manifest}: memory.arena_bank is {recorded!r}, which the {chip.part} "
+                                    f"does not have (its banks: {', '.join(chip.bank_keys())}); the bundle "
+                                    f"was compiled for another part")
+            return recorded
+    return chip.place_arena(read_arena_bytes(bundle_dir), "auto").key
+
+
 def _link_elf(arm_gcc: str, board: Board, bundle_dir: Path, sources: list[Path], build: Path,
-              elf: Path, stack_bytes: int) -> list[Path]:
+              elf: Path, stack_bytes: int, *, files: BoardFiles = MPS2_FILES,
+              defines: tuple[str, ...] = (), counter: bool = True,
+              link_flags: tuple[Flag, ...] = ARM_LINK_FLAGS) -> list[Path]:
     """Compiles the bundle's sources to objects, links them with the example program, and
-    returns the bundle's objects (their sizes are the model's own flash)."""
+    returns the bundle's objects (their sizes are the model's own flash).
+
+    ``counter``: the example measures with board.h (-DDISTILLC_BOARD); ``defines`` are added."""
     if stack_bytes <= 0 or stack_bytes % 8:
         raise DistillcError(f"stack_bytes must be a positive multiple of 8, not {stack_bytes}")
-    compile_flags = [*command_line(board.cpu_flags), *command_line(ARM_FLAGS), *command_line(C_FLAGS),
-                     f"-I{bundle_dir / 'include'}", f"-I{CORTEX_M_DIR}"]
+    arm_flags = [flag for flag in ARM_FLAGS if counter or flag.value != "-DDISTILLC_BOARD"]
+    compile_flags = [*command_line(board.cpu_flags), *command_line(arm_flags), *defines, *command_line(C_FLAGS),
+                     f"-I{bundle_dir / 'include'}", f"-I{files.include_dir}"]
     objects_dir = build / "bundle-objects"
     objects_dir.mkdir(parents=True, exist_ok=True)
     objects = [objects_dir / f"{source.stem}.o" for source in sources]
@@ -178,8 +308,8 @@ def _link_elf(arm_gcc: str, board: Board, bundle_dir: Path, sources: list[Path],
         run_tool([arm_gcc, *compile_flags, "-c", source, "-o", obj],
                  what=f"compiling {source} for {board.description} with arm-none-eabi-gcc",
                  timeout=COMPILE_TIMEOUT_S)
-    run_tool([arm_gcc, *compile_flags, build / "main.c", *objects, CORTEX_M_DIR / "startup.c",
-              *command_line(ARM_LINK_FLAGS), "-T", CORTEX_M_DIR / "mps2.ld",
+    run_tool([arm_gcc, *compile_flags, build / "main.c", *objects, files.startup,
+              *command_line(link_flags), "-T", files.linker_script,
               f"-Wl,--defsym=__stack_size={stack_bytes}", f"-Wl,-Map={elf.with_suffix('.map')}",
               "-o", elf, *command_line(LIBS)],
              what=f"linking the example program for {board.description} with arm-none-eabi-gcc",

@@ -69,6 +69,15 @@ ARM_LINK_FLAGS = (
     Flag("-Wl,--gc-sections", "drop code and data nothing refers to"),
 )
 
+#: Linking the example program for a real STM32 part (no debugger assumed): newlib-nano, and
+#: system calls that do nothing (define _write to send printf somewhere).
+CHIP_LINK_FLAGS = (
+    Flag("--specs=nano.specs", "newlib-nano: the small printf and malloc"),
+    Flag("--specs=nosys.specs", "system calls that do nothing: no semihosting, no debugger needed"),
+    Flag("-nostartfiles", "startup_<part>.c replaces newlib's crt0: vector table, reset handler"),
+    Flag("-Wl,--gc-sections", "drop code and data nothing refers to"),
+)
+
 #: How QEMU runs a board's ELF (besides -machine, -cpu and -kernel).
 QEMU_FLAGS = (
     Flag("-nographic", "no window: QEMU's monitor and UART use the terminal"),
@@ -86,6 +95,14 @@ class Board:
     make_target: str  # TARGET= in the bundle's Makefile
     description: str
     cpu_flags: tuple[Flag, ...]
+    #: the STM32 part whose memory map the board runs (targets/stm32.py), or None: the MPS2 map
+    #: (cortex_m/mps2.ld, startup.c, board.h)
+    chip: str | None = None
+    #: what the example program's instruction counts come from, for the manifest
+    counter: str = "the MPS2 FPGA counter (25 MHz: 40 instructions per tick under -icount shift=0)"
+    #: the memory map the verification build links to, for the manifest
+    memory_map: str = ("MPS2 (code at 0x00000000, data at 0x20000000: cortex_m/mps2.ld), not an STM32 part's map; "
+                       "a bundle's targets/<part>/ linker script is only linked, not run")
 
     def qemu_command(self, qemu: str, elf: Path) -> list[str]:
         """The command line that runs ``elf`` on this board."""
@@ -93,8 +110,9 @@ class Board:
                 "-kernel", str(elf)]
 
 
-#: The boards distillc runs bundles on, by QEMU machine name.  Both have 4 MiB of code memory
-#: at 0x00000000 and 4 MiB of data memory at 0x20000000 (cortex_m/mps2.ld).
+#: The boards distillc runs bundles on, by QEMU machine name.  The MPS2 ones have 4 MiB of code
+#: memory at 0x00000000 and 4 MiB of data memory at 0x20000000 (cortex_m/mps2.ld); netduinoplus2
+#: runs the STM32F405's map (targets/stm32.py).
 BOARDS = {
     board.machine: board
     for board in (
@@ -120,8 +138,27 @@ BOARDS = {
                 Flag("-mfpu=fpv4-sp-d16", "the M4's FPv4 unit (single precision)"),
             ),
         ),
+        Board(
+            machine="netduinoplus2",
+            cpu="cortex-m4",
+            make_target="stm32f405-qemu",
+            description="STM32F405 (Cortex-M4F) on QEMU's netduinoplus2 board, ST's memory map",
+            cpu_flags=(
+                Flag("-mcpu=cortex-m4", "instructions and scheduling of the Cortex-M4"),
+                Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
+                Flag("-mfpu=fpv4-sp-d16", "the M4's FPv4 unit (single precision)"),
+            ),
+            chip="stm32f405",
+            counter="TIM2 (QEMU clocks it at 1 GHz of virtual time: 1 instruction per tick under -icount shift=0)",
+            memory_map=("STM32F405 as the bundle's targets/stm32f405/stm32f405-qemu.ld: ST's flash (0x08000000) "
+                        "and SRAM (0x20000000); CCM's 64 KiB at 0x20020000, since QEMU 7.2 has none at 0x10000000"),
+        ),
     )
 }
+
+#: The boards of the MPS2 memory map, which the bundle's Makefile and CMakeLists.txt build for
+#: by TARGET=cortex-m7 / cortex-m4 (an STM32 part's board has its own rules there).
+MPS2_BOARDS = {machine: board for machine, board in BOARDS.items() if board.chip is None}
 
 
 def get_board(machine: str) -> Board:
@@ -139,6 +176,8 @@ TOOL_PACKAGES = {
     "gcc": "gcc",
     "arm-none-eabi-gcc": "gcc-arm-none-eabi",
     "arm-none-eabi-size": "binutils-arm-none-eabi",
+    "arm-none-eabi-nm": "binutils-arm-none-eabi",
+    "arm-none-eabi-readelf": "binutils-arm-none-eabi",
     "qemu-system-arm": "qemu-system-arm",
 }
 NEWLIB_PACKAGE = "libnewlib-arm-none-eabi"

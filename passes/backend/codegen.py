@@ -35,6 +35,8 @@ from .memory import MemoryPlan, plan_memory
 from .program import ACTIVATION, CONST, INPUT, OUTPUT, Program, extract_program
 
 PREFIX = "distillc"
+#: The activation arena's default linker section (``DISTILLC_ARENA_SECTION`` in distillc_model.c).
+ARENA_SECTION = ".bss.distillc_arena"
 
 
 @dataclass(frozen=True)
@@ -361,11 +363,24 @@ def _executor_file(prog: Program, plan: MemoryPlan, signatures: dict, weight_nam
     if uses_arena:
         lines += [
             f"/* Every activation lives at a planned offset of this arena ({plan.arena_bytes} bytes;",
-            f" * the largest set of tensors alive at one step needs {plan.floor_bytes} bytes). */",
+            f" * the largest set of tensors alive at one step needs {plan.floor_bytes} bytes).",
+            " * It sits in its own linker section, DISTILLC_ARENA_SECTION, so a linker script can put it",
+            " * in a memory bank of its choice (the STM32 targets' scripts: DTCM or CCM when it fits).",
+            " * Define DISTILLC_ARENA_SECTION (a string literal) when compiling this file to use another",
+            " * section; the default's \".bss.\" prefix makes it zero-filled (no flash) and lets any",
+            " * linker script that places .bss.* place it too. */",
+            "#if !defined(DISTILLC_ARENA_SECTION) && defined(__ELF__)",
+            f"#define DISTILLC_ARENA_SECTION \"{ARENA_SECTION}\"",
+            "#endif",
+            "#if defined(DISTILLC_ARENA_SECTION) && (defined(__GNUC__) || defined(__clang__))",
+            "#define DISTILLC_ARENA_PLACEMENT __attribute__((section(DISTILLC_ARENA_SECTION)))",
+            "#else",
+            "#define DISTILLC_ARENA_PLACEMENT",
+            "#endif",
             "static union {",
             "    uint8_t bytes[DISTILLC_ARENA_BYTES];",
             "    int64_t align;",
-            "} distillc_arena;",
+            "} distillc_arena DISTILLC_ARENA_PLACEMENT;",
             "",
         ]
     lines += ["int distillc_model_run(const int8_t *input, int8_t *output)", "{"]
@@ -472,8 +487,10 @@ int distillc_model_run_float(const float *input, float *output)
 def manifest(prog: Program, plan: MemoryPlan, files=()) -> dict:
     """The bundle's manifest entries (the lead adds versions, spec hash and verification)."""
     layers = []
+    spans = prog.lifetimes()
     for step in prog.steps:
         out_t = prog.tensor(step.out)
+        in_arena = out_t.kind == ACTIVATION and step.out in plan.offsets  # else the caller's output buffer
         layers.append({
             "name": step.name,
             "node": step.node,
@@ -484,8 +501,13 @@ def manifest(prog: Program, plan: MemoryPlan, files=()) -> dict:
             "weight_bytes": int(sum(prog.tensor(t).nbytes for t in step.args
                                     if prog.tensor(t).kind == CONST)),
             "kernel": step.kernel,
+            "arena_offset": int(plan.offsets[step.out]) if in_arena else None,
+            "arena_bytes": int(out_t.nbytes) if in_arena else 0,
         })
     weights = sum(t.nbytes for t in prog.tensors if t.kind == CONST)
+    # Bytes of the arena in use while each kernel runs (the timeline whose maximum is the floor).
+    live = [int(sum(prog.tensor(t).nbytes for t, (a, b) in spans.items() if a <= step.index <= b))
+            for step in prog.steps]
     return {
         "input": dict(prog.quant["input"]),
         "output": dict(prog.quant["output"]),
@@ -495,6 +517,7 @@ def manifest(prog: Program, plan: MemoryPlan, files=()) -> dict:
             "weights_bytes": int(weights),
             "arena_above_floor": bool(plan.above_floor),
             "plan_strategy": plan.strategy,
+            "live_bytes": live,
         },
         "layers": layers,
         "kernels": len({step.kernel for step in prog.steps}),

@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distillc import __version__, hookimpl
 from distillc.artifacts import Bundle, Int8Program
@@ -26,6 +26,8 @@ from distillc.passes.backend.tvm_int8 import require_plan
 class CodegenC(Pass):
     name = "codegen.c"
     description = "emit the C bundle (AOT executor, const weights, static arena) and its manifest"
+    version = "3"  # 2: per-layer arena offsets, live bytes per step and the clock in the manifest;
+    # 3: the arena in its own linker section (DISTILLC_ARENA_SECTION), STM32 parts' linker scripts
     takes = Int8Program
     makes = Bundle
     uses_data = True  # the bundle's example input is a validation image
@@ -36,12 +38,36 @@ class CodegenC(Pass):
         target: str = Field("host", description="target name, recorded in the manifest")
         flash_kb: int | None = Field(None, ge=1, description="flash budget for weights (KiB)")
         ram_kb: int | None = Field(None, ge=1, description="RAM budget for the arena (KiB)")
+        clock_mhz: float | None = Field(None, gt=0, description="the target's core clock (MHz), recorded in the "
+                                                               "manifest: report.html turns instructions per "
+                                                               "inference into inferences per second with it")
+        chip: str | None = Field(None, description="an STM32 part (stm32h743, stm32f405): the bundle gets its "
+                                                   "linker script, startup code and CMake toolchain file")
+        arena_bank: str = Field("auto", description="the chip's RAM bank for the arena; 'auto': the first of its "
+                                                    "arena banks that holds it (DTCM or CCM, then the large SRAM)")
         model_name: ModelName = Field("model",
                                 description="the bundle's name (DISTILLC_MODEL_NAME, the manifest's name, the "
                                             "programs its builds make); the planner fills in the spec's name")
         inputs: InputSource = Field(
             "data", description="the example input: the first validation image ('data') or seeded random int8 "
                                 "values ('random'; the planner's choice for an ONNX student with no [data])")
+
+        @model_validator(mode="after")
+        def _known_chip_and_bank(self) -> "CodegenC.Config":
+            """An unknown part or bank is a config error (checked by ``validate``, before training)."""
+            from distillc.targets.stm32 import CHIPS
+
+            if self.chip is None:
+                if self.arena_bank != "auto":
+                    raise ValueError(f"arena_bank = {self.arena_bank!r} needs a chip")
+                return self
+            if self.chip not in CHIPS:
+                raise ValueError(f"unknown chip {self.chip!r}; valid: {', '.join(sorted(CHIPS))}")
+            banks = CHIPS[self.chip].bank_keys()
+            if self.arena_bank != "auto" and self.arena_bank not in banks:
+                raise ValueError(f"the {CHIPS[self.chip].part} has no RAM bank {self.arena_bank!r}; "
+                                 f"valid: auto, {', '.join(banks)}")
+            return self
 
     def run(self, artifact: Int8Program, ctx: PassContext) -> PassResult:
         from distillc.passes.backend.codegen import emit_c
@@ -58,12 +84,15 @@ class CodegenC(Pass):
         entries = emit_c(program, bundle, name=cfg.model_name, plan=plan, pass_name=self.name,
                          extensions=extensions)
         self.check_budget(entries["memory"], [ext.name for ext in extensions])
+        arena_bank = self.place_arena(entries["memory"])
         example = model_inputs(ctx, cfg.inputs, entries["input"], 1, pass_name=self.name)
-        write_bundle_build_files(bundle, name=cfg.model_name, example_inputs=example)
+        write_bundle_build_files(bundle, name=cfg.model_name, example_inputs=example, chip=cfg.chip,
+                                 arena_bank=arena_bank)
         manifest = {
             "name": cfg.model_name,
             "versions": {"distillc": __version__, **{t: dist_version(t) for t in ("apache-tvm", "torch", "brevitas", "onnx")}},
-            "target": {"name": cfg.target, "flash_kb": cfg.flash_kb, "ram_kb": cfg.ram_kb},
+            "target": {"name": cfg.target, "flash_kb": cfg.flash_kb, "ram_kb": cfg.ram_kb,
+                       "clock_mhz": cfg.clock_mhz, "chip": cfg.chip},
             **entries,
             "matryoshka_dims": (entries["class_embeddings"]["dims"] if "class_embeddings" in entries
                                 else artifact.meta.get("matryoshka_dims", [])),
@@ -75,6 +104,24 @@ class CodegenC(Pass):
                           {"arena_bytes": memory["arena_bytes"], "arena_floor_bytes": memory["arena_floor_bytes"],
                            "weights_bytes": memory["weights_bytes"], "kernels": entries["kernels"],
                            "macs": entries["macs"]})
+
+    def place_arena(self, memory: dict[str, Any]) -> str | None:
+        """The chip's RAM bank for the arena (None without a chip), recorded in ``memory``:
+        ``arena_section``, and for a chip ``arena_bank``, ``arena_bank_origin``, ``arena_bank_bytes``."""
+        from distillc.passes.backend.codegen import ARENA_SECTION
+        from distillc.targets.stm32 import get_chip
+
+        memory["arena_section"] = ARENA_SECTION
+        if self.config.chip is None:
+            return None
+        chip = get_chip(self.config.chip)
+        bank = chip.place_arena(memory["arena_bytes"], self.config.arena_bank)
+        if memory["arena_bytes"] > bank.bytes:  # only a named bank can be too small: ram_kb bounds 'auto'
+            raise TargetError(self.config.target, [
+                f"the arena needs {memory['arena_bytes']} B of RAM, the {chip.part}'s {bank.describe()} holds "
+                f"{bank.bytes} B (arena_bank = {bank.key!r})"])
+        memory.update(arena_bank=bank.key, arena_bank_origin=bank.origin, arena_bank_bytes=bank.bytes)
+        return bank.key
 
     def check_budget(self, memory: dict[str, Any], extension_names: list[str] = ()) -> None:
         """Flash (weights + every extension's flash) and arena RAM against the budgets; every violation."""

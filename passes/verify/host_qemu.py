@@ -68,11 +68,16 @@ class _Verify(Pass):
                     f"onnxruntime on its own inputs ({result['kernels']['kernel_tie_differences']} value(s) one step "
                     f"apart on float32 rounding ties), so the difference is onnxruntime's float32 rounding carried "
                     f"through later layers")
+        result.update(self.quantization_error(artifact, ctx))
         bundle = ctx.scratch / "bundle"
         shutil.copytree(artifact.path, bundle)
         manifest.setdefault("verification", {})[self.section] = result
         write_manifest(bundle, manifest)
         return PassResult(Bundle(path=bundle, reference=artifact.reference), result)
+
+    def quantization_error(self, artifact: Bundle, ctx: PassContext) -> dict[str, Any]:
+        """Extra figures for the manifest (``verify.host``: per-layer SQNR); none here."""
+        return {}
 
     def check_kernels(self, artifact: Bundle, ctx: PassContext, inputs: Any, outputs: Any,
                       problem: str, image_lsb: Any) -> dict[str, Any]:
@@ -125,14 +130,43 @@ class _Verify(Pass):
 
 class VerifyHost(_Verify):
     name = "verify.host"
-    description = "build the bundle with gcc, run validation images, compare with onnxruntime"
+    version = "2"  # 2: per-layer SQNR against the float model (layer_sqnr_db)
+    description = "build the bundle with gcc, run validation images, compare with onnxruntime; per-layer SQNR"
     section = "host"
-    Config = _VerifyConfig
+
+    class Config(_VerifyConfig):
+        sqnr_images: int = Field(8, ge=0, le=1_000,
+                                 description="validation images for the per-layer SQNR of the INT8 model against "
+                                             "the float model (0: not measured)")
 
     def run(self, artifact: Bundle, ctx: PassContext) -> PassResult:
         from distillc.targets.runner import run_on_host
 
         return self.verify(artifact, ctx, lambda b, x: (run_on_host(b.path, x, ctx.scratch / "build"), {}))
+
+    def quantization_error(self, artifact: Bundle, ctx: PassContext) -> dict[str, Any]:
+        """Per-layer SQNR (dB) of the INT8 model against the float model (``passes/verify/sqnr.py``),
+        on the first ``sqnr_images`` validation images (or on the verified random inputs,
+        dequantized, for a model with no data); and the output's."""
+        import numpy as np
+
+        from distillc.passes.verify.sqnr import REFERENCE, layer_sqnr
+
+        count = self.config.sqnr_images
+        if count == 0:
+            return {}
+        manifest = artifact.manifest
+        if self.config.inputs == "data":
+            images = ctx.data.val_x[:count].numpy()
+        else:
+            quant = manifest["input"]
+            q = model_inputs(ctx, "random", quant, count, pass_name=self.name)
+            images = (q.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"])
+        per_layer = layer_sqnr(artifact.reference, manifest, images)
+        measured = [v for v in per_layer if v is not None]
+        return {"sqnr_images": len(images), "sqnr_reference": REFERENCE, "layer_sqnr_db": per_layer,
+                "output_sqnr_db": per_layer[-1] if per_layer and per_layer[-1] is not None else None,
+                "min_layer_sqnr_db": min(measured) if measured else None}
 
 
 class VerifyQemu(_Verify):
@@ -142,7 +176,8 @@ class VerifyQemu(_Verify):
 
     class Config(_VerifyConfig):
         images: int = Field(4, ge=1, le=1_000, description="validation images run on the emulated board")
-        machine: str = Field("mps2-an500", description="QEMU board: mps2-an500 (Cortex-M7) or mps2-an386 (Cortex-M4)")
+        machine: str = Field("mps2-an500", description="QEMU board: mps2-an500 (Cortex-M7), mps2-an386 (Cortex-M4) "
+                                                       "or netduinoplus2 (STM32F405, ST's memory map)")
 
         @field_validator("machine")
         @classmethod
@@ -162,7 +197,9 @@ class VerifyQemu(_Verify):
             return run.outputs, {"machine": run.machine, "instructions_per_inference": run.instructions_per_inference,
                                  "model_flash_bytes": run.model_flash_bytes,
                                  "program_flash_bytes": run.flash_bytes, "program_ram_bytes": run.ram_bytes,
-                                 "stack_bytes": run.stack_bytes}
+                                 "stack_bytes": run.stack_bytes, "counter": run.counter,
+                                 "memory_map": run.memory_map,
+                                 **({"arena_bank": run.arena_bank} if run.arena_bank else {})}
 
         return self.verify(artifact, ctx, on_qemu)
 
