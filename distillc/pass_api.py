@@ -105,6 +105,12 @@ class Pass(abc.ABC):
         names = ([single] if isinstance(single, str) else []) + (list(many) if isinstance(many, list) else [])
         return names
 
+    def teacher_requirements(self) -> dict[str, tuple[str, str]]:
+        """Keys of ``[[teachers]]`` entries this pass's config needs: ``{config key: (teacher name,
+        teacher key)}``, e.g. ``{"classes": ("clip", "tokenizer")}``.  ``validate`` names the
+        config key when the teacher entry lacks one.  The default needs none."""
+        return {}
+
     def link(self, upstream: Sequence["Pass"], source: str) -> None:
         """Called once when the plan is built, with the flow passes that run before this one.
 

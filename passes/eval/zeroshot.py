@@ -5,18 +5,25 @@ in ``meta["matryoshka"]``, exactly what the bundle will hold in flash.  Each val
 embedded, its first ``d`` values are scored against every class's first ``d`` values, and the
 best class is its prediction.  The model passes through unchanged (float or quantized), so the
 pass can sit after QAT and show what quantization cost per dimension.
+
+With ``classes`` (and ``prompts``) it scores other class embeddings instead: the names are encoded
+by ``teacher``'s text tower (:mod:`distillc.passes.distill.prompts`) and brought into the head's
+space through the nested map the Matryoshka pass kept with teacher-space class embeddings
+(``meta["matryoshka"]["teacher_map"]``), then quantized to INT8 as the bundle's would be.  The
+bundle keeps the class embeddings it has: this measures other names or prompts.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distillc import hookimpl
 from distillc.artifacts import QuantTorchModel, TorchModel
 from distillc.errors import PassError
-from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
+from distillc.pass_api import Pass, PassContext, PassResult
+from distillc.passes.distill.prompts import ClassPromptsConfig, encode_classes, teacher_tokenizer_requirement
 
 
 class ZeroShotEval(Pass):
@@ -28,8 +35,23 @@ class ZeroShotEval(Pass):
     uses_data = True
     tools = ("torch",)
 
-    class Config(PassConfig):
+    class Config(ClassPromptsConfig):
         dims: list[int] | None = Field(None, description="dims to score (a subset of the model's); default all")
+        teacher: str | None = Field(None, description="with classes: the [[teachers]] entry whose text tower encodes "
+                                                      "them (the one the Matryoshka head was trained against)")
+
+        @model_validator(mode="after")
+        def _classes_with_teacher(self) -> "ZeroShotEval.Config":
+            if (self.classes is None) != (self.teacher is None):
+                raise ValueError("classes and teacher go together: the teacher's text tower encodes the classes"
+                                 if self.classes is not None else "teacher is only read with classes")
+            return self
+
+    def teacher_requirements(self) -> dict[str, tuple[str, str]]:
+        return teacher_tokenizer_requirement(self.config)
+
+    def linked_key(self) -> dict[str, Any]:
+        return self.config.classes_key()
 
     def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
         from distillc.passes.distill.matryoshka import ClassEmbeddings, zero_shot_top1
@@ -39,6 +61,8 @@ class ZeroShotEval(Pass):
             raise PassError(self.name, "the model has no Matryoshka class embeddings; run 'matryoshka' or "
                                        "'distill.clip-matryoshka' (with labelled data or class embeddings) before it")
         classes = ClassEmbeddings.from_meta(info)
+        if self.config.classes is not None:
+            classes = self._prompted_classes(ctx, classes)
         dims = list(self.config.dims) if self.config.dims is not None else classes.dims
         unknown = [d for d in dims if d not in classes.dims]
         if unknown:
@@ -49,6 +73,29 @@ class ZeroShotEval(Pass):
         top1 = zero_shot_top1(artifact.build(ctx.plugins), data, classes, dims, self.name)
         return PassResult(artifact, {"top1": top1, "classes": len(classes.classes), "class_embeddings": classes.source,
                                      "quantized": isinstance(artifact, QuantTorchModel)})
+
+    def _prompted_classes(self, ctx: PassContext, stored: Any) -> Any:
+        """INT8 class embeddings of ``classes`` in the head's space, through the stored nested map."""
+        from distillc.passes.distill.matryoshka import ClassEmbeddings, decode_teacher_map
+
+        cfg = self.config
+        mapping = stored.teacher_map
+        if mapping is None:
+            raise PassError(self.name, "classes: the model's Matryoshka head keeps no map into a teacher's space; "
+                                       "train it with teacher-space class embeddings (distill.clip-matryoshka, or "
+                                       "matryoshka with classes)")
+        if mapping.get("teacher_key") != ctx.teacher_keys.get(cfg.teacher):
+            raise PassError(self.name, f"teacher: the Matryoshka head was trained against teacher "
+                                       f"{mapping.get('teacher')!r}, not this {cfg.teacher!r}; give that teacher")
+        nested_map = decode_teacher_map(mapping)
+        teacher_space = encode_classes(ctx, cfg.teacher, cfg.class_names(), cfg.prompt_templates(),
+                                       pass_name=self.name)
+        if teacher_space.shape[1] != nested_map.shape[0]:
+            raise PassError(self.name, f"teacher {cfg.teacher!r} embeds text in {teacher_space.shape[1]} values, the "
+                                       f"head's map takes {nested_map.shape[0]}")
+        return ClassEmbeddings.quantize(teacher_space @ nested_map, dims=stored.dims, classes=cfg.class_names(),
+                                        metric="dot", source="text")
+
 
 
 @hookimpl
