@@ -113,8 +113,8 @@ def clip_vitb32(image_size: int, in_chans: int = 3, text: bool = True, depth: Bl
     ``embed`` is the projected 512-d image embedding; tokens and hidden states are 768 wide.
     ``text = false`` builds the image tower alone (a full checkpoint's text keys are dropped).
     ``encode_text`` takes token ids (the entry's ``tokenizer`` file makes them from class names).
-    ``depth``/``width``/``heads``/``patch_size`` shrink the image tower and ``text_*``/``vocab_size`` the text tower, keeping
-    every key name.
+    ``depth``/``width``/``heads``/``patch_size`` shrink the image tower and ``text_*``/``vocab_size``
+    the text tower, keeping every key name.
     """
     from distillc.plugins.models.clip import build_clip
 
