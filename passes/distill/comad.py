@@ -218,13 +218,13 @@ class ComadDistillation(DistillationPass):
 # -- pieces (public: the tests pin them) ------------------------------------------------------------
 
 
-def student_map(student: Any, x: Any) -> Any:
+def student_map(student: Any, x: Any, pass_name: str = "distill.comad") -> Any:
     """The student's tokens as a map ``(B, D, h, w)``: its patch tokens, or a CNN's last stage map."""
     if hasattr(student, "patch_tokens"):
         return student.patch_tokens(x)
     if hasattr(student, "forward_stages"):
         return student.forward_stages(x)[-1]
-    raise PassError("distill.comad", f"the student ({type(student).__name__}) has neither patch_tokens nor "
+    raise PassError(pass_name, f"the student ({type(student).__name__}) has neither patch_tokens nor "
                                      "forward_stages: it produces no tokens to distil into")
 
 
