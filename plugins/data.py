@@ -16,37 +16,39 @@ Labelled data without its own validation set is split by a seeded, stratified pe
 from __future__ import annotations
 
 import codecs
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from distillc.errors import SpecError
 
 from distillc.plugins.data_fingerprint import LOADER_VERSION, fingerprint  # noqa: F401  (re-exported)
+from distillc.plugins.image_store import ImageArray, convert_rows, decode_into, scratch_array, value_range
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Images converted to float per step; bounds the temporary memory next to the result.
 _CHUNK = 2048
-# ITU-R BT.601 luma weights, to turn RGB sources into single-channel inputs.
-_LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass(frozen=True, eq=False)
 class DataSplits:
     """A dataset split into train and validation tensors.
 
-    ``*_x`` are float32 (N, C, H, W) in [0, 1]; ``*_y`` are int64 (N,), -1 for unlabelled
-    data (then ``num_classes`` is 0 and ``class_names`` is empty).
+    ``*_x`` are float32 (N, C, H, W) in [0, 1]: a tensor for data small enough to hold
+    (sklearn-digits), else an :class:`~distillc.plugins.image_store.ImageArray` that reads
+    the rows asked for from a memory-mapped file; index either with ``x[idx]``.  ``*_y``
+    are int64 (N,), -1 for unlabelled data (then ``num_classes`` is 0 and ``class_names``
+    is empty).
     """
 
-    train_x: torch.Tensor
+    train_x: "torch.Tensor | ImageArray"
     train_y: torch.Tensor
-    val_x: torch.Tensor
+    val_x: "torch.Tensor | ImageArray"
     val_y: torch.Tensor
     num_classes: int
     class_names: list[str]
@@ -88,7 +90,10 @@ def load_sklearn_digits(*, image_size: int, val_fraction: float, seed: int,
 
 def load_npz(*, image_size: int, val_fraction: float, seed: int, path: Path | None,
              channels: int = 3) -> DataSplits:
-    """Images from an ``.npz`` archive (read with ``allow_pickle=False``).
+    """Images from an ``.npz`` archive (read with ``allow_pickle=False``), or a ``.npy`` array.
+
+    ``x`` and ``x_val`` are copied out of the archive a chunk at a time into a memory-mapped
+    temporary file (a ``.npy`` is memory-mapped where it is), so the images never sit in RAM.
 
     Keys: ``x`` images, (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 (0..255) or float
     in [0, 1]; optional ``y`` int labels (without it the data is unlabelled, y = -1);
@@ -98,24 +103,13 @@ def load_npz(*, image_size: int, val_fraction: float, seed: int, path: Path | No
     """
     _check_common(image_size, val_fraction, channels)
     path = _require_path(path, "npz", want_dir=False)
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise SpecError(f"{str(path)!r} is not a readable .npz archive: {exc}",
-                        "data.path") from exc
-    with archive:
-        keys = set(archive.files)
-        if "x" not in keys:
-            raise SpecError(f"{str(path)!r} has no array 'x' (has: {sorted(keys)})", "data.path")
-        if "x_val" in keys and ("y" in keys) != ("y_val" in keys):
-            raise SpecError(f"{str(path)!r}: give labels for both 'x' and 'x_val' or for neither",
-                            "data.path")
+    if path.suffix.lower() == ".npy":  # images alone (unlabelled), memory-mapped in place
         try:
-            arrays = {k: archive[k] for k in ("x", "y", "x_val", "y_val", "class_names")
-                      if k in keys}
-        except ValueError as exc:  # object arrays need pickle, which we refuse
-            raise SpecError(f"{str(path)!r} holds object arrays, which need pickle: {exc}",
-                            "data.path") from exc
+            arrays = {"x": np.load(path, mmap_mode="r", allow_pickle=False)}
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"{str(path)!r} is not a readable .npy array: {exc}", "data.path") from exc
+    else:
+        arrays = _read_npz(path)
 
     images, scale = _numeric_images(arrays["x"], f"{path}:x")
     labels = _labels(arrays.get("y"), len(images), f"{path}:y")
@@ -140,14 +134,66 @@ def load_npz(*, image_size: int, val_fraction: float, seed: int, path: Path | No
     return DataSplits(*train, *val, num_classes=num_classes, class_names=class_names, name="npz")
 
 
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz``: images streamed into memory-mapped scratch, the rest in memory."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise SpecError(f"{str(path)!r} is not a readable .npz archive: {exc}", "data.path") from exc
+    with archive:
+        members = {Path(name).stem: name for name in archive.namelist() if name.endswith(".npy")}
+        if "x" not in members:
+            raise SpecError(f"{str(path)!r} has no array 'x' (has: {sorted(members)})", "data.path")
+        if "x_val" in members and ("y" in members) != ("y_val" in members):
+            raise SpecError(f"{str(path)!r}: give labels for both 'x' and 'x_val' or for neither",
+                            "data.path")
+        arrays = {}
+        for key in ("x", "y", "x_val", "y_val", "class_names"):
+            if key in members:
+                with archive.open(members[key]) as member:
+                    arrays[key] = _read_member(member, path, key, stream=key in ("x", "x_val"))
+    return arrays
+
+
+def _read_member(member: Any, path: Path, key: str, *, stream: bool) -> np.ndarray:
+    """One ``.npy`` member of an archive; ``stream``: copied chunk by chunk into scratch."""
+    try:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(member)
+    except ValueError as exc:
+        raise SpecError(f"{str(path)!r}: array {key!r} is not a .npy array: {exc}", "data.path") from exc
+    if dtype.hasobject:  # object arrays need pickle, which we refuse
+        raise SpecError(f"{str(path)!r} holds object arrays, which need pickle ({key!r})", "data.path")
+    count = int(np.prod(shape))
+    if not stream or fortran or not shape:
+        data = np.frombuffer(member.read(count * dtype.itemsize), dtype=dtype, count=count)
+        return data.reshape(shape, order="F" if fortran else "C").copy()
+    out = scratch_array(shape, dtype)
+    flat = out.reshape(-1)
+    step = max(1, (16 << 20) // dtype.itemsize)  # 16 MiB a read
+    for start in range(0, count, step):
+        n = min(step, count - start)
+        chunk = member.read(n * dtype.itemsize)
+        if len(chunk) != n * dtype.itemsize:
+            raise SpecError(f"{str(path)!r}: array {key!r} is truncated", "data.path")
+        flat[start:start + n] = np.frombuffer(chunk, dtype=dtype)
+    out.flush()
+    return out
+
+
 def load_image_folder(*, image_size: int, val_fraction: float, seed: int, path: Path | None,
                       channels: int = 3) -> DataSplits:
     """Images in ``root/<class>/*.png|jpg|jpeg``; classes are the sorted folder names.
+    A folder of images with no class folders is unlabelled data.
 
     If ``root`` holds exactly the folders ``train`` and ``val``, each laid out as above,
     those are the splits; otherwise the images are split by ``val_fraction``. Each image is
     read as RGB, centre-cropped to a square and resized bilinearly (Pillow antialiases when
-    shrinking).
+    shrinking), by DataLoader workers, into a memory-mapped temporary file of uint8 pixels:
+    the images are decoded once per compile and never held in RAM.
     """
     _check_common(image_size, val_fraction, channels)
     root = _require_path(path, "image-folder", want_dir=True)
@@ -160,27 +206,45 @@ def load_image_folder(*, image_size: int, val_fraction: float, seed: int, path: 
         if extra:
             raise SpecError(f"{str(root / 'val')!r} has classes missing from train: {extra}",
                             "data.path")
+    elif not subdirs and _loose_images(root):
+        class_names = []
+        train_files, val_files = [(p, -1) for p in _loose_images(root)], []
     else:
         class_names = _class_folders(root)
         train_files, val_files = _image_files(root, class_names), []
 
     files = train_files + val_files
-    pixels = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
-    for i, (file, _) in enumerate(files):
-        pixels[i] = _read_image(file, image_size)
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    images = pixels.transpose(0, 3, 1, 2)  # a view: channels-first without copying
+    images = scratch_array((len(files), 3, image_size, image_size))
+    decode_into(images, _ImageFiles([file for file, _ in files], image_size))
+    labels = np.array([label for _, label in files], dtype=np.int64) if class_names else None
 
     if val_files:
         train = np.arange(len(train_files))
         val = np.arange(len(train_files), len(files))
     else:
-        train, val = _split(labels, val_fraction, seed)
+        train, val = _split(labels, val_fraction, seed, n=len(files))
     size = (image_size, channels)
     return DataSplits(*_convert(images, 1.0 / 255.0, labels, train, *size),
                       *_convert(images, 1.0 / 255.0, labels, val, *size),
                       num_classes=len(class_names), class_names=class_names,
                       name="image-folder")
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """``(row, (3, size, size) uint8 pixels)`` of each file: what the DataLoader workers decode."""
+
+    def __init__(self, files: list[Path], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, row: int) -> tuple[int, np.ndarray]:
+        return row, _read_image(self.files[row], self.size).transpose(2, 0, 1)
+
+
+def _loose_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
 
 
 def load_cifar(*, image_size: int, val_fraction: float, seed: int, path: Path | None,
@@ -198,10 +262,9 @@ def load_cifar(*, image_size: int, val_fraction: float, seed: int, path: Path | 
     root = _require_path(path, "cifar", want_dir=True)
     train_files, val_file, meta_file, names_key = _cifar_layout(root)
 
-    train_parts = [_read_cifar_batch(f) for f in train_files]
-    images = np.concatenate([p[0] for p in train_parts])
-    labels = np.concatenate([p[1] for p in train_parts])
-    val_images, val_labels = _read_cifar_batch(val_file)
+    # One pickle in memory at a time; the pixels go to memory-mapped scratch as uint8.
+    images, labels = _cifar_pixels(train_files)
+    val_images, val_labels = _cifar_pixels([val_file])
 
     class_names = None
     if meta_file.is_file():
@@ -278,13 +341,13 @@ def _numeric_images(array: np.ndarray, where: str) -> tuple[np.ndarray, float]:
     if len(array) == 0:
         raise SpecError(f"{where}: holds no images", "data.path")
     if np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
-        low, high = int(array.min()), int(array.max())
+        low, high = (int(v) for v in value_range(array))
         if low < 0 or high > 255:
             raise SpecError(f"{where}: integer images must lie in 0..255, got {low}..{high}",
                             "data.path")
         return array, 1.0 / 255.0
     if np.issubdtype(array.dtype, np.floating):
-        low, high = float(array.min()), float(array.max())
+        low, high = value_range(array)
         if not (low >= -1e-3 and high <= 1.0 + 1e-3):
             raise SpecError(f"{where}: float images must lie in [0, 1], got [{low:g}, {high:g}]",
                             "data.path")
@@ -295,8 +358,16 @@ def _numeric_images(array: np.ndarray, where: str) -> tuple[np.ndarray, float]:
 def _convert(images: np.ndarray, scale: float, labels: np.ndarray | None,
              index: np.ndarray | None, image_size: int,
              channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float images and int64 labels (-1 when unlabelled) of the rows ``index`` (None: all)."""
-    x = _to_float_images(images, scale, image_size, channels, index)
+    """Float images and int64 labels (-1 when unlabelled) of the rows ``index`` (None: all).
+
+    Images in a memory-mapped file stay there (an :class:`ImageArray` converts rows when read);
+    images already in memory are converted once into a tensor.
+    """
+    if isinstance(images, np.memmap) or isinstance(getattr(images, "base", None), np.memmap):
+        _check_channels(images.shape[1], channels)
+        x = ImageArray(images, scale, image_size, channels, index)
+    else:
+        x = _to_float_images(images, scale, image_size, channels, index)
     if labels is None:
         y = torch.full((len(x),), -1, dtype=torch.int64)
     else:
@@ -312,26 +383,20 @@ def _to_float_images(images: np.ndarray, scale: float, image_size: int, channels
     Works in chunks, straight from the source array, so that only one chunk of float copies
     exists next to the result.
     """
-    _, c_in, height, width = images.shape
+    _check_channels(images.shape[1], channels)
     n = len(images) if index is None else len(index)
+    out = torch.empty((n, channels, image_size, image_size), dtype=torch.float32)
+    for start in range(0, n, _CHUNK):
+        rows = slice(start, start + _CHUNK) if index is None else index[start:start + _CHUNK]
+        chunk = convert_rows(images, scale, image_size, channels, rows)
+        out[start:start + len(chunk)] = chunk
+    return out
+
+
+def _check_channels(c_in: int, channels: int) -> None:
     if c_in != channels and c_in != 1 and not (c_in == 3 and channels == 1):
         raise SpecError(f"cannot turn {c_in}-channel images into {channels} channels "
                         f"(supported: same count, 1 -> any, 3 -> 1)", "data.channels")
-    out = torch.empty((n, channels, image_size, image_size), dtype=torch.float32)
-    shrink = height > image_size or width > image_size
-    for start in range(0, n, _CHUNK):
-        rows = slice(start, start + _CHUNK) if index is None else index[start:start + _CHUNK]
-        chunk = torch.from_numpy(np.ascontiguousarray(images[rows]))
-        chunk = chunk.to(torch.float32) * scale
-        if c_in == 3 and channels == 1:
-            chunk = (chunk * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        elif c_in == 1 and channels != 1:
-            chunk = chunk.expand(-1, channels, -1, -1)
-        if (height, width) != (image_size, image_size):
-            chunk = F.interpolate(chunk, size=(image_size, image_size), mode="bilinear",
-                                  align_corners=False, antialias=shrink)
-        out[start:start + len(chunk)] = chunk.clamp(0.0, 1.0)
-    return out
 
 
 def _labels(y: np.ndarray | None, n: int, where: str) -> np.ndarray | None:
@@ -489,6 +554,23 @@ def _restricted_load(file: Path) -> object:
             return _RestrictedUnpickler(handle, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise SpecError(f"cannot read CIFAR pickle {str(file)!r}: {exc}", "data.path") from exc
+
+
+def _cifar_pixels(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The (N, 3, 32, 32) uint8 images of ``files``, memory-mapped, and their labels."""
+    import tempfile
+
+    labels = []
+    with tempfile.TemporaryFile(dir=os.environ.get("DISTILLC_TMPDIR") or None, prefix="distillc-cifar-") as handle:
+        for file in files:
+            images, file_labels = _read_cifar_batch(file)
+            handle.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+            labels.append(file_labels)
+            del images
+        handle.flush()
+        n = sum(len(part) for part in labels)
+        pixels = np.memmap(handle, dtype=np.uint8, mode="r", shape=(n, 3, 32, 32))
+    return pixels, np.concatenate(labels)
 
 
 def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -90,9 +90,10 @@ def test_npz_channels_last_uint8_with_labels(tmp_path):
 
     assert data.train_x.shape == (30, 3, 12, 12) and data.val_x.shape == (10, 3, 12, 12)
     assert data.num_classes == 4 and data.class_names == ["a", "b", "c", "d"]
-    for images, labels in ((data.train_x, data.train_y), (data.val_x, data.val_y)):
-        index = (images[:, 1, 5, 7] * 255).round().long()
+    for lazy, labels in ((data.train_x, data.train_y), (data.val_x, data.val_y)):
+        index = (lazy[:, 1, 5, 7] * 255).round().long()
         assert torch.equal(labels, index // 10)
+        images = lazy[:]  # the images stay in a memory-mapped file until read
         assert torch.allclose(images, images[:, :1, :1, :1].expand_as(images))
     # 2.5 images per class: two classes give 3, two give 2, adding up to 10.
     assert sorted(torch.bincount(data.val_y).tolist()) == [2, 2, 3, 3]
@@ -112,7 +113,7 @@ def test_npz_with_its_own_validation_set(tmp_path):
              x_val=np.full((3, 8, 8), 255, np.uint8), y_val=np.array([0, 1, 2]))
     data = load_npz(image_size=8, val_fraction=0.5, seed=0, path=tmp_path / "v.npz", channels=1)
     assert len(data.train_x) == 6 and len(data.val_x) == 3
-    assert torch.all(data.val_x == 1.0) and torch.all(data.train_x == 0.0)
+    assert torch.all(data.val_x[:] == 1.0) and torch.all(data.train_x[:] == 0.0)
     assert data.num_classes == 3
 
 
@@ -207,7 +208,7 @@ def test_cifar10_layout_uses_the_test_batch_for_validation(tmp_path):
     assert data.name == "cifar10"
     test = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())
     expected = torch.from_numpy(test[b"data"].reshape(-1, 3, 32, 32)).float() / 255
-    torch.testing.assert_close(data.val_x, expected)
+    torch.testing.assert_close(data.val_x[:], expected)
     assert data.val_y.tolist() == test[b"labels"]
 
 

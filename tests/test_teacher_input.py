@@ -215,12 +215,10 @@ def test_feature_distillation_and_the_probe_feed_a_224_px_dino(plugins, write_sp
     compile_(path, until="distill.feature")
     metrics = _metrics(tmp_path)["distill.feature"]
     assert metrics["teacher_input"] == [3, 224, 224] and metrics["teacher_grid"] == [14, 14]
-    files = list((tmp_path / ".distillc-cache").rglob("teacher-targets/*.safetensors"))
-    assert len(files) == 1
-    from safetensors import safe_open
-
-    with safe_open(str(files[0]), "pt") as f:
-        assert "224" in f.metadata()["input"] and f.get_tensor("targets").shape == (24, 384)
+    files = list((tmp_path / ".distillc-cache").rglob("teacher-targets/*.npy"))
+    assert len(files) == 1  # the targets, memory-mapped when read, and beside them what they hold
+    assert np.load(files[0], mmap_mode="r").shape == (24, 384)
+    assert json.loads(files[0].with_suffix(".json").read_text())["input"]["input_size"] == 224
 
 
 def test_two_teachers_of_different_native_sizes_each_get_their_own_view(plugins, write_spec, tmp_path):
@@ -289,6 +287,7 @@ def test_ca_dssl_bootleg_matryoshka_and_qat_each_feed_the_teacher_its_view(plugi
         batch_size = 16
         calib_images = 8
         probe = false
+        gate = "off"  # random images and one epoch: a collapsed student is expected here
         """
     compile_(write_spec(_spec_text(DINO_S16.format(depth=1, extra=""), passes)), until="quantize.brevitas-qat")
     metrics = _metrics(tmp_path)

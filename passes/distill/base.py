@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import Field
@@ -183,51 +184,116 @@ class DistillationPass(Pass):
 
 
 def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any, Any], Any], *,
-                    view: Any = None, view_seed: int = 0, batch_size: int = 256) -> "torch.Tensor":
+                    view: Any = None, view_seed: int = 0) -> "torch.Tensor":
     """``fn(teacher_module, images)`` over the training images, computed once and cached.
 
     ``what`` names the computation (e.g. ``"embed"``, ``"hidden:3,7,11"``); it is part of the key
     with the teacher's cache key, the data fingerprint, the view's settings and ``view_seed``.
     ``view`` (an augmentation, called as ``view(x, generator)``) makes the teacher see a fixed
     augmented view; each ``view_seed`` is one such view of every image (see :func:`teacher_view`).
-    Stored as safetensors.  Under torchrun every process computes a share and rank 0 stores the whole.
+
+    The targets stream: images are read, viewed and run through the teacher a batch at a time,
+    and each batch's rows are written to a ``.npy`` file as they come (under torchrun every
+    process writes its own shard of whole batches, and rank 0 joins the shards a chunk at a
+    time).  The result is that file memory-mapped (copy-on-write): indexing it reads the rows
+    asked for, so neither the images nor all the targets need fit in RAM.
     """
-    from safetensors.torch import load_file, save_file
-
-    from distillc.training import embed_all, pick_device, prepare
-
     contract = ctx.teachers[teacher].meta.get("input")
     key_fields = {"teacher": ctx.teacher_keys.get(teacher, teacher), "data": ctx.data_fingerprint, "what": what,
                   "view": repr(view) if view is not None else None, "view_seed": view_seed if view is not None else None,
-                  "format": 1}
+                  "format": 2}
     if contract is not None:  # also in the teacher's key; named here so the file says what it holds
         key_fields["input"] = contract
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
     folder = (ctx.derived_dir or ctx.scratch) / "teacher-targets"
-    path = folder / f"{key}.safetensors"
+    path = folder / f"{key}.npy"
     if distributed.agree(path.exists()):
-        return load_file(str(path))["targets"]
+        return open_targets(path)
     import torch
+
+    from distillc.training import pick_device, prepare
 
     device = pick_device()
     # Building the teacher draws a throw-away random init; fork the RNG so that a run computing
     # the targets leaves the same random state as a run finding them cached.
     with torch.random.fork_rng(devices=[]):
         module = prepare(teacher_module(ctx, teacher), device)
-    images = ctx.data.train_x
-    if view is not None:
-        images = teacher_view(images, view, view_seed)
-    # Under torchrun each process embeds its own run of whole batches; with the batches unchanged
-    # the gathered targets are the one-process targets, so the cache file does not depend on N.
-    start, stop = distributed.block_range(len(images), batch_size)
-    targets = distributed.gather_rows(embed_all(module, images[start:stop], fn=fn, batch_size=batch_size))
-    targets = targets.contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    token = distributed.broadcast(f"{os.getpid()}-{secrets.token_hex(4)}")  # two compiles may write it at once
+    n = len(ctx.data.train_x)
+    # Under torchrun each process runs its own run of whole batches; with the batches unchanged
+    # the joined targets are the one-process targets, so the cache file does not depend on N.
+    start, stop = distributed.block_range(n, _VIEW_BATCH)
+    shard = folder / f"{key}.{token}.rank{distributed.rank()}.tmp"
+    rows = _write_targets(module, ctx.data.train_x, fn, view, view_seed, start, stop, shard, device)
+    distributed.barrier()
     if distributed.is_main():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}-{secrets.token_hex(4)}.tmp")  # two compiles may write it at once
-        save_file({"targets": targets}, str(tmp), metadata={k: str(v) for k, v in key_fields.items()})
+        shards = [folder / f"{key}.{token}.rank{r}.tmp" for r in range(distributed.world_size())]
+        tmp = folder / f"{key}.{token}.npy.tmp"
+        _join_shards(shards, tmp, n, rows)
+        (folder / f"{key}.json").write_text(json.dumps(key_fields, sort_keys=True, indent=1))
         os.replace(tmp, path)
-    return targets
+        for part in shards:
+            part.unlink(missing_ok=True)
+    distributed.barrier()
+    return open_targets(path)
+
+
+def open_targets(path: Path) -> "torch.Tensor":
+    """A cached target file as a tensor over its memory map (copy-on-write: writes stay private)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.load(path, mmap_mode="c", allow_pickle=False))
+
+
+def _write_targets(module: Any, images: Any, fn: Callable[[Any, Any], Any], view: Any, view_seed: int,
+                   start: int, stop: int, shard: Path, device: Any) -> tuple[tuple[int, ...], str] | None:
+    """Rows ``start:stop`` of the targets into ``shard`` (a ``.npy``); returns (row shape, dtype) or None."""
+    import numpy as np
+    import torch
+
+    from distillc.training import autocast, batches
+
+    gen = torch.Generator().manual_seed(view_seed) if view is not None else None
+    out = None
+    module.eval()
+    with torch.no_grad():
+        for idx in batches(stop, _VIEW_BATCH, None):
+            x = images[idx]
+            if view is not None:  # every batch before this rank's is drawn too: the view is one sequence
+                x = view(x, gen)
+            if int(idx[0]) < start:
+                continue
+            with autocast(device):
+                y = fn(module, x.to(device)).float().cpu().numpy()
+            if out is None:
+                out = np.lib.format.open_memmap(shard, mode="w+", dtype=np.float32, shape=(stop - start, *y.shape[1:]))
+            first = int(idx[0]) - start
+            out[first:first + len(y)] = y
+    if out is None:
+        return None
+    out.flush()
+    return tuple(out.shape[1:]), "float32"
+
+
+def _join_shards(shards: list[Path], target: Path, n: int, rows: Any) -> None:
+    """Concatenate the ranks' shard files into ``target`` (a ``.npy`` of ``n`` rows), a chunk at a time."""
+    import numpy as np
+
+    parts = [np.load(p, mmap_mode="r") for p in shards if p.exists()]
+    tail = parts[0].shape[1:] if parts else tuple(rows[0] if rows else ())
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(n, *tail))
+    row = 0
+    for part in parts:
+        for first in range(0, len(part), _VIEW_BATCH * 16):
+            chunk = part[first:first + _VIEW_BATCH * 16]
+            out[row:row + len(chunk)] = chunk
+            row += len(chunk)
+    if row != n:
+        raise RuntimeError(f"teacher targets: the shards hold {row} rows, expected {n}")
+    out.flush()
+    del out
 
 
 def teacher_module(ctx: PassContext, teacher: str) -> "torch.nn.Module":
