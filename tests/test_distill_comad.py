@@ -1,7 +1,9 @@
-"""distill.comad: asymmetric masks, the consensus gate, and compiles with ViT and CNN students."""
+"""distill.comad: asymmetric masks (the teachers see lighter masked views of their own), the consensus
+gate, and compiles with ViT and CNN students."""
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 
@@ -9,7 +11,9 @@ import pytest
 import torch
 
 from distillc.errors import SpecError
-from distillc.passes.distill.comad import comad_masks, consensus_gate, resize_map
+from distillc.passes.distill.comad import (TeacherMask, consensus_gate, masked_patch_tokens, on_common_grid,
+                                           resize_map, teacher_mask_seed, teacher_view_masks)
+from distillc.plugins.augment import apply_patch_mask, random_patch_mask
 from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
 from distillc.progress import SilentProgress
@@ -40,6 +44,11 @@ batch_size = 256
 {options}
 """
 
+@pytest.fixture(scope="module")
+def plugins():
+    return load_plugins()
+
+
 VIT_STUDENT = 'arch = "vit-mcu"\npatch_size = 4\ndim = 32\ndepth = 1'
 CNN_STUDENT = 'arch = "mobilenetv2"\nwidth = 0.35\nlast_channels = 32'
 
@@ -55,13 +64,53 @@ def compile_(module_folder, name: str, **kwargs):
     return compile_spec(path, progress=SilentProgress(), until="distill.comad")
 
 
-def test_masks_keep_the_configured_fraction_and_differ_per_teacher():
-    gen = torch.Generator().manual_seed(0)
-    student, teachers = comad_masks(64, 4, 0.25, [0.5, 0.75], gen)
-    assert student.shape == (64, 16) and teachers.shape == (2, 64, 16)
-    assert (student.sum(1) == 4).all()
-    assert (teachers[0].sum(1) == 8).all() and (teachers[1].sum(1) == 12).all()
-    assert (student != teachers[0]).any() and (teachers[0] != teachers[1][:, :16]).any()
+def test_each_teacher_sees_its_own_lighter_mask_unlike_the_students():
+    """Two teachers of the same grid and keep ratio get different masks (a seed per teacher name), each
+    keeps more than the student's mask, and none is the student's."""
+    size = (8, 8)
+    mask = TeacherMask(grid=4, keep=0.5)
+    coarse = teacher_view_masks(64, size, mask, teacher_mask_seed("coarse", 0))
+    fine = teacher_view_masks(64, size, mask, teacher_mask_seed("fine", 0))
+    again = teacher_view_masks(64, size, mask, teacher_mask_seed("coarse", 1))
+    student = random_patch_mask(64, 4, 0.25, torch.Generator().manual_seed(0))
+    assert coarse.shape == fine.shape == (64, 16)
+    assert (coarse.sum(1) == 8).all() and (fine.sum(1) == 8).all() and (student.sum(1) == 4).all()
+    assert (coarse != fine).any(1).float().mean() > 0.9  # nearly every image: different masks per teacher
+    assert (coarse != again).any(1).float().mean() > 0.9  # and per view
+    assert (coarse != student).any(1).all() and (fine != student).any(1).all()
+
+
+def test_the_teacher_runs_on_its_masked_input_at_its_own_grid(plugins):
+    """The view's mask travels as extra channels; the teacher gets its input (here 16 px, a 4x4 grid of
+    4-px patches, from an 8-px image) with the masked patches zeroed."""
+    from distillc.plugins.models.teacher_input import TeacherView, to_teacher_input
+
+    teacher = plugins.teachers.get("vit_tiny_patch4")(image_size=16, in_chans=1, depth=1).eval()
+    contract = {"input_size": 16, "channels": 1, "mean": [0.5], "std": [0.25], "interpolation": "bilinear"}
+    view = TeacherView(teacher, contract).eval()
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = TeacherMask(grid=4, keep=0.5)
+    viewed = mask(images, torch.Generator().manual_seed(7))
+    keep = random_patch_mask(3, 4, 0.5, torch.Generator().manual_seed(7))
+    assert viewed.shape == (3, 2, 8, 8) and torch.equal(mask.read(viewed[:, 1:]), keep)
+    with torch.no_grad():
+        tokens = masked_patch_tokens(view, viewed, channels=1)
+        expected = teacher.patch_tokens(apply_patch_mask(to_teacher_input(images, contract), keep))
+        clean = view.patch_tokens(images)
+    torch.testing.assert_close(tokens, expected)
+    assert not torch.allclose(tokens, clean)  # the teacher saw the masked view, not the clean image
+
+
+def test_masked_teacher_tokens_reach_the_common_grid_from_their_visible_patches():
+    token_map = torch.arange(16.0).view(1, 1, 4, 4)
+    keep = torch.zeros(1, 16, dtype=torch.bool)
+    keep[0, [0, 1, 4]] = True  # three of cell 0's four teacher patches; one of cell 1's
+    keep[0, 2] = True
+    tokens, kept = on_common_grid(token_map, keep, 2)
+    assert tokens.shape == (1, 4, 1) and kept.tolist() == [[True, False, False, False]]
+    assert tokens[0, 0, 0] == pytest.approx((0 + 1 + 4) / 3)  # the visible patches only
+    assert tokens[0, 1, 0] == pytest.approx(2.0)
+    assert tokens[0, 3, 0] == pytest.approx((10 + 11 + 14 + 15) / 4)  # nothing visible: the tokens as they are
 
 
 def test_gate_sums_to_one_per_token_and_skips_masked_teachers():
@@ -110,7 +159,18 @@ def test_vit_student_distils_from_two_teachers_and_reports_the_gate(module_folde
     assert sum(gate["dominant_fraction"].values()) == pytest.approx(1.0)
     assert 0.0 <= gate["entropy"] <= 1.0
     assert metrics["student_keep_fraction"] == pytest.approx(0.25)
-    assert metrics["teacher_keep_fraction"] == {"coarse": pytest.approx(0.5), "fine": pytest.approx(0.5)}
+    # Each teacher saw half of its own patches; on the common 2x2 grid, a cell counts as kept by the
+    # 4x4 teacher when at least half of it was visible to it.
+    assert metrics["teacher_mask"] == {"coarse": {"keep": 0.5, "grid": [2, 2]}, "fine": {"keep": 0.5, "grid": [4, 4]}}
+    assert metrics["teacher_views"] == 2
+    kept = metrics["teacher_keep_fraction"]
+    assert kept["coarse"] == pytest.approx(0.5) and 0.5 < kept["fine"] < 1.0
+    # The teachers ran on their masked views (one epoch: view 0 only), not on the clean images.
+    cached = [json.loads(path.read_text()) for path in (module_folder / ".distillc-cache").rglob("teacher-targets/*.json")]
+    views = {(c["what"], c["view"]) for c in cached}
+    assert {("masked_patch_tokens", "TeacherMask(grid=2, keep=0.5)"),
+            ("masked_patch_tokens", "TeacherMask(grid=4, keep=0.5)")} <= views
+    assert ("patch_tokens", None) not in views
     before = result.plan.store.load(result.plan.steps[2].key)
     after = result.artifact
     assert after.arch == "vit-mcu" and after.meta["distilled_by"] == "distill.comad"
@@ -146,6 +206,8 @@ def test_cnn_student_distils_through_its_last_stage_map(module_folder):
     ('teacher_keep = [0.5]', "teacher_keep lists 1 values for 2 teachers"),
     ('teacher_keep = 1.5', r"teacher_keep values must be in \(0, 1\]"),
     ("student_keep = 0.0", r"passes\[0\]\.student_keep"),
+    ("student_keep = 0.6", r"teacher_keep \[0\.5\] must not be below student_keep = 0\.6"),
+    ("teacher_views = 0", r"passes\[0\]\.teacher_views"),
 ])
 def test_bad_configs_are_spec_errors_naming_the_key(write_spec, options, message):
     text = spec_text("bad", options=options)

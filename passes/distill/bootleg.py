@@ -30,7 +30,7 @@ from distillc.pass_api import PassContext
 from distillc.passes.distill.base import (Batch, DistillConfig, DistillationPass, Objective, largest_divisor_at_most,
                                           teacher_targets)
 from distillc.passes.distill.cadssl import pools_last_stage
-from distillc.passes.distill.comad import resize_map, student_map
+from distillc.passes.distill.comad import resize_map, student_map, teacher_skeleton
 from distillc.passes.distill.feature import projection_head
 
 #: target name -> which token summaries of a block's output are predicted from the embedding
@@ -325,16 +325,6 @@ def layer_losses(z: Any, predictors: Any, targets: Any, kind: str) -> Any:
         else:
             losses.append(F.smooth_l1_loss(pred, target))
     return torch.stack(losses)
-
-
-def teacher_skeleton(ctx: PassContext, teacher: str) -> Any:
-    """The teacher built on the meta device: its attributes (``num_blocks``, ``patch_size``, ...) without
-    allocating or loading its weights."""
-    import torch
-
-    artifact = ctx.teachers[teacher]
-    with torch.device("meta"):
-        return ctx.plugins.teachers.get(artifact.arch)(**artifact.options)
 
 
 @hookimpl

@@ -2,10 +2,10 @@
 
 After CoMAD (multi-teacher, masked, token-level distillation into a small student):
 
-1. **Tokens.** Each teacher's patch tokens of the clean training image are computed once
-   (:func:`~distillc.passes.distill.base.teacher_targets`, cached).  The student's tokens are
-   its patch tokens (a token-producing student such as ``vit-mcu``) or, for a CNN, its last
-   stage map read as one token per position, through a trainable 1x1 convolution
+1. **Tokens.**  Each teacher's patch tokens of its masked views of the training images are
+   computed once (:func:`~distillc.passes.distill.base.teacher_targets`, cached; see 3).  The
+   student's tokens are its patch tokens (a token-producing student such as ``vit-mcu``) or, for
+   a CNN, its last stage map read as one token per position, through a trainable 1x1 convolution
    (``student_adapter``): a CNN's last map ends in a ReLU, and its zeros cannot take the
    values of a layer-normalised target token.  Every token map is resized to one common grid
    (``grid``; default the student's token grid, or the finest teacher grid for a CNN).
@@ -15,10 +15,12 @@ After CoMAD (multi-teacher, masked, token-level distillation into a small studen
    adapter trained against the student on the target side can drift to targets that are
    merely easy (in the limit, constant).
 3. **Asymmetric masks.** The student sees a random ``student_keep`` fraction of the patches
-   (the rest of the image is zeroed); each teacher gets its own, lighter random mask
-   (``teacher_keep``, one value or one per teacher).  Teachers see clean images, so their masks
-   act on tokens: a teacher contributes only where its mask keeps the token (where no teacher
-   keeps a token, all of them do).
+   (the rest of the image is zeroed), drawn afresh every batch; each teacher sees its own,
+   lighter masked view (``teacher_keep`` of the patches of its own grid, masked in its own
+   input), a different mask per teacher.  So that the teacher runs once per view rather than
+   every batch, each teacher has ``teacher_views`` fixed masked views per image (a seed per
+   teacher and view; epoch ``e`` uses view ``e % teacher_views``), whose tokens are cached.  A
+   teacher contributes only where its view kept the patch (where no teacher did, all of them do).
 4. **Consensus gate.** Per token, a softmax over the teachers of
    ``(alpha * cos(student, adapted teacher) + (1 - alpha) * mean cos(teacher, other teachers))
    / gate_temperature``; the gate is a weighting, not a path for gradients (it is detached).
@@ -32,12 +34,14 @@ After CoMAD (multi-teacher, masked, token-level distillation into a small studen
    (the teachers' and the student's), decoder and mask token are training aids and leave with
    the pass.
 
-Metrics report the gate: each teacher's mean weight, how often it dominates a token, and the
-mean gate entropy (0 = one teacher decides, 1 = uniform).
+Metrics report the gate (each teacher's mean weight, how often it dominates a token, the mean
+gate entropy: 0 = one teacher decides, 1 = uniform) and the masks (each teacher's keep ratio and
+grid, the fractions of the common grid the student and each teacher kept).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -61,6 +65,7 @@ class ComadObjective(Objective):
         self.teachers = list(cfg.teachers)
         keep = cfg.teacher_keep
         self.teacher_keeps = list(keep) if isinstance(keep, list) else [keep] * len(self.teachers)
+        self.views: dict[int, tuple[list[Any], Any]] = {}
         self._reset_stats(-1)
 
     def setup(self, student: Any, device: Any) -> None:
@@ -76,19 +81,17 @@ class ComadObjective(Objective):
             sample = student_map(student, probe)
         student.train(was_training)
         self.student_dim = int(sample.shape[1])
-        maps = [teacher_targets(self.ctx, name, "patch_tokens", lambda m, b: m.patch_tokens(b))
-                for name in self.teachers]
+        self.teacher_grids = [int(teacher_skeleton(self.ctx, name).grid) for name in self.teachers]
         if hasattr(student, "patch_tokens"):
             default_grid = int(sample.shape[-1])
         else:  # the finest teacher grid (a 224-px ViT-S/16's is 14) that also tiles the student's image
-            default_grid = largest_divisor_at_most(image_size, max(int(m.shape[-1]) for m in maps))
+            default_grid = largest_divisor_at_most(image_size, max(self.teacher_grids))
         self.grid = cfg.grid or default_grid
         if image_size % self.grid:
             raise PassError("distill.comad", f"grid {self.grid} does not divide the image size {image_size}; "
                                              f"set grid to a divisor of {image_size}")
-        # Teacher tokens on the common grid, (images, grid*grid, D_t), kept on the CPU.
-        self.tokens = [resize_map(m, self.grid).flatten(2).transpose(1, 2).contiguous() for m in maps]
-        adapters = nn.ModuleList(pca_adapter(t, self.student_dim) for t in self.tokens)
+        tokens, _ = self._view(0)
+        adapters = nn.ModuleList(pca_adapter(t, self.student_dim) for t in tokens)
         adapters.requires_grad_(cfg.train_adapters)
         self.heads = nn.ModuleDict({"adapters": adapters, "decoder": masked_decoder(self.student_dim)})
         adapt_student = cfg.student_adapter if cfg.student_adapter is not None else not hasattr(student, "patch_tokens")
@@ -96,16 +99,48 @@ class ComadObjective(Objective):
             self.heads["student_adapter"] = nn.Conv2d(self.student_dim, self.student_dim, 1)
         self.heads.to(device)
 
+    def _view(self, view: int) -> tuple[list[Any], Any]:
+        """Masked view ``view`` of every teacher on the common grid: its tokens, one ``(images, grid*grid,
+        D_t)`` per teacher, and where its view kept the patches, ``(teachers, images, grid*grid)`` bool.
+
+        Each teacher sees its own fixed masks (:class:`TeacherMask`, a seed per teacher and view), so
+        its tokens come from the cache like clean ones; a teacher that keeps everything sees the clean
+        image (the same cached tokens as every other method's).  Kept in memory once read (CPU).
+        """
+        import torch
+
+        if view not in self.views:
+            ctx, data = self.ctx, self.ctx.data
+            count, channels, size = len(data.train_x), data.train_x.shape[1], tuple(data.train_x.shape[-2:])
+            tokens, keeps = [], []
+            for name, keep, teacher_grid in zip(self.teachers, self.teacher_keeps, self.teacher_grids):
+                if keep >= 1.0:
+                    token_map = teacher_targets(ctx, name, "patch_tokens", lambda m, b: m.patch_tokens(b))
+                    kept = torch.ones(count, teacher_grid * teacher_grid, dtype=torch.bool)
+                else:
+                    mask, seed = TeacherMask(grid=teacher_grid, keep=keep), teacher_mask_seed(name, view)
+                    token_map = teacher_targets(ctx, name, "masked_patch_tokens",
+                                                lambda m, b, c=channels: masked_patch_tokens(m, b, c),
+                                                view=mask, view_seed=seed)
+                    kept = teacher_view_masks(count, size, mask, seed)
+                on_grid, kept = on_common_grid(token_map, kept, self.grid)
+                tokens.append(on_grid)
+                keeps.append(kept)
+            self.views[view] = (tokens, torch.stack(keeps))
+        return self.views[view]
+
     def loss(self, student: Any, batch: Batch) -> Any:
         import torch
         import torch.nn.functional as F
 
-        from distillc.plugins.augment import apply_patch_mask
+        from distillc.plugins.augment import apply_patch_mask, random_patch_mask
 
         cfg, grid = self.cfg, self.grid
         size = len(batch.idx)
-        student_keep, teacher_keep = comad_masks(size, grid, cfg.student_keep, self.teacher_keeps, batch.generator)
-        student_keep, teacher_keep = student_keep.to(batch.x.device), teacher_keep.to(batch.x.device)
+        teacher_tokens, teacher_masks = self._view(batch.epoch % cfg.teacher_views)
+        # The student's mask is drawn afresh every batch; the teachers' are their views' fixed ones.
+        student_keep = random_patch_mask(size, grid, cfg.student_keep, batch.generator).to(batch.x.device)
+        teacher_keep = teacher_masks[:, batch.idx.cpu()].to(batch.x.device)
         feats = student_map(student, apply_patch_mask(batch.x, student_keep))
         if "student_adapter" in self.heads:
             feats = self.heads["student_adapter"](feats)
@@ -113,8 +148,8 @@ class ComadObjective(Objective):
         tokens = F.layer_norm(feats.flatten(2).transpose(1, 2).float(), (self.student_dim,))  # (B, N, D_s)
 
         with torch.set_grad_enabled(self.cfg.train_adapters and torch.is_grad_enabled()):
-            adapted = torch.stack([adapter(t[batch.idx].to(batch.x.device))
-                                   for adapter, t in zip(self.heads["adapters"], self.tokens)]).float()
+            adapted = torch.stack([adapter(t[batch.idx.cpu()].to(batch.x.device))
+                                   for adapter, t in zip(self.heads["adapters"], teacher_tokens)]).float()
         gate = consensus_gate(tokens.detach(), adapted.detach(), teacher_keep, alpha=cfg.gate_alpha,
                               temperature=cfg.gate_temperature)  # (B, N, T)
         target = torch.einsum("bnt,tbnd->bnd", gate, adapted)
@@ -170,19 +205,25 @@ class ComadObjective(Objective):
             },
             "student_keep_fraction": student_kept / tokens,
             "teacher_keep_fraction": {t: k / tokens for t, k in zip(self.teachers, teacher_kept)},
+            "teacher_mask": {t: {"keep": keep, "grid": [g, g]}
+                             for t, keep, g in zip(self.teachers, self.teacher_keeps, self.teacher_grids)},
+            "teacher_views": self.cfg.teacher_views,
         }
 
 
 class ComadDistillation(DistillationPass):
     name = "distill.comad"
     description = "CoMAD: consensus-gated, asymmetrically masked token distillation from 2+ frozen teachers"
-    version = "2"  # 2: trainable 1x1-conv student adapter for CNN students (student_adapter)
+    version = "3"  # 2: trainable 1x1-conv student adapter for CNN students; 3: teachers see masked views
 
     class Config(DistillConfig):
         teachers: list[str] = Field(min_length=2, description="names of two or more [[teachers]] entries")
         student_keep: float = Field(0.25, gt=0.0, le=1.0, description="fraction of patches the student sees")
-        teacher_keep: float | list[float] = Field(0.5, description="fraction of tokens each teacher keeps: one value, "
+        teacher_keep: float | list[float] = Field(0.5, description="fraction of its own patches each teacher sees "
+                                                                   "(a lighter mask than the student's): one value, "
                                                                    "or one per teacher")
+        teacher_views: int = Field(2, ge=1, le=64, description="fixed masked views per teacher and image whose tokens "
+                                                               "are cached; epoch e uses view e % teacher_views")
         temperature: float = Field(1.0, gt=0.0, description="softmax temperature of both KL terms")
         feature_weight: float = Field(1.0, ge=0.0, description="weight of the reconstructed-map KL")
         gate_alpha: float = Field(0.5, ge=0.0, le=1.0, description="gate mix: 1 = student affinity only, "
@@ -209,6 +250,9 @@ class ComadDistillation(DistillationPass):
                 raise ValueError(f"teacher_keep lists {len(keeps)} values for {len(self.teachers)} teachers")
             if any(not 0.0 < k <= 1.0 for k in keeps):
                 raise ValueError(f"teacher_keep values must be in (0, 1], got {keeps}")
+            if any(k < self.student_keep for k in keeps):
+                raise ValueError(f"teacher_keep {keeps} must not be below student_keep = {self.student_keep}: "
+                                 "each teacher's mask is lighter than the student's")
             return self
 
     def objective(self, ctx: PassContext) -> Objective:
@@ -240,20 +284,109 @@ def resize_map(feature_map: Any, grid: int) -> Any:
     return F.interpolate(feature_map, size=(grid, grid), mode="bilinear", align_corners=False)
 
 
-def comad_masks(batch: int, grid: int, student_keep: float, teacher_keeps: list[float],
-                generator: Any) -> tuple[Any, Any]:
-    """Asymmetric keep masks: the student's ``(B, grid*grid)`` and one per teacher ``(T, B, grid*grid)``.
+@dataclass(frozen=True)
+class TeacherMask:
+    """A teacher's masked view (a ``view`` for :func:`~distillc.passes.distill.base.teacher_targets`):
+    ``keep`` of the patches of the teacher's own ``grid x grid`` patch grid, drawn per image.
 
-    Every mask keeps exactly ``max(1, round(keep * grid * grid))`` tokens per image, each drawn
-    independently, so the teachers' masks differ from the student's and from each other.
+    The view cannot mask the teacher's input itself: it runs on the student-sized images, before
+    the teacher's input contract resizes them, and a 14x14 teacher grid does not tile a 16-px
+    image.  So it draws the mask and hands it on as extra image channels (the mask's cells, one
+    per pixel, row-major); :func:`masked_patch_tokens` reads them back and masks the teacher's
+    input at its own size.  Its ``repr`` is part of the cache key.
+    """
+
+    grid: int
+    keep: float
+
+    def __call__(self, x: Any, generator: Any) -> Any:
+        import torch
+
+        from distillc.plugins.augment import random_patch_mask
+
+        keep = random_patch_mask(len(x), self.grid, self.keep, generator)
+        height, width = x.shape[-2:]
+        planes = -(-keep.shape[1] // (height * width))
+        flat = torch.zeros(len(x), planes * height * width, dtype=x.dtype)
+        flat[:, :keep.shape[1]] = keep.to(x.dtype)
+        return torch.cat([x, flat.view(len(x), planes, height, width).to(x.device)], dim=1)
+
+    def read(self, planes: Any) -> Any:
+        """The ``(B, grid*grid)`` bool mask carried by the extra channels ``planes``."""
+        return read_mask(planes, self.grid * self.grid)
+
+
+def read_mask(planes: Any, cells: int) -> Any:
+    """The ``(B, cells)`` bool mask a :class:`TeacherMask` wrote into the extra channels ``planes``."""
+    return planes.flatten(1)[:, :cells] > 0.5
+
+
+def teacher_mask_seed(teacher: str, view: int) -> int:
+    """The seed of masked view ``view`` of ``teacher``: one per teacher name, so two teachers of the
+    same grid and keep ratio still see different masks."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"comad-teacher-mask:{teacher}:{view}".encode()).digest()[:4], "big")
+
+
+def masked_patch_tokens(module: Any, x: Any, channels: int) -> Any:
+    """The teacher's patch tokens ``(B, D, grid, grid)`` of its masked view: ``x`` is the student-sized
+    image (``channels`` channels) with a :class:`TeacherMask`'s extra channels; the image is turned
+    into the teacher's input (its size, channels, normalisation), and every masked patch of the
+    teacher's own grid is set to 0 there, the mean of its input statistics."""
+    from distillc.plugins.augment import apply_patch_mask
+    from distillc.plugins.models.teacher_input import TeacherView
+
+    teacher = module.teacher if isinstance(module, TeacherView) else module
+    images, planes = x[:, :channels], x[:, channels:]
+    seen = module.prepare(images) if isinstance(module, TeacherView) else images
+    keep = read_mask(planes, int(teacher.grid) ** 2)
+    return teacher.patch_tokens(apply_patch_mask(seen, keep.to(seen.device), fill=0.0))
+
+
+def teacher_view_masks(count: int, size: tuple[int, int], mask: TeacherMask, seed: int) -> Any:
+    """The masks :class:`TeacherMask` ``mask`` drew for the ``count`` training images in view ``seed``,
+    ``(count, grid*grid)`` bool: the view rebuilt from its seed on images without channels (the
+    draws do not depend on the pixels)."""
+    import torch
+
+    from distillc.passes.distill.base import teacher_view
+
+    return mask.read(teacher_view(torch.zeros(count, 0, *size), mask, seed))
+
+
+def on_common_grid(token_map: Any, keep: Any, grid: int, chunk: int = 1024) -> tuple[Any, Any]:
+    """A teacher's masked-view tokens on the common grid: ``(images, grid*grid, D)`` and its keep mask there.
+
+    ``token_map`` is ``(images, D, g, g)`` on the teacher's grid and ``keep`` ``(images, g*g)``.  A
+    common cell counts as kept when at least half its area was visible to the teacher, and its
+    token is the average of the visible teacher tokens over it (area average down, bilinear up,
+    weighted by visibility); a cell with nothing visible gets the teacher's tokens there as they
+    are.  Done ``chunk`` images at a time: the map is read from the cache file as it goes.
     """
     import torch
 
-    from distillc.plugins.augment import random_patch_mask
+    side = token_map.shape[-1]
+    tokens, kept = [], []
+    for first in range(0, len(token_map), chunk):
+        part = torch.as_tensor(token_map[first:first + chunk]).float()
+        visible = keep[first:first + chunk].view(-1, 1, side, side).float()
+        seen = resize_map(visible, grid)
+        mixed = resize_map(part * visible, grid) / seen.clamp_min(1e-6)
+        part = torch.where(seen > 0, mixed, resize_map(part, grid))
+        tokens.append(part.flatten(2).transpose(1, 2).contiguous())
+        kept.append(seen.flatten(1) >= 0.5)
+    return torch.cat(tokens), torch.cat(kept)
 
-    student = random_patch_mask(batch, grid, student_keep, generator)
-    teachers = torch.stack([random_patch_mask(batch, grid, keep, generator) for keep in teacher_keeps])
-    return student, teachers
+
+def teacher_skeleton(ctx: PassContext, teacher: str) -> Any:
+    """The teacher built on the meta device: its attributes (``num_blocks``, ``patch_size``, ``grid``, ...)
+    without allocating or loading its weights."""
+    import torch
+
+    artifact = ctx.teachers[teacher]
+    with torch.device("meta"):
+        return ctx.plugins.teachers.get(artifact.arch)(**artifact.options)
 
 
 def consensus_gate(student: Any, teachers: Any, keep: Any, *, alpha: float, temperature: float) -> Any:
