@@ -281,6 +281,113 @@ def load_cifar(*, image_size: int, val_fraction: float, seed: int, path: Path | 
                       name="cifar100" if names_key == "fine_label_names" else "cifar10")
 
 
+def load_webdataset(*, image_size: int, val_fraction: float, seed: int, path: Path | None,
+                    channels: int = 3) -> DataSplits:
+    """WebDataset tar shards (how CC3M/LAION-style image sets are stored): ``path`` is one
+    ``.tar`` or a folder of them (sorted by name).  A sample is the files of one key: an image
+    (``.jpg``/``.jpeg``/``.png``/``.webp``) and optionally ``.cls`` (an integer label; all
+    samples or none).  The shards are listed once to count the samples, then decoded by
+    DataLoader workers (the ``webdataset`` library, shards split across workers) into a
+    memory-mapped temporary file, and split by ``val_fraction``.
+    """
+    _check_common(image_size, val_fraction, channels)
+    if path is None:
+        raise SpecError("source 'webdataset' needs a path (a .tar shard or a folder of them)", "data.path")
+    path = Path(path)
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+    if not shards or not all(p.is_file() for p in shards):
+        raise SpecError(f"{str(path)!r} is not a .tar shard or a folder holding .tar shards", "data.path")
+    rows = _webdataset_rows(shards)
+    if not rows:
+        raise SpecError(f"no images found in the shards under {str(path)!r} (looked for .jpg, .jpeg, .png, .webp)",
+                        "data.path")
+    images = scratch_array((len(rows), 3, image_size, image_size))
+    labels = np.full(len(rows), -1, dtype=np.int64)
+    seen = np.zeros(len(rows), dtype=bool)
+    for row, pixels, label in _decode_shards(shards, rows, image_size):
+        images[row], labels[row], seen[row] = pixels, label, True
+    images.flush()
+    if not seen.all():
+        raise SpecError(f"{int((~seen).sum())} samples of {str(path)!r} could not be decoded", "data.path")
+    labelled = labels >= 0
+    if labelled.any() and not labelled.all():
+        raise SpecError(f"{str(path)!r}: {int((~labelled).sum())} of {len(rows)} samples have no .cls label; "
+                        "label all samples or none", "data.path")
+    labels_or_none = labels if labelled.all() else None
+    train, val = _split(labels_or_none, val_fraction, seed, n=len(rows))
+    num_classes, class_names = _classes(labels_or_none, None, str(path))
+    size = (image_size, channels)
+    return DataSplits(*_convert(images, 1.0 / 255.0, labels_or_none, train, *size),
+                      *_convert(images, 1.0 / 255.0, labels_or_none, val, *size),
+                      num_classes=num_classes, class_names=class_names, name="webdataset")
+
+
+_WDS_IMAGES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member name into (key, extension): at the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (dot + ext).lower()
+
+
+def _webdataset_rows(shards: list[Path]) -> dict[tuple[str, str], int]:
+    """(shard, sample key) -> row, in shard and member order, for every sample with an image."""
+    import tarfile
+
+    rows: dict[tuple[str, str], int] = {}
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:  # headers only: nothing is extracted
+                    key, ext = _sample_key(member.name)
+                    if member.isfile() and ext in _WDS_IMAGES and (str(shard), key) not in rows:
+                        rows[(str(shard), key)] = len(rows)
+        except (OSError, tarfile.TarError) as exc:
+            reason = str(exc).splitlines()[0].rstrip(":")
+            raise SpecError(f"cannot read the shard {str(shard)!r}: not a readable tar archive ({reason})",
+                            "data.path") from exc
+    return rows
+
+
+class _ShardSamples(torch.utils.data.IterableDataset):
+    """(row, (3, size, size) uint8, label) of every sample, read with the webdataset library;
+    each DataLoader worker takes its own shards."""
+
+    def __init__(self, shards: list[Path], rows: dict[tuple[str, str], int], size: int):
+        self.shards, self.rows, self.size = [str(p) for p in shards], rows, size
+
+    def __iter__(self):
+        import webdataset as wds
+
+        dataset = wds.WebDataset(self.shards, shardshuffle=False, empty_check=False,
+                                 workersplitter=wds.split_by_worker, nodesplitter=None).decode("pil")
+        for sample in dataset:
+            url = sample.get("__url__")
+            key = sample.get("__key__")
+            image = next((sample[ext[1:]] for ext in _WDS_IMAGES if ext[1:] in sample), None)
+            if image is None or (url, key) not in self.rows:
+                continue
+            label = sample.get("cls", -1)
+            if isinstance(label, (bytes, str)):
+                label = int(label)
+            yield self.rows[(url, key)], _square_pixels(image, self.size).transpose(2, 0, 1), int(label)
+
+
+def _decode_shards(shards: list[Path], rows: dict[tuple[str, str], int], size: int):
+    from torch.utils.data import DataLoader
+
+    from distillc.plugins.image_store import workers
+
+    loader = DataLoader(_ShardSamples(shards, rows, size), batch_size=None,
+                        num_workers=min(workers(), len(shards)))
+    try:
+        yield from loader
+    except ValueError as exc:  # a .cls that is not an integer
+        raise SpecError(f"a .cls label in the shards is not an integer: {exc}", "data.path") from exc
+
+
 Loader = Callable[..., DataSplits]
 
 DATASETS: dict[str, Loader] = {
@@ -288,6 +395,7 @@ DATASETS: dict[str, Loader] = {
     "npz": load_npz,
     "image-folder": load_image_folder,
     "cifar": load_cifar,
+    "webdataset": load_webdataset,
 }
 """Built-in data sources by the name a spec's ``data.source`` uses."""
 
@@ -481,15 +589,22 @@ def _read_image(file: Path, size: int) -> np.ndarray:
                         "data.source") from exc
     try:
         with Image.open(file) as image:
-            image = image.convert("RGB")
-            width, height = image.size
-            side = min(width, height)
-            left, top = (width - side) // 2, (height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+            return _square_pixels(image, size)
     except (UnidentifiedImageError, OSError) as exc:
         raise SpecError(f"cannot read image {str(file)!r}: {exc}", "data.path") from exc
+
+
+def _square_pixels(image: Any, size: int) -> np.ndarray:
+    """A Pillow image as (size, size, 3) uint8: RGB, centre-cropped square, resized bilinearly."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Built-in dataset sources: sklearn-digits (no download), npz, image-folder, cifar (local files).
+"""Built-in dataset sources: sklearn-digits (no download), npz, image-folder, cifar, webdataset (local files).
 
 The loaders live in :mod:`distillc.plugins.data`; this plugin registers them.  Importing the
 loaders pulls in torch, so it happens on first use, not at registration.
@@ -17,6 +17,7 @@ _SOURCES = {
     "npz": ("file", "a NumPy .npz with x (and y, x_val, y_val)"),
     "image-folder": ("folder", "root/<class>/*.png|jpg"),
     "cifar": ("folder", "CIFAR-10/100 python-pickle folder (data_batch_*, test_batch)"),
+    "webdataset": ("any", "WebDataset .tar shards (a shard or a folder of them): image + optional .cls"),
 }
 
 
