@@ -12,6 +12,7 @@ and the stack go into the part's ``system_bank``.
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,7 @@ CHIPS = {
             ),
             arena_banks=("dtcm", "axi_sram"), system_bank="axi_sram", irq_count=150,
             init=("/* RCC_AHB2ENR (RCC at 0x58024400, offset 0xDC), bits 29..31: the clocks of the D2\n"
-                  " * domain's SRAM1..3, off after reset (RM0433, 8.7.41). */\n"
+                  " * domain's SRAM1..3, off after reset (RM0433, RCC chapter). */\n"
                   "(*(volatile uint32_t *)0x580244DCu) |= 0x7u << 29;\n"
                   "(void)(*(volatile uint32_t *)0x580244DCu); /* read back: the clock is on before the first access */"),
             other_regions=(("ITCM", 0x00000000, 64, "instruction TCM; nothing is placed there by default"),),
@@ -160,7 +161,7 @@ def render_linker_script(chip: Chip, arena_bank: str, *, qemu: bool = False) -> 
     moved = {region: (origin, why) for region, origin, why in chip.qemu_moved} if qemu else {}
     if qemu and chip.qemu_machine is None:
         raise DistillcError(f"no QEMU board runs the {chip.part}'s memory map")
-    lines = [f"  FLASH ({'rx'}) : ORIGIN = {chip.flash_origin:#010x}, LENGTH = {chip.flash_kb}K"]
+    lines = [f"  FLASH (rx) : ORIGIN = {chip.flash_origin:#010x}, LENGTH = {chip.flash_kb}K"]
     notes = [f" *   FLASH     {chip.flash_origin:#010x}  {chip.flash_kb:>4} KiB  code, constants (the weights), "
              f"initial values of .data"]
     for b in chip.banks:
@@ -170,7 +171,8 @@ def render_linker_script(chip: Chip, arena_bank: str, *, qemu: bool = False) -> 
     for region, origin, kb, note in chip.other_regions:
         lines.append(f"  {region} (rwx) : ORIGIN = {origin:#010x}, LENGTH = {kb}K")
         notes.append(f" *   {region:<9} {origin:#010x}  {kb:>4} KiB  {note}")
-    qemu_note = "".join(f" *\n * QEMU variant ({chip.qemu_machine}): {why}.\n" for _, _, why in chip.qemu_moved) if qemu else ""
+    qemu_note = "".join(" *\n" + textwrap.indent(textwrap.fill(f"QEMU variant ({chip.qemu_machine}): {why}.", 92), " * ")
+                        + "\n" for _, _, why in chip.qemu_moved) if qemu else ""
     template = (STM32_DIR / "stm32.ld.in").read_text()
     values = {
         "PART": chip.part, "CORE": chip.core, "MAP": "\n".join(notes), "QEMU_NOTE": qemu_note,
