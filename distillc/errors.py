@@ -62,6 +62,15 @@ class PassError(DistillcError):
         super().__init__(f"pass {pass_name!r}: {message}")
 
 
+class QualityGateError(PassError):
+    """A pass's quality gate refused the model (constant embeddings, a top-1 at chance, below
+    ``min_top1``, or more than ``max_drop`` below FP32); names the pass and the ``metric``."""
+
+    def __init__(self, pass_name: str, metric: str, message: str):
+        self.metric = metric
+        super().__init__(pass_name, message)
+
+
 class WorkspaceError(DistillcError):
     """The cache, the work directory or an output file cannot be used: read-only, full, or a file
     where a folder belongs.  Names the path and what to do."""

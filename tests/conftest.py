@@ -51,6 +51,7 @@ projector_hidden = 0
 use = "eval.linear-probe"
 teachers = ["vit"]
 c = {probe_c}
+{probe_options}
 
 [target]
 use = "{target}"
@@ -58,11 +59,34 @@ use = "{target}"
 """
 
 
+#: The QAT gate key of the tiny spec (see ``tiny_spec_text``).
+QAT_GATE_OFF = 'gate = "off"'
+
+
 def tiny_spec_text(*, seed: int = 0, teacher_epochs: int = 1, distill_epochs: int = 2, probe_c: float = 1.0,
-                   target: str = "host", target_options: str = "", extra_passes: str = "") -> str:
+                   target: str = "host", target_options: str = "", extra_passes: str = "",
+                   qat_gate: bool = False) -> str:
+    """The tiny spec.  Its INT8 student is collapsed: ten optimizer steps from a one-epoch teacher at
+    8 px leave embeddings whose input-dependent part is 1e-7 of their size, which 8-bit activations
+    round away (INT8 probe at chance).  The tests that use it check the flow, caching and the
+    backend, not quality, so the quality gate of ``quantize.brevitas-qat`` is off in it (the
+    target's calibration-only copy through ``[target] backend``, or a QAT pass in
+    ``extra_passes``) unless ``qat_gate``, and so is the probe's after such a pass; the probe of the float
+    student keeps its gate (it passes: the float embeddings still vary)."""
+    probe_options = ""
+    if not qat_gate:
+        qat = 'use = "quantize.brevitas-qat"'
+        if qat in extra_passes:
+            extra_passes = extra_passes.replace(qat, f"{qat}\n{QAT_GATE_OFF}")
+            probe_options = QAT_GATE_OFF
+        elif "backend = {" in target_options:
+            target_options = target_options.replace("backend = {", f'backend = {{ "quantize.brevitas-qat" = '
+                                                                   f'{{ {QAT_GATE_OFF} }},', 1)
+        else:
+            target_options += f'\nbackend = {{ "quantize.brevitas-qat" = {{ {QAT_GATE_OFF} }} }}'
     return textwrap.dedent(TINY_SPEC).format(seed=seed, teacher_epochs=teacher_epochs, distill_epochs=distill_epochs,
                                              probe_c=probe_c, target=target, target_options=target_options,
-                                             extra_passes=extra_passes)
+                                             extra_passes=extra_passes, probe_options=probe_options)
 
 
 @pytest.fixture(autouse=True)

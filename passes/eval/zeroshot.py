@@ -6,6 +6,11 @@ embedded, its first ``d`` values are scored against every class's first ``d`` va
 best class is its prediction.  The model passes through unchanged (float or quantized), so the
 pass can sit after QAT and show what quantization cost per dimension.
 
+The quality gate (``gate.py``) fails the compile when the validation embeddings are constant or
+the best dimension's top-1 is at chance (``gate = "off"`` turns that off); ``min_top1`` holds
+for every scored dimension, and ``max_drop`` (a quantized model) compares each with the FP32
+zero-shot top-1 ``quantize.brevitas-qat`` recorded with the model's own class embeddings.
+
 With ``classes`` (and ``prompts``) it scores other class embeddings instead: the names are encoded
 by ``teacher``'s text tower (:mod:`distillc.passes.distill.prompts`) and brought into the head's
 space through the nested map the Matryoshka pass kept with teacher-space class embeddings
@@ -23,6 +28,7 @@ from distillc import hookimpl
 from distillc.artifacts import QuantTorchModel, TorchModel
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassContext, PassResult
+from distillc.passes.eval.gate import GateConfig, check_embeddings, check_top1
 from distillc.passes.distill.prompts import ClassPromptsConfig, encode_classes, teacher_tokenizer_requirement
 
 
@@ -34,8 +40,9 @@ class ZeroShotEval(Pass):
     passthrough = True
     uses_data = True
     tools = ("torch",)
+    version = "2"  # 2: the quality gate
 
-    class Config(ClassPromptsConfig):
+    class Config(ClassPromptsConfig, GateConfig):
         dims: list[int] | None = Field(None, description="dims to score (a subset of the model's); default all")
         teacher: str | None = Field(None, description="with classes: the [[teachers]] entry whose text tower encodes "
                                                       "them (the one the Matryoshka head was trained against)")
@@ -70,9 +77,36 @@ class ZeroShotEval(Pass):
         data = ctx.data
         if not data.labelled:
             raise PassError(self.name, f"zero-shot accuracy needs labelled validation data; {data.name} has none")
-        top1 = zero_shot_top1(artifact.build(ctx.plugins), data, classes, dims, self.name)
+        model = artifact.build(ctx.plugins)
+        top1 = zero_shot_top1(model, data, classes, dims, self.name)
+        quantized = isinstance(artifact, QuantTorchModel)
+        gate = self._gate(artifact, model, data, top1, dims, quantized, own_classes=self.config.classes is None)
         return PassResult(artifact, {"top1": top1, "classes": len(classes.classes), "class_embeddings": classes.source,
-                                     "quantized": isinstance(artifact, QuantTorchModel)})
+                                     "quantized": quantized, "gate": gate})
+
+    def _gate(self, artifact: TorchModel, model: Any, data: Any, top1: dict[str, float], dims: list[int], quantized: bool,
+              own_classes: bool) -> dict[str, Any]:
+        """The quality gate: constant embeddings, the best dim at chance, ``min_top1`` at every dim,
+        ``max_drop`` against the FP32 zero-shot top-1 QAT recorded (with the model's own class embeddings)."""
+        from distillc.training import embed_all
+
+        cfg = self.config
+        what = "the INT8 student" if quantized else "the student"
+        gate = check_embeddings(self.name, cfg, embed_all(model, data.val_x).numpy(), what=what)
+        reference = artifact.meta.get("fp32_zero_shot_top1", {}) if quantized and own_classes else {}
+        best = max(dims, key=lambda d: top1[str(d)]) if dims else None
+        drops = {}
+        for d in dims:
+            checked = check_top1(self.name, cfg, top1[str(d)], data.val_y, data.num_classes, metric=f"top1.{d}",
+                                 what=what, reference=reference.get(str(d)), chance_test=d == best,
+                                 reference_metric="the FP32 zero-shot top-1 quantize.brevitas-qat recorded: a quantized "
+                                                  "model, labelled data, the model's own class embeddings")
+            if "drop_points" in checked:
+                drops[str(d)] = checked.pop("drop_points")
+            gate.update(checked)
+        if drops:
+            gate["drop_points"] = drops
+        return gate
 
     def _prompted_classes(self, ctx: PassContext, stored: Any) -> Any:
         """INT8 class embeddings of ``classes`` in the head's space, through the stored nested map."""
@@ -95,7 +129,6 @@ class ZeroShotEval(Pass):
                                        f"head's map takes {nested_map.shape[0]}")
         return ClassEmbeddings.quantize(teacher_space @ nested_map, dims=stored.dims, classes=cfg.class_names(),
                                         metric="dot", source="text")
-
 
 
 @hookimpl

@@ -18,6 +18,12 @@ A borrowed objective's heads (projectors, adapters, predictors) start fresh: the
 pass dropped its own.  They first train alone on the frozen quantized student for
 ``head_warmup_epochs``, so that QAT does not start with large, meaningless gradients.  FP32 and
 INT8 linear-probe top-1 are reported side by side when the data has labels.
+
+The INT8 student then passes the quality gate (``distillc.passes.eval.gate``): constant
+validation embeddings, or an INT8 probe at chance, fail the compile unless ``gate = "off"``;
+``min_top1`` and ``max_drop`` (points below FP32) are checked when set.  The FP32 probe (and,
+for a model with Matryoshka class embeddings, the FP32 zero-shot top-1) is recorded in the
+artifact's ``meta``, the reference of the eval passes' ``max_drop`` after this pass.
 """
 
 from __future__ import annotations
@@ -29,24 +35,25 @@ from pydantic import Field, model_validator
 
 from distillc import hookimpl
 from distillc.artifacts import QuantTorchModel, TorchModel
-from distillc.errors import SpecError
+from distillc.errors import PassError, SpecError
 from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 from distillc.passes.distill.base import Batch, DistillationPass, Objective, teacher_input_metrics
 from distillc.passes.distill.feature import FeatureObjective
+from distillc.passes.eval.gate import GateConfig, check_embeddings, check_top1
 
 _BUILTIN_OBJECTIVES = ("auto", "self", "feature")
 
 
 class BrevitasQat(Pass):
     name = "quantize.brevitas-qat"
-    version = "3"  # 3: keeps any distillation pass's objective (objective = "auto")
+    version = "4"  # 3: keeps any distillation pass's objective (objective = "auto"); 4: the quality gate
     description = "Brevitas QAT (BN folded, per-channel weights) keeping the distillation objective"
     takes = TorchModel
     makes = QuantTorchModel
     uses_data = True
     tools = ("torch", "brevitas")
 
-    class Config(PassConfig):
+    class Config(GateConfig):
         weight_bits: int = Field(8, ge=2, le=8, description="weight bit width; the C bundle stores every weight in one byte whatever the width "
                                                                "(sub-8-bit packing is not built yet), so fewer bits do not shrink flash today")
         act_bits: int = Field(8, ge=2, le=8, description="activation bit width")
@@ -70,6 +77,8 @@ class BrevitasQat(Pass):
             if self.teacher is not None and self.objective not in ("auto", "feature"):
                 raise ValueError(f"`teacher` is the 'feature' objective's teacher; objective {self.objective!r} "
                                  f"brings its own teachers: remove `teacher`")
+            if not self.probe and (self.min_top1 is not None or self.max_drop is not None):
+                raise ValueError("min_top1 and max_drop judge the INT8 probe: they need probe = true")
             return self
 
     def __init__(self, config: PassConfig):
@@ -130,7 +139,7 @@ class BrevitasQat(Pass):
         import torch
 
         from distillc.passes.distill.base import train_with_objective
-        from distillc.passes.eval.probe import linear_probe_top1
+        from distillc.passes.eval.probe import PROBE_DEFAULTS, linear_probe_top1
         from distillc.passes.quantize.brevitas_model import QuantStudent, quantize
         from distillc.training import count_params
 
@@ -143,7 +152,7 @@ class BrevitasQat(Pass):
         float_model = artifact.build(ctx.plugins).eval()
         metrics: dict[str, Any] = {"objective": self._kind}
         if cfg.probe and data.labelled:
-            metrics["fp32"] = {"top1": linear_probe_top1(float_model, data)}
+            metrics["fp32"] = {"top1": linear_probe_top1(float_model, data, **PROBE_DEFAULTS)}
 
         qmodel = quantize(float_model, data.train_x[: cfg.calib_images], weight_bits=cfg.weight_bits,
                           act_bits=cfg.act_bits, per_channel=cfg.per_channel)
@@ -170,14 +179,42 @@ class BrevitasQat(Pass):
             metrics["epoch_losses"] = losses
         metrics.update({k: v for k, v in objective.metrics().items() if k not in metrics})
         metrics.update(teacher_input_metrics(ctx, self.teachers()))
-        if "fp32" in metrics:
-            metrics["int8"] = {"top1": linear_probe_top1(qmodel, data)}
+        metrics["gate"], reference = self._gate(qmodel, float_model, artifact.meta, metrics, data)
         quant = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "per_channel": cfg.per_channel}
         state = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.state_dict().items()}
         out = QuantTorchModel(role="student", arch=artifact.arch, options=artifact.options, state=state,
-                              meta={**artifact.meta, "quant": quant, "qat_objective": self._kind},
+                              meta={**artifact.meta, "quant": quant, "qat_objective": self._kind, **reference},
                               head=artifact.head, quant=quant)
         return PassResult(out, metrics)
+
+    def _gate(self, qmodel: Any, float_model: Any, meta: dict[str, Any], metrics: dict[str, Any],
+              data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Measure the INT8 probe, run the quality gate on the INT8 student, and return the gate's
+        metrics and the FP32 references for ``meta`` (what the eval passes' ``max_drop`` compares with)."""
+        from distillc.passes.eval.probe import PROBE_DEFAULTS, frozen_features, probe_top1
+        from distillc.training import embed_all
+
+        cfg = self.config
+        what = "the INT8 student"
+        reference: dict[str, Any] = {}
+        if "fp32" not in metrics:
+            if cfg.min_top1 is not None or cfg.max_drop is not None:
+                raise PassError(self.name, f"min_top1 and max_drop need labelled validation data; {data.name} has none")
+            return check_embeddings(self.name, cfg, embed_all(qmodel, data.val_x).numpy(), what=what), reference
+        train, val = frozen_features(qmodel, data)
+        gate = check_embeddings(self.name, cfg, val, what=what)
+        metrics["int8"] = {"top1": probe_top1(train, data.train_y, val, data.val_y, **PROBE_DEFAULTS)}
+        gate.update(check_top1(self.name, cfg, metrics["int8"]["top1"], data.val_y, data.num_classes,
+                               metric="int8.top1", what=what, reference=metrics["fp32"]["top1"],
+                               reference_metric="fp32.top1"))
+        reference["fp32_probe"] = {"top1": metrics["fp32"]["top1"], **PROBE_DEFAULTS}
+        if meta.get("matryoshka"):
+            from distillc.passes.distill.matryoshka import ClassEmbeddings, zero_shot_top1
+
+            classes = ClassEmbeddings.from_meta(meta["matryoshka"])
+            if len(classes.classes) == data.num_classes:
+                reference["fp32_zero_shot_top1"] = zero_shot_top1(float_model, data, classes, classes.dims, self.name)
+        return gate, reference
 
     def _objective(self, ctx: PassContext, float_model: Any) -> Objective:
         if self._source is not None:
