@@ -239,19 +239,70 @@ def targets(as_json: bool = JSON_OPTION) -> None:
 @handled
 def inspect(bundle: Path = typer.Argument(..., help="A bundle directory (with manifest.json)."),
             as_json: bool = JSON_OPTION) -> None:
-    """Show a bundle's manifest as tables: memory, input/output, layers, dims (--json: the manifest)."""
+    """Show a bundle's facts as tables: model and target, memory, layers, quantization, training,
+    verification (what report.html shows; --json: the manifest, plus those facts as "report")."""
+    from distillc.bundle_report import report_facts
+
     manifest = _read_manifest(bundle)
-    if as_json:
-        _print_json(manifest)
-        return
     try:
-        _show_manifest(manifest)
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:  # a manifest edited by hand
+        facts = report_facts(manifest)
+        if as_json:
+            _print_json({**manifest, "report": facts})
+            return
+        _show_manifest(manifest, facts)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        # a manifest edited by hand
         raise DistillcError(f"{bundle / 'manifest.json'}: unexpected content ({shorten(repr(exc))}); "
                             "compile the bundle again") from None
 
 
-def _show_manifest(manifest: dict[str, Any]) -> None:
+@app.command()
+@handled
+def report(bundle: Path = typer.Argument(..., help="A bundle directory (with manifest.json)."),
+           output: Optional[Path] = typer.Option(None, "--output", help="Where to write the page "
+                                                 "(default: BUNDLE/report.html).")) -> None:
+    """Write the bundle's report.html again from its manifest.json (no network, no compile)."""
+    from distillc.bundle_report import REPORT_FILE, render_html
+    from distillc.cache import write_atomic
+
+    manifest = _read_manifest(bundle)
+    path = output if output is not None else bundle / REPORT_FILE
+    if path.is_dir() or not path.parent.is_dir():
+        raise DistillcError(f"--output {path}: " + ("is a folder; give a file name" if path.is_dir() else
+                                                    f"folder {path.parent} does not exist; create it first"))
+    try:
+        page = render_html(manifest)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise DistillcError(f"{bundle / 'manifest.json'}: unexpected content ({shorten(repr(exc))}); "
+                            "compile the bundle again") from None
+    try:
+        write_atomic(path, page)
+    except OSError as exc:
+        raise DistillcError(f"cannot write {path}: {exc.strerror or exc}") from None
+    out.print(f"wrote {path}")
+
+
+def _show_manifest(manifest: dict[str, Any], facts: dict[str, Any]) -> None:
+    model, budget, speed = facts["model"], facts["budget"], facts["speed"]
+    summary = Table(title=f"{model['name']} on {model['target']}")
+    summary.add_column("fact")
+    summary.add_column("value")
+    for name, label in (("flash", "flash"), ("ram", "RAM")):
+        b = budget[name]
+        value = f"{b['used_bytes']} B" + (f" of {b['budget_bytes']} B ({100 * b['used_bytes'] / b['budget_bytes']:.1f} %)"
+                                          if b["budget_bytes"] else " (no budget)")
+        summary.add_row(Text(f"{label}: {b['what']}"), Text(value))
+    summary.add_row(Text("MACs per inference"), Text(str(model["macs"])))
+    if speed["instructions_per_inference"]:
+        summary.add_row(Text(f"instructions per inference ({speed['machine']})"),
+                        Text(str(speed["instructions_per_inference"])))
+        ips = speed["inferences_per_second"]
+        summary.add_row(Text(f"inferences per second at {speed['clock_mhz']} MHz (estimate)" if ips else
+                             "inferences per second"),
+                        Text(f"{ips:.1f}" if ips else "unknown (no clock_mhz)"))
+    out.print(summary)
+    if speed["instructions_per_inference"]:
+        out.print(Text(f"speed: {speed['note']}"))
     io = Table(title="input / output")
     for column in ("tensor", "shape", "dtype", "scale", "zero point"):
         io.add_column(column)
@@ -264,19 +315,43 @@ def _show_manifest(manifest: dict[str, Any]) -> None:
     memory.add_column("item")
     memory.add_column("bytes", justify="right")
     for key, value in manifest.get("memory", {}).items():
-        memory.add_row(Text(str(key)), Text(str(value)))
+        if not isinstance(value, (list, dict)):  # live_bytes: the arena timeline, in report.html
+            memory.add_row(Text(str(key)), Text(str(value)))
     out.print(memory)
-    layers = manifest.get("layers", [])
+    layers = facts["layers"]
     if layers:
-        table = Table(title=f"layers ({len(layers)})")
-        columns = [c for c in ("name", "op", "input_shape", "output_shape", "macs", "weight_bytes") if c in layers[0]]
+        table = Table(title=f"layers ({len(layers)}); instructions per layer: {speed['per_layer']}")
+        columns = ("index", "name", "op", "input_shape", "output_shape", "macs", "weight_bytes", "arena_offset",
+                   "arena_bytes", "mac_share", "sqnr_db")
         for column in columns:
             table.add_column(column)
         for layer in layers:
-            table.add_row(*(Text(str(layer.get(c, ""))) for c in columns))
+            cells = []
+            for c in columns:
+                value = layer.get(c)
+                cells.append(Text("" if value is None else f"{100 * value:.1f} %" if c == "mac_share" else str(value)))
+            table.add_row(*cells)
         out.print(table)
+    quant = facts["quantization"]
+    for row in quant["accuracy"]:
+        out.print(f"{row['step']}: {row['metric']} FP32 {row['fp32']:.4f}, INT8 {row['int8']:.4f}")
+    if quant["layer_sqnr"] == "measured":
+        out.print(f"SQNR against {quant['sqnr_reference']} on {quant['sqnr_images']} image(s): output "
+                  f"{quant['output_sqnr_db']} dB, lowest layer {quant['min_layer_sqnr_db']} dB")
+    for curve in facts["training"]:
+        losses = curve["losses"]
+        out.print(f"training {curve['label']}: {len(losses)} epoch(s), loss {losses[0]:.4g} -> {losses[-1]:.4g}")
     if manifest.get("matryoshka_dims"):
         out.print(f"Matryoshka dims: {manifest['matryoshka_dims']}")
+    for curve in facts["matryoshka"]:
+        pairs = ", ".join(f"{d}: {t:.4f}" for d, t in zip(curve["dims"], curve["top1"]))
+        out.print(f"{curve['label']}: {pairs}")
+    for name, v in facts["verification"].items():
+        line = f"verify.{name}: {v['images']} image(s), max {v['max_lsb']} LSB"
+        if v["explained"]:
+            line += (f", {v['tie_differences']} kernel value(s) on float32 rounding ties "
+                     f"({v['kernels_checked']} kernels checked)")
+        out.print(line)
     izer = manifest.get("izer")
     if izer and izer.get("exported"):
         out.print(f"MAX78000 accelerator (izer/): {izer['layers']} layers, {izer['weights_bytes']} weight bytes, "

@@ -20,6 +20,7 @@ from typing import Any
 
 from distillc import __version__, distributed
 from distillc.artifacts import Artifact, Bundle, OnnxModel
+from distillc.bundle_report import write_report
 from distillc.cache import ForcedRun, write_atomic
 from distillc.errors import DistillcError
 from distillc.locks import held, owned_folder, remove_abandoned
@@ -262,8 +263,10 @@ def _publish_outputs(plan: Plan, plugins: Plugins, artifact_of: Any, stop_at: in
     only beside the outputs it names.  Outputs of an earlier, longer run would contradict this
     run's report, so they go too.
 
-    The published bundle's manifest also gets the spec's hash and every pass's metrics (the
-    cached bundle cannot hold them: a spec change that re-runs no backend pass may change them).
+    The published bundle's manifest also gets the spec's hash, every pass's metrics and the step
+    ids in plan order (the cached bundle cannot hold them: a spec change that re-runs no backend
+    pass may change them), and the bundle gets ``report.html``, drawn from that manifest
+    (:mod:`distillc.bundle_report`).
     """
     outputs: dict[str, str] = {}
     last: dict[str, Step] = {}
@@ -281,8 +284,11 @@ def _publish_outputs(plan: Plan, plugins: Plugins, artifact_of: Any, stop_at: in
             shutil.copytree(artifact_of(last["Bundle"].id).path, staging / "bundle")
             manifest_path = staging / "bundle" / "manifest.json"
             manifest = json.loads(manifest_path.read_text())
-            manifest.update(spec_sha256=plan.spec.digest(), metrics=metrics)
+            manifest.update(spec_sha256=plan.spec.digest(), metrics=metrics,
+                            steps=[step.id for step in plan.steps[: stop_at + 1]])
             manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+            # Read back from the file, so report.html shows exactly what the manifest holds.
+            write_report(staging / "bundle", json.loads(manifest_path.read_text()))
         (plan.workdir / "report.json").unlink(missing_ok=True)
         if "OnnxModel" in last:
             os.replace(staging / "model.onnx", onnx_target)

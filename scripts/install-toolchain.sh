@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages distillc's backend uses (arm-none-eabi-gcc, newlib, QEMU) when
-# any is missing.  Needs root for apt-get; without it, says what to install and carries on.
+# Installs the Debian packages distillc's backend uses (arm-none-eabi-gcc, newlib, QEMU) and the
+# headless browser the report test opens bundle/report.html in (chromium) when any is missing.
+# Needs root for apt-get; without it, says what to install and carries on.
 set -euo pipefail
 
 missing=()
@@ -14,6 +15,7 @@ fi
 command -v qemu-system-arm >/dev/null 2>&1 || missing+=(qemu-system-arm)
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -56,11 +56,14 @@ def _fake_bundle(folder, manifest):
 
 
 def test_inspect_as_json_prints_the_manifest(tmp_path):
+    """Every manifest key as it is, plus "report": the facts report.html shows (tests/test_report.py)."""
     manifest = {"input": {"shape": [1, 1, 2, 2], "dtype": "int8", "scale": 0.5, "zero_point": 0},
                 "memory": {"arena_bytes": 64}, "layers": []}
     bundle = _fake_bundle(tmp_path / "bundle", manifest)
     result = runner.invoke(app, ["inspect", str(bundle), "--json"])
-    assert result.exit_code == 0 and json.loads(result.output) == manifest
+    printed = json.loads(result.output)
+    assert result.exit_code == 0 and {k: v for k, v in printed.items() if k != "report"} == manifest
+    assert printed["report"]["budget"]["ram"]["used_bytes"] == 64 and printed["report"]["layers"] == []
 
 
 def test_run_on_qemu_takes_the_board_from_the_manifest(tmp_path, monkeypatch):
