@@ -444,12 +444,13 @@ def _svg(fig: Any, name: str) -> str:
 
 
 def _new_figure(width: float, height: float) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """A figure on its own Agg canvas: no pyplot, so no global backend or figure manager is
+    touched (a caller's interactive session keeps its own)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=72)
+    FigureCanvasAgg(fig)
     return fig
 
 
