@@ -14,6 +14,12 @@ class DatasetSource:
     ``distillc.plugins.data.DataSplits``; ``fingerprint`` takes the same keywords and returns a
     string that changes whenever the loaded data would (it enters cache keys, so it must be cheap:
     file sizes and modification times, not contents).
+
+    ``options`` is a pydantic model of the source's own settings (``[data] options = {...}``):
+    ``validate`` checks the table against it (problems named ``data.options.<key>``), and ``load``
+    and ``fingerprint`` then get one more keyword, ``options``, the validated table as a plain
+    dict with the defaults filled in.  None (the default): the source takes no options, and
+    ``load``/``fingerprint`` never see the keyword.
     """
 
     name: str
@@ -23,6 +29,8 @@ class DatasetSource:
     description: str = ""
     #: what ``path`` must be, checked by ``validate``: ``"file"``, ``"folder"`` or ``"any"``
     path_kind: str = "any"
+    #: a pydantic model of ``[data] options``, or None: the source takes none
+    options: type | None = None
 
 
 def check_dataset(obj: Any) -> str | None:

@@ -84,6 +84,9 @@ class DataSection(_Section):
     image_size: int = Field(32, ge=4, le=1024)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     channels: Annotated[Literal[1, 3], BeforeValidator(_exact_int)] = 3
+    # The source's own settings (e.g. digit-scenes' unseen classes), checked in stage 2 against
+    # the source's ``options`` model; a source without one takes none.
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class TeacherTraining(_Section):
@@ -210,17 +213,24 @@ class Spec:
     def teacher(self, name: str) -> TeacherSection:
         return next(t for t in self.teachers if t.name == name)
 
-    def data_kwargs(self) -> dict[str, Any]:
+    def data_kwargs(self, source: Any = None) -> dict[str, Any]:
+        """The keywords of ``source``'s ``load`` and ``fingerprint``; ``options`` (validated, defaults
+        filled in) only for a source that declares an options model."""
         d = self.data
-        return {"image_size": d.image_size, "val_fraction": d.val_fraction, "seed": self.distillc.seed,
-                "path": self.resolve(d.path), "channels": d.channels}
+        kwargs = {"image_size": d.image_size, "val_fraction": d.val_fraction, "seed": self.distillc.seed,
+                  "path": self.resolve(d.path), "channels": d.channels}
+        model = getattr(source, "options", None)
+        if model is not None:
+            kwargs["options"] = model.model_validate(d.options).model_dump(mode="json")
+        return kwargs
 
     def data_fingerprint(self, plugins: Any) -> str:
         source = plugins.datasets.get(self.data.source)
-        return f"{self.data.source}:{source.fingerprint(**self.data_kwargs())}"
+        return f"{self.data.source}:{source.fingerprint(**self.data_kwargs(source))}"
 
     def load_data(self, plugins: Any) -> Any:
-        return plugins.datasets.get(self.data.source).load(**self.data_kwargs())
+        source = plugins.datasets.get(self.data.source)
+        return source.load(**self.data_kwargs(source))
 
     def digest(self) -> str:
         """sha256 of the validated spec (canonical JSON), recorded in the manifest."""
@@ -546,6 +556,12 @@ def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> Non
         else:
             wants = getattr(source, "path_kind", "any")
             files.append(("data.path", spec.data.path, wants, f"source {spec.data.source!r} reads a {wants}"))
+        model = getattr(source, "options", None)
+        if model is None and spec.data.options:
+            problems.append(f"data.options: source {spec.data.source!r} takes no options; remove the key "
+                            f"(got {shorten(str(sorted(spec.data.options)), 120)})")
+        elif model is not None:
+            validate_into(model, spec.data.options, "data.options", problems)
     for key, rel, *wants in files:
         problem = path_problem(spec.root, rel, *wants) if rel is not None else None
         if problem:

@@ -13,13 +13,14 @@ LOADER_VERSION = 1
 
 
 def fingerprint(source: str, *, image_size: int, val_fraction: float, seed: int,
-                path: Path | None = None, channels: int = 3) -> str:
+                path: Path | None = None, channels: int = 3, options: dict | None = None) -> str:
     """A stable sha256 (hex) of a loader call: its config plus a listing of its files.
 
     For file sources the listing holds each file's path relative to ``path``, size and
     modification time in ns. It costs one ``stat`` per file and reads no contents: cheap, but
     a file rewritten with the same size and mtime goes unnoticed. Moving the whole dataset
-    folder elsewhere keeps the fingerprint.
+    folder elsewhere keeps the fingerprint.  ``options`` (a source's validated ``[data] options``)
+    enter the record only when given, so sources without options keep their fingerprints.
     """
     files: list[tuple[str, int, int]] = []
     if path is not None:
@@ -46,5 +47,7 @@ def fingerprint(source: str, *, image_size: int, val_fraction: float, seed: int,
         "channels": channels,
         "files": files,
     }
+    if options is not None:
+        record["options"] = options
     canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

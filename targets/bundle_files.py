@@ -33,6 +33,7 @@ BOARD_FILES = ("startup.c", "board.h", "mps2.ld", "arm-none-eabi.cmake")
 #: The example program, for the bundle and for distillc's runner alike.
 EXAMPLE_MAIN = CORTEX_M_DIR / "example_main.c"
 TRACE_MAIN = CORTEX_M_DIR / "trace_main.c"  # host debug build: every kernel's output (runner.trace_on_host)
+LAYER_MAIN = CORTEX_M_DIR / "layer_main.c"  # board build: instructions per kernel call (runner.run_on_qemu)
 
 MODEL_HEADER = Path("include") / "distillc_model.h"
 

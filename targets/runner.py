@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DistillcError
-from .bundle_files import (EXAMPLE_MAIN, TRACE_MAIN, ModelHeader, read_arena_bytes, read_model_header,
-                           render_input_data)
+from .bundle_files import (EXAMPLE_MAIN, LAYER_MAIN, TRACE_MAIN, ModelHeader, read_arena_bytes,
+                           read_model_header, render_input_data)
 from .stm32 import STM32_DIR, Chip, chip_files_dir, get_chip, render_linker_script, render_startup
 from .toolchain import (ARM_FLAGS, ARM_LINK_FLAGS, C_FLAGS, CHIP_LINK_FLAGS, CORTEX_M_DIR, LIBS, Board, Flag,
                         check_newlib, command_line, excerpt, find_tool,
@@ -30,6 +30,21 @@ from .toolchain import (ARM_FLAGS, ARM_LINK_FLAGS, C_FLAGS, CHIP_LINK_FLAGS, COR
 COMPILE_TIMEOUT_S = 600.0
 HOST_RUN_TIMEOUT_S = 600.0
 DEFAULT_STACK_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True)
+class LayerCounts:
+    """Instructions per kernel call, from a second build of the bundle whose executor reads the
+    board's counter after every kernel (``-DDISTILLC_TRACE`` with cortex_m/layer_main.c).
+
+    Only the executor is rebuilt: the kernels and weights are the objects the plain build ran, so a
+    kernel's count is its own code plus its call; the hooks' bookkeeping is charged to no kernel.
+    """
+
+    instructions: tuple[tuple[int, ...], ...]  # per input, one count per kernel call (step), in order
+    totals: tuple[int, ...]  # per input: the whole inference of this build, the hooks included
+    resolution: int  # instructions per counter tick: one count is within this of the exact figure
+    elf_path: Path
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,7 @@ class QemuRun:
     counter: str = ""  # what the instruction counts come from (the board's counter)
     memory_map: str = ""  # the memory map the program was linked to (the board's)
     arena_bank: str | None = None  # an STM32 board: the RAM bank the arena was linked into
+    layers: LayerCounts | None = None  # run_on_qemu(layers=True): instructions per kernel call
 
 
 def run_on_host(bundle_dir: Path, inputs: np.ndarray, workdir: Path) -> np.ndarray:
@@ -95,12 +111,14 @@ def trace_on_host(bundle_dir: Path, inputs: np.ndarray, workdir: Path) -> list[d
 
 def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,
                 machine: str = "mps2-an500", timeout: float = 600.0,
-                stack_bytes: int = DEFAULT_STACK_BYTES) -> QemuRun:
+                stack_bytes: int = DEFAULT_STACK_BYTES, layers: bool = False) -> QemuRun:
     """Cross-compiles the bundle for a Cortex-M board, runs ``inputs`` (int8, one per row)
     through it under QEMU, and returns the outputs with the instructions each inference took.
 
-    ``timeout`` (seconds) bounds the QEMU run; ``stack_bytes`` is the stack the linker script
-    reserves (a program that overflows it is an error).
+    ``timeout`` (seconds) bounds each QEMU run; ``stack_bytes`` is the stack the linker script
+    reserves (a program that overflows it is an error).  ``layers``: also build the executor with
+    its kernel trace hooks and run the inputs again, counting the instructions of every kernel
+    call (:class:`LayerCounts`; its outputs must equal the plain build's).
     """
     bundle_dir = Path(bundle_dir).resolve()
     board = get_board(machine)
@@ -111,15 +129,13 @@ def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,
     check_newlib(arm_gcc)
     build = _prepare_build_dir(Path(workdir) / machine, rows)
     elf = build / "example.elf"
-    arena_bank = None
+    arena_bank, files, defines = None, MPS2_FILES, ()
     if board.chip is not None:
         chip = get_chip(board.chip)
         arena_bank = bundle_arena_bank(bundle_dir, chip)
         files = _write_chip_files(chip, arena_bank, build / "board", qemu=True)
-        objects = _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes, files=files,
-                            defines=("-DDISTILLC_SEMIHOSTING",))
-    else:
-        objects = _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes)
+        defines = ("-DDISTILLC_SEMIHOSTING",)
+    objects = _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes, files=files, defines=defines)
     flash_bytes, ram_bytes = _elf_size(arm_size, elf)
     model_flash_bytes = sum(_elf_size(arm_size, obj)[0] for obj in objects)
 
@@ -135,11 +151,52 @@ def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,
     if used >= reserved:
         raise DistillcError(f"the example program overflowed its {reserved}-byte stack on QEMU "
                             f"{machine}: run it with a larger stack_bytes")
+    counts = None
+    if layers:
+        counts = _count_layers(arm_gcc, qemu, board, bundle_dir, sources, dict(zip(sources, objects)), rows, header,
+                               outputs, Path(workdir) / f"{machine}-layers", stack_bytes, files, defines, timeout)
     return QemuRun(outputs=outputs, instructions=tuple(instructions),
                    instructions_per_inference=int(statistics.median_low(instructions)),
                    elf_path=elf, flash_bytes=flash_bytes, model_flash_bytes=model_flash_bytes, ram_bytes=ram_bytes,
                    stack_bytes=used, machine=machine, counter=board.counter, arena_bank=arena_bank,
-                   memory_map=board.memory_map)
+                   memory_map=board.memory_map, layers=counts)
+
+
+_TRACE_CALL = re.compile(r"\bdistillc_trace\((\d+),")
+
+
+def _count_layers(arm_gcc: str, qemu: str, board: Board, bundle_dir: Path, sources: list[Path],
+                  objects: dict[Path, Path], rows: np.ndarray, header: ModelHeader, outputs: np.ndarray,
+                  workdir: Path, stack_bytes: int, files: BoardFiles, defines: tuple[str, ...],
+                  timeout: float) -> LayerCounts:
+    """Rebuilds the sources that call the trace hook (the executor) with ``-DDISTILLC_TRACE``,
+    links them with the plain build's other objects and layer_main.c, and runs ``rows`` again."""
+    traced = {source: [int(n) for n in _TRACE_CALL.findall(source.read_text(errors="replace"))]
+              for source in sources}
+    steps = sorted(n for calls in traced.values() for n in calls)
+    if not steps or steps != list(range(len(steps))):
+        raise DistillcError(f"{bundle_dir} cannot be counted per layer: its sources do not call "
+                            f"distillc_trace(0 .. n-1, ...) once per kernel (not a distillc executor)")
+    build = _prepare_build_dir(workdir, rows)
+    shutil.copyfile(LAYER_MAIN, build / "main.c")
+    elf = build / "layers.elf"
+    _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes, files=files,
+              defines=(*defines, "-DDISTILLC_TRACE", f"-DDISTILLC_TRACE_STEPS={len(steps)}"),
+              reuse={source: obj for source, obj in objects.items() if not traced[source]})
+    result = run_tool(board.qemu_command(qemu, elf),
+                      what=f"the bundle's per-layer counting program on QEMU {board.machine} ({elf})",
+                      timeout=timeout)
+    where = f"QEMU {board.machine} (per-layer counting build)"
+    traced_outputs, totals, _ = _parse_report(result, len(rows), header, where=where)
+    per_input = [tuple(int(v) for v in m.group(2).split()) for m in _LAYER_INSTRUCTIONS.finditer(result.stdout)]
+    if len(per_input) != len(rows) or len(totals) != len(rows) or any(len(c) != len(steps) for c in per_input):
+        raise DistillcError(f"the bundle's per-layer counting program on {where} did not print {len(steps)} "
+                            f"counts for each of {len(rows)} inputs\n{excerpt(result.stdout)}")
+    if not np.array_equal(traced_outputs, outputs):
+        raise DistillcError(f"the bundle's per-layer counting build computed other outputs than the plain build "
+                            f"on {where}: the executor compiles differently with -DDISTILLC_TRACE")
+    return LayerCounts(instructions=tuple(per_input), totals=tuple(totals), resolution=board.instructions_per_tick,
+                       elf_path=elf)
 
 
 @dataclass(frozen=True)
@@ -291,11 +348,12 @@ def bundle_arena_bank(bundle_dir: Path, chip: Chip) -> str:
 def _link_elf(arm_gcc: str, board: Board, bundle_dir: Path, sources: list[Path], build: Path,
               elf: Path, stack_bytes: int, *, files: BoardFiles = MPS2_FILES,
               defines: tuple[str, ...] = (), counter: bool = True,
-              link_flags: tuple[Flag, ...] = ARM_LINK_FLAGS) -> list[Path]:
+              link_flags: tuple[Flag, ...] = ARM_LINK_FLAGS, reuse: dict[Path, Path] | None = None) -> list[Path]:
     """Compiles the bundle's sources to objects, links them with the example program, and
     returns the bundle's objects (their sizes are the model's own flash).
 
-    ``counter``: the example measures with board.h (-DDISTILLC_BOARD); ``defines`` are added."""
+    ``counter``: the example measures with board.h (-DDISTILLC_BOARD); ``defines`` are added;
+    ``reuse``: sources already compiled (by a build with the same flags), with their objects."""
     if stack_bytes <= 0 or stack_bytes % 8:
         raise DistillcError(f"stack_bytes must be a positive multiple of 8, not {stack_bytes}")
     arm_flags = [flag for flag in ARM_FLAGS if counter or flag.value != "-DDISTILLC_BOARD"]
@@ -303,8 +361,11 @@ def _link_elf(arm_gcc: str, board: Board, bundle_dir: Path, sources: list[Path],
                      f"-I{bundle_dir / 'include'}", f"-I{files.include_dir}"]
     objects_dir = build / "bundle-objects"
     objects_dir.mkdir(parents=True, exist_ok=True)
-    objects = [objects_dir / f"{source.stem}.o" for source in sources]
+    reuse = reuse or {}
+    objects = [reuse.get(source, objects_dir / f"{source.stem}.o") for source in sources]
     for source, obj in zip(sources, objects):
+        if source in reuse:
+            continue
         run_tool([arm_gcc, *compile_flags, "-c", source, "-o", obj],
                  what=f"compiling {source} for {board.description} with arm-none-eabi-gcc",
                  timeout=COMPILE_TIMEOUT_S)
@@ -327,6 +388,7 @@ def _elf_size(arm_size: str, elf: Path) -> tuple[int, int]:
 
 _OUTPUT = re.compile(r"^distillc-output (\d+):((?: -?\d+)*)$", re.M)
 _INSTRUCTIONS = re.compile(r"^distillc-instructions (\d+): (\d+)$", re.M)
+_LAYER_INSTRUCTIONS = re.compile(r"^distillc-layer-instructions (\d+):((?: \d+)*)$", re.M)
 _STACK = re.compile(r"^distillc-stack-bytes: (\d+) of (\d+)$", re.M)
 _DONE = re.compile(r"^distillc-done: (\d+) examples$", re.M)
 

@@ -100,6 +100,10 @@ class Board:
     chip: str | None = None
     #: what the example program's instruction counts come from, for the manifest
     counter: str = "the MPS2 FPGA counter (25 MHz: 40 instructions per tick under -icount shift=0)"
+    #: instructions per tick of that counter under -icount shift=0 (board.h's DISTILLC_INSTRUCTIONS_PER_TICK):
+    #: the resolution of one reading.  Every MPS2 timer QEMU 7.2 models (FPGA counter, SysTick, the CMSDK
+    #: timers) counts at the 25 MHz system clock, and it models no DWT cycle counter (CYCCNT reads 0).
+    instructions_per_tick: int = 40
     #: the memory map the verification build links to, for the manifest
     memory_map: str = ("MPS2 (code at 0x00000000, data at 0x20000000: cortex_m/mps2.ld), not an STM32 part's map; "
                        "a bundle's targets/<part>/ linker script is only linked, not run")
@@ -150,6 +154,7 @@ BOARDS = {
             ),
             chip="stm32f405",
             counter="TIM2 (QEMU clocks it at 1 GHz of virtual time: 1 instruction per tick under -icount shift=0)",
+            instructions_per_tick=1,
             memory_map=("STM32F405 as the bundle's targets/stm32f405/stm32f405-qemu.ld: ST's flash (0x08000000) "
                         "and SRAM (0x20000000); CCM's 64 KiB at 0x20020000, since QEMU 7.2 has none at 0x10000000"),
         ),

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from distillc.errors import SpecError
-from distillc.passes.distill.comad import (TeacherMask, consensus_gate, masked_patch_tokens, on_common_grid,
-                                           resize_map, teacher_mask_seed, teacher_view_masks)
+from distillc.passes.distill.comad import (TeacherMask, consensus_gate, kept_on_grid, masked_patch_tokens,
+                                           on_common_grid, resize_map, teacher_mask_seed, teacher_view_masks)
 from distillc.plugins.augment import apply_patch_mask, random_patch_mask
 from distillc.run import compile_spec
 from distillc.plugin_manager import load_plugins
@@ -106,7 +106,7 @@ def test_masked_teacher_tokens_reach_the_common_grid_from_their_visible_patches(
     keep = torch.zeros(1, 16, dtype=torch.bool)
     keep[0, [0, 1, 4]] = True  # three of cell 0's four teacher patches; one of cell 1's
     keep[0, 2] = True
-    tokens, kept = on_common_grid(token_map, keep, 2)
+    tokens, kept = on_common_grid(token_map, keep, 2), kept_on_grid(keep, 2)
     assert tokens.shape == (1, 4, 1) and kept.tolist() == [[True, False, False, False]]
     assert tokens[0, 0, 0] == pytest.approx((0 + 1 + 4) / 3)  # the visible patches only
     assert tokens[0, 1, 0] == pytest.approx(2.0)
@@ -168,9 +168,9 @@ def test_vit_student_distils_from_two_teachers_and_reports_the_gate(module_folde
     # The teachers ran on their masked views (one epoch: view 0 only), not on the clean images.
     cached = [json.loads(path.read_text()) for path in (module_folder / ".distillc-cache").rglob("teacher-targets/*.json")]
     views = {(c["what"], c["view"]) for c in cached}
-    assert {("masked_patch_tokens", "TeacherMask(grid=2, keep=0.5)"),
-            ("masked_patch_tokens", "TeacherMask(grid=4, keep=0.5)")} <= views
-    assert ("patch_tokens", None) not in views
+    assert {("masked_patch_tokens:grid2", "TeacherMask(grid=2, keep=0.5)"),
+            ("masked_patch_tokens:grid2", "TeacherMask(grid=4, keep=0.5)")} <= views
+    assert not any(what.startswith("patch_tokens") for what, _ in views)
     before = result.plan.store.load(result.plan.steps[2].key)
     after = result.artifact
     assert after.arch == "vit-mcu" and after.meta["distilled_by"] == "distill.comad"

@@ -105,27 +105,27 @@ class ComadObjective(Objective):
 
         Each teacher sees its own fixed masks (:class:`TeacherMask`, a seed per teacher and view), so
         its tokens come from the cache like clean ones; a teacher that keeps everything sees the clean
-        image (the same cached tokens as every other method's).  Kept in memory once read (CPU).
+        image.  The tokens are stored on the common grid and stay memory-mapped (a batch's rows are read
+        as it needs them); the masks are small and kept in memory.
         """
         import torch
 
         if view not in self.views:
-            ctx, data = self.ctx, self.ctx.data
+            ctx, data, grid = self.ctx, self.ctx.data, self.grid
             count, channels, size = len(data.train_x), data.train_x.shape[1], tuple(data.train_x.shape[-2:])
             tokens, keeps = [], []
             for name, keep, teacher_grid in zip(self.teachers, self.teacher_keeps, self.teacher_grids):
                 if keep >= 1.0:
-                    token_map = teacher_targets(ctx, name, "patch_tokens", lambda m, b: m.patch_tokens(b))
-                    kept = torch.ones(count, teacher_grid * teacher_grid, dtype=torch.bool)
+                    tokens.append(teacher_targets(ctx, name, f"patch_tokens:grid{grid}",
+                                                  lambda m, b: resize_map(m.patch_tokens(b), grid).flatten(2)
+                                                  .transpose(1, 2)))
+                    keeps.append(torch.ones(count, grid * grid, dtype=torch.bool))
                 else:
                     mask, seed = TeacherMask(grid=teacher_grid, keep=keep), teacher_mask_seed(name, view)
-                    token_map = teacher_targets(ctx, name, "masked_patch_tokens",
-                                                lambda m, b, c=channels: masked_patch_tokens(m, b, c),
-                                                view=mask, view_seed=seed)
-                    kept = teacher_view_masks(count, size, mask, seed)
-                on_grid, kept = on_common_grid(token_map, kept, self.grid)
-                tokens.append(on_grid)
-                keeps.append(kept)
+                    tokens.append(teacher_targets(ctx, name, f"masked_patch_tokens:grid{grid}",
+                                                  lambda m, b, c=channels: masked_tokens_on_grid(m, b, c, grid),
+                                                  view=mask, view_seed=seed))
+                    keeps.append(kept_on_grid(teacher_view_masks(count, size, mask, seed), grid))
             self.views[view] = (tokens, torch.stack(keeps))
         return self.views[view]
 
@@ -355,28 +355,39 @@ def teacher_view_masks(count: int, size: tuple[int, int], mask: TeacherMask, see
     return mask.read(teacher_view(torch.zeros(count, 0, *size), mask, seed))
 
 
-def on_common_grid(token_map: Any, keep: Any, grid: int, chunk: int = 1024) -> tuple[Any, Any]:
-    """A teacher's masked-view tokens on the common grid: ``(images, grid*grid, D)`` and its keep mask there.
+def on_common_grid(token_map: Any, keep: Any, grid: int) -> Any:
+    """A teacher's masked-view tokens on the common grid, ``(B, grid*grid, D)``.
 
-    ``token_map`` is ``(images, D, g, g)`` on the teacher's grid and ``keep`` ``(images, g*g)``.  A
-    common cell counts as kept when at least half its area was visible to the teacher, and its
-    token is the average of the visible teacher tokens over it (area average down, bilinear up,
-    weighted by visibility); a cell with nothing visible gets the teacher's tokens there as they
-    are.  Done ``chunk`` images at a time: the map is read from the cache file as it goes.
+    ``token_map`` is ``(B, D, g, g)`` on the teacher's grid and ``keep`` ``(B, g*g)``.  A common
+    cell's token is the average of the visible teacher tokens over it (area average down,
+    bilinear up, weighted by visibility); a cell with nothing visible gets the teacher's tokens
+    there as they are (they count only where no teacher kept the cell, see :func:`kept_on_grid`).
     """
     import torch
 
     side = token_map.shape[-1]
-    tokens, kept = [], []
-    for first in range(0, len(token_map), chunk):
-        part = torch.as_tensor(token_map[first:first + chunk]).float()
-        visible = keep[first:first + chunk].view(-1, 1, side, side).float()
-        seen = resize_map(visible, grid)
-        mixed = resize_map(part * visible, grid) / seen.clamp_min(1e-6)
-        part = torch.where(seen > 0, mixed, resize_map(part, grid))
-        tokens.append(part.flatten(2).transpose(1, 2).contiguous())
-        kept.append(seen.flatten(1) >= 0.5)
-    return torch.cat(tokens), torch.cat(kept)
+    token_map = token_map.float()
+    visible = keep.view(-1, 1, side, side).to(token_map.dtype)
+    seen = resize_map(visible, grid)
+    mixed = resize_map(token_map * visible, grid) / seen.clamp_min(1e-6)
+    return torch.where(seen > 0, mixed, resize_map(token_map, grid)).flatten(2).transpose(1, 2)
+
+
+def kept_on_grid(keep: Any, grid: int) -> Any:
+    """A teacher's keep mask ``(B, g*g)`` on the common grid ``(B, grid*grid)``: a cell counts as
+    kept when at least half of its area was visible to the teacher."""
+    import math
+
+    side = math.isqrt(keep.shape[1])
+    return resize_map(keep.view(-1, 1, side, side).float(), grid).flatten(1) >= 0.5
+
+
+def masked_tokens_on_grid(module: Any, x: Any, channels: int, grid: int) -> Any:
+    """:func:`masked_patch_tokens` on the common grid (:func:`on_common_grid`): what the cache stores,
+    ``(B, grid*grid, D)``, as small as the student's grid however fine the teacher's."""
+    cells = int(module.grid) ** 2
+    return on_common_grid(masked_patch_tokens(module, x, channels), read_mask(x[:, channels:], cells).to(x.device),
+                          grid)
 
 
 def teacher_skeleton(ctx: PassContext, teacher: str) -> Any:
