@@ -210,11 +210,18 @@ def test_feature_distillation_and_the_probe_feed_a_224_px_dino(plugins, write_sp
         epochs = 1
         batch_size = 16
         projector_hidden = 0
+
+        [[passes]]
+        use = "eval.linear-probe"
+        teachers = ["dino"]
+        gate = "off"  # random images: the probe is at chance by design
         """
     path = write_spec(_spec_text(DINO_S16.format(depth=2, extra=""), passes))
-    compile_(path, until="distill.feature")
+    compile_(path, until="eval.linear-probe")
     metrics = _metrics(tmp_path)["distill.feature"]
     assert metrics["teacher_input"] == [3, 224, 224] and metrics["teacher_grid"] == [14, 14]
+    probe = _metrics(tmp_path)["eval.linear-probe"]
+    assert probe["teacher_input"] == [3, 224, 224] and 0.0 <= probe["teachers"]["dino"] <= 1.0
     files = list((tmp_path / ".distillc-cache").rglob("teacher-targets/*.npy"))
     assert len(files) == 1  # the targets, memory-mapped when read, and beside them what they hold
     assert np.load(files[0], mmap_mode="r").shape == (24, 384)

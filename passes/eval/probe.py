@@ -19,7 +19,7 @@ from distillc import hookimpl
 from distillc.artifacts import QuantTorchModel, TorchModel
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassContext, PassResult
-from distillc.passes.distill.base import teacher_module
+from distillc.passes.distill.base import teacher_input_metrics, teacher_module
 from distillc.passes.eval.gate import GateConfig, check_embeddings, check_top1
 
 
@@ -80,6 +80,7 @@ class LinearProbe(Pass):
                         c=cfg.c, max_iter=cfg.max_iter)
             if not cfg.shots:
                 del metrics["teacher_few_shot"]
+            metrics.update(teacher_input_metrics(ctx, list(cfg.teachers)))
         what = "the INT8 student" if quantized else "the student"
         gate = check_embeddings(self.name, cfg, val, what=what)
         reference = fp32_reference(artifact, cfg.c, cfg.max_iter) if quantized else None
