@@ -186,9 +186,11 @@ def test_gate_statistics_cover_every_ranks_share(module_folder, monkeypatch):
         return values if len(values) < 4 else (values[0] * 2, *values[1:])
 
     monkeypatch.setattr(distributed, "sum_all", two_ranks)
-    metrics = compile_(module_folder, "vit-ranks", options="lr = 2e-3").report["metrics"]["distill.comad"]
+    options = "lr = 2e-3\nteacher_keep = [1.0, 0.5]"  # a teacher keeping everything sees the clean image
+    metrics = compile_(module_folder, "vit-ranks", options=options).report["metrics"]["distill.comad"]
     assert sum(metrics["gate"]["mean_weight"].values()) == pytest.approx(0.5, abs=1e-4)
     assert metrics["student_keep_fraction"] == pytest.approx(0.125)
+    assert metrics["teacher_keep_fraction"]["coarse"] == pytest.approx(0.5)
 
 
 def test_cnn_student_distils_through_its_last_stage_map(module_folder):
