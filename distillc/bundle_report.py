@@ -46,9 +46,11 @@ def report_facts(manifest: dict[str, Any]) -> dict[str, Any]:
     macs_total = sum(_int(layer.get("macs")) for layer in layers)
     instructions = _number(qemu.get("instructions_per_inference"))
     clock = _number(target.get("clock_mhz"))
-    per_layer_instr = qemu.get("layer_instructions")
-    if not (isinstance(per_layer_instr, list) and len(per_layer_instr) == len(layers)):
-        per_layer_instr = None
+    # verify.qemu's counts per kernel call (mean over its inputs), one entry per manifest layer.
+    counted = qemu.get("layers")
+    per_layer_instr = None
+    if isinstance(counted, list) and len(counted) == len(layers) and all(isinstance(c, dict) for c in counted):
+        per_layer_instr = [_number(c.get("instructions")) for c in counted]
     sqnr = host.get("layer_sqnr_db")
     if not (isinstance(sqnr, list) and len(sqnr) == len(layers)):
         sqnr = None
@@ -61,6 +63,8 @@ def report_facts(manifest: dict[str, Any]) -> dict[str, Any]:
             "macs": macs, "weight_bytes": _int(layer.get("weight_bytes")),
             "arena_offset": layer.get("arena_offset"), "arena_bytes": layer.get("arena_bytes"),
             "instructions": per_layer_instr[index] if per_layer_instr else None,
+            "instructions_per_mac": per_layer_instr[index] / macs if per_layer_instr and per_layer_instr[index]
+            and macs else None,
             "mac_share": macs / macs_total if macs_total else None,
             "sqnr_db": sqnr[index] if sqnr else None,
         })
@@ -93,6 +97,10 @@ def report_facts(manifest: dict[str, Any]) -> dict[str, Any]:
             "instructions_per_mac": instructions / macs_total if instructions and macs_total else None,
             "note": INSTRUCTIONS_NOTE,
             "per_layer": "measured" if per_layer_instr else NOT_MEASURED,
+            "layers_instructions_sum": _number(qemu.get("layers_instructions_sum")) if per_layer_instr else None,
+            "trace_overhead_instructions": _number(qemu.get("trace_overhead_instructions")) if per_layer_instr else None,
+            "layer_resolution_instructions": _number(qemu.get("layer_resolution_instructions"))
+            if per_layer_instr else None,
         },
         "layers": rows,
         "arena": {"live_bytes": memory.get("live_bytes") if isinstance(memory.get("live_bytes"), list) else None,
@@ -291,23 +299,32 @@ def _layers_section(facts: dict[str, Any]) -> str:
         return ""
     measured = facts["speed"]["per_layer"] == "measured"
     head = ["#", "name", "op", "input", "output", "MACs", "weight B", "arena offset", "arena B",
-            "instructions" + ("" if measured else " (per layer)"), "share of MACs", "SQNR dB"]
+            "instructions" + ("" if measured else " (per layer)"), *(["instr/MAC"] if measured else []),
+            "share of MACs", "SQNR dB"]
     body = []
     for r in rows:
+        per_mac = [f"{r['instructions_per_mac']:.2f}" if r["instructions_per_mac"] else "-"] if measured else []
         body.append([str(r["index"]), _e(r["name"]), _e(r["op"]), _shape(r["input_shape"]), _shape(r["output_shape"]),
                      _n(r["macs"]), _n(r["weight_bytes"]),
                      "output buffer" if r["arena_offset"] is None and r["arena_bytes"] == 0 else _n(r["arena_offset"]),
-                     _n(r["arena_bytes"]), _n(r["instructions"]) if measured else NOT_MEASURED,
+                     _n(r["arena_bytes"]), _n(r["instructions"]) if measured else NOT_MEASURED, *per_mac,
                      f"{100 * r['mac_share']:.1f} %" if r["mac_share"] is not None else "",
                      f"{r['sqnr_db']:.1f}" if r["sqnr_db"] is not None else "-"])
-    note = ("Per-layer instruction counts are not measured yet (QEMU counts the whole inference); the share "
-            "column is each layer's share of the MACs, not of the time." if not measured else
-            "Instructions per layer counted on QEMU; the share column is each layer's share of the MACs.")
+    speed = facts["speed"]
+    note = ("Per-layer instruction counts are not measured (verify.qemu did not run, or ran with layers = false); "
+            "the share column is each layer's share of the MACs, not of the time." if not measured else
+            f"Instructions per layer counted on QEMU {speed['machine']} (mean over the verified inputs, in a build "
+            f"that reads the board's counter after every kernel, to {_n(speed['layer_resolution_instructions'])} "
+            f"instruction(s) per reading): {_n(speed['layers_instructions_sum'])} in all, against "
+            f"{_n(speed['instructions_per_inference'])} for the whole inference of the plain build; the counting "
+            f"build's hooks cost {_n(speed['trace_overhead_instructions'])} more. The share column is each layer's "
+            "share of the MACs.")
     table = _table(head, body, left=(1, 2, 3, 4))
     return "\n".join(["<h2>Layers</h2>", f'<p class="note">{_e(note)} Arena offset: where the layer\'s output '
                       "lives in the static arena (the last layer writes the caller's output buffer).</p>",
                       f'<div class="scroll">{table}</div>',
-                      _figure("layers", "MACs per layer, by op", _plot_layers(rows))])
+                      _figure("layers", f"Instructions per layer (QEMU {speed['machine']}), by op" if measured else
+                              "MACs per layer, by op", _plot_layers(rows, measured))])
 
 
 def _arena_section(facts: dict[str, Any]) -> str:
@@ -481,15 +498,17 @@ def _plot_budget(budget: dict[str, Any]) -> str:
     return _svg(fig, "budget")
 
 
-def _plot_layers(rows: list[dict[str, Any]]) -> str:
+def _plot_layers(rows: list[dict[str, Any]], measured: bool = False) -> str:
+    """Per layer, the instructions QEMU counted when ``measured``, else the MACs."""
     fig = _new_figure(10, 3.4, top=0.5)
     ax = fig.add_subplot()
     ops = list(dict.fromkeys(r["op"] for r in rows))
     color = {op: _COLORS[i % len(_COLORS)] for i, op in enumerate(ops)}
     x = [r["index"] for r in rows]
-    _bars(ax, x, [r["macs"] for r in rows], [color[r["op"]] for r in rows], len(rows))
+    key = "instructions" if measured else "macs"
+    _bars(ax, x, [r[key] or 0 for r in rows], [color[r["op"]] for r in rows], len(rows))
     ax.set_xlabel("layer")
-    ax.set_ylabel("MACs")
+    ax.set_ylabel("instructions" if measured else "MACs")
     from matplotlib.patches import Patch
 
     handles = [Patch(color=color[op], label=str(op)) for op in ops]

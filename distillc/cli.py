@@ -321,15 +321,17 @@ def _show_manifest(manifest: dict[str, Any], facts: dict[str, Any]) -> None:
     layers = facts["layers"]
     if layers:
         table = Table(title=f"layers ({len(layers)}); instructions per layer: {speed['per_layer']}")
+        counted = ("instructions", "instructions_per_mac") if speed["per_layer"] == "measured" else ()
         columns = ("index", "name", "op", "input_shape", "output_shape", "macs", "weight_bytes", "arena_offset",
-                   "arena_bytes", "mac_share", "sqnr_db")
+                   "arena_bytes", *counted, "mac_share", "sqnr_db")
         for column in columns:
             table.add_column(column)
         for layer in layers:
             cells = []
             for c in columns:
                 value = layer.get(c)
-                cells.append(Text("" if value is None else f"{100 * value:.1f} %" if c == "mac_share" else str(value)))
+                cells.append(Text("" if value is None else f"{100 * value:.1f} %" if c == "mac_share" else
+                                  f"{value:.2f}" if c == "instructions_per_mac" else str(value)))
             table.add_row(*cells)
         out.print(table)
     quant = facts["quantization"]

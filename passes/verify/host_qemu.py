@@ -171,13 +171,16 @@ class VerifyHost(_Verify):
 
 class VerifyQemu(_Verify):
     name = "verify.qemu"
-    description = "cross-compile for a Cortex-M board, run under QEMU, compare, count instructions"
+    version = "2"  # 2: instructions per kernel call (layers)
+    description = "cross-compile for a Cortex-M board, run under QEMU, compare, count instructions (per layer too)"
     section = "qemu"
 
     class Config(_VerifyConfig):
         images: int = Field(4, ge=1, le=1_000, description="validation images run on the emulated board")
         machine: str = Field("mps2-an500", description="QEMU board: mps2-an500 (Cortex-M7), mps2-an386 (Cortex-M4) "
                                                        "or netduinoplus2 (STM32F405, ST's memory map)")
+        layers: bool = Field(True, description="also count the instructions of every kernel call, in a second build "
+                                               "whose executor reads the board's counter after each kernel")
 
         @field_validator("machine")
         @classmethod
@@ -193,15 +196,45 @@ class VerifyQemu(_Verify):
         from distillc.targets.runner import run_on_qemu
 
         def on_qemu(bundle: Bundle, inputs: Any) -> tuple[Any, dict[str, Any]]:
-            run = run_on_qemu(bundle.path, inputs, ctx.scratch / "build", machine=self.config.machine)
+            run = run_on_qemu(bundle.path, inputs, ctx.scratch / "build", machine=self.config.machine,
+                              layers=self.config.layers)
             return run.outputs, {"machine": run.machine, "instructions_per_inference": run.instructions_per_inference,
                                  "model_flash_bytes": run.model_flash_bytes,
                                  "program_flash_bytes": run.flash_bytes, "program_ram_bytes": run.ram_bytes,
                                  "stack_bytes": run.stack_bytes, "counter": run.counter,
                                  "memory_map": run.memory_map,
-                                 **({"arena_bank": run.arena_bank} if run.arena_bank else {})}
+                                 **({"arena_bank": run.arena_bank} if run.arena_bank else {}),
+                                 **(layer_figures(bundle.manifest, run) if run.layers else {})}
 
         return self.verify(artifact, ctx, on_qemu)
+
+
+def layer_figures(manifest: dict[str, Any], run: Any) -> dict[str, Any]:
+    """``verify.qemu``'s per-layer figures from a run with layer counts (``runner.LayerCounts``):
+    one entry per kernel call of ``manifest["layers"]`` with its mean instructions over the inputs,
+    and how their sum compares with the plain build's whole inference."""
+    import statistics
+
+    counts = run.layers
+    layers = manifest["layers"]
+    if len(counts.instructions[0]) != len(layers):
+        raise PassError("verify.qemu", f"the executor calls {len(counts.instructions[0])} kernels but the manifest "
+                                       f"lists {len(layers)} layers: the bundle's sources and manifest disagree")
+    entries = []
+    for step, layer in enumerate(layers):
+        mean = statistics.fmean(per_input[step] for per_input in counts.instructions)
+        macs = int(layer.get("macs") or 0)
+        entries.append({"step": step, "name": layer["name"], "kernel": layer["kernel"], "op": layer["op"],
+                        "macs": macs, "instructions": round(mean, 1),
+                        "instructions_per_mac": round(mean / macs, 3) if macs else None})
+    total = statistics.fmean(run.instructions)
+    layer_sum = sum(entry["instructions"] for entry in entries)
+    traced = statistics.fmean(counts.totals)
+    return {"layers": entries, "layer_resolution_instructions": counts.resolution,
+            "instructions_mean": round(total, 1), "layers_instructions_sum": round(layer_sum, 1),
+            "layers_sum_ratio": round(layer_sum / total, 4) if total else None,
+            "trace_instructions_per_inference": round(traced, 1),
+            "trace_overhead_instructions": round(traced - total, 1)}
 
 
 def onnxruntime_outputs(onnx_path: Any, inputs: Any, manifest: dict[str, Any]) -> Any:
