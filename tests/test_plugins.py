@@ -333,7 +333,9 @@ def test_installed_plugin_is_listed_with_its_origin(installed_fixture_plugin):
 
 
 def test_a_spec_using_the_plugins_pass_and_target_compiles(installed_fixture_plugin, write_spec):
-    text = tiny_spec_text(target="tiny-host", extra_passes='[[passes]]\nuse = "prune.l1-channels"\namount = 0.5\n')
+    # The plugin's target has no quantize.brevitas-qat step, so there is no QAT gate to turn off.
+    text = tiny_spec_text(target="tiny-host", extra_passes='[[passes]]\nuse = "prune.l1-channels"\namount = 0.5\n',
+                          qat_gate=True)
     path = write_spec(text)
     result = _cli(["compile", str(path)], installed_fixture_plugin)
     assert result.returncode == 0, result.stdout + result.stderr
