@@ -43,7 +43,8 @@ class DataSplits:
     (sklearn-digits), else an :class:`~distillc.plugins.image_store.ImageArray` that reads
     the rows asked for from a memory-mapped file; index either with ``x[idx]``.  ``*_y``
     are int64 (N,), -1 for unlabelled data (then ``num_classes`` is 0 and ``class_names``
-    is empty).
+    is empty).  Sources with boxes return the subclass
+    :class:`distillc.plugins.detection_data.DetectionSplits`.
     """
 
     train_x: "torch.Tensor | ImageArray"
