@@ -72,7 +72,7 @@ def test_digits_take_no_path_and_bad_fraction_names_the_key(tmp_path):
 
 
 def test_unknown_source_lists_the_valid_ones():
-    assert set(DATASETS) == {"sklearn-digits", "npz", "image-folder", "cifar"}
+    assert set(DATASETS) == {"sklearn-digits", "npz", "image-folder", "cifar", "webdataset"}
     with pytest.raises(SpecError, match="sklearn-digits"):
         load_dataset("imagenet", image_size=8, val_fraction=0.2, seed=0)
 
