@@ -18,6 +18,28 @@ import time
 from pathlib import Path
 
 
+def quantized_mobilenet(path: Path, *, width: float = 0.35, size: int = 32, weight_bits: int = 8,
+                        num_classes: int = 0) -> Path:
+    """The benchmark's network (seeded random weights, small-input layout: stem stride 1) quantized
+    with Brevitas on 32 random calibration images, exported as QCDQ ONNX and simplified, at
+    ``path``; ``num_classes`` > 0 adds the linear classifier.  Returns ``path``."""
+    import onnx
+    import onnxsim
+    import torch
+
+    from distillc.passes.quantize.brevitas_model import export_qcdq, quantize
+    from distillc.plugins.models.mobilenetv2 import MobileNetV2
+
+    torch.manual_seed(0)
+    model = MobileNetV2(width=width, stem_stride=1, in_chans=3, num_classes=num_classes).eval()
+    calib = torch.rand(32, 3, size, size)
+    qmodel = quantize(model, calib, weight_bits=weight_bits)
+    export_qcdq(qmodel, calib[:1], path)
+    simplified, _ = onnxsim.simplify(onnx.load(str(path)))
+    onnx.save(simplified, str(path))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=float, default=0.35)
@@ -26,27 +48,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    import onnx
-    import onnxsim
-    import torch
 
     from distillc.passes.backend import import_onnx, lower_int8, plan_memory
-    from distillc.passes.quantize.brevitas_model import export_qcdq, quantize
     from distillc.passes.backend.codegen import build_program, emit_c
-    from distillc.plugins.models.mobilenetv2 import MobileNetV2
     from distillc.targets.bundle_files import write_bundle_build_files
     from distillc.targets.runner import run_on_qemu
 
-    torch.manual_seed(0)
-    model = MobileNetV2(width=args.width, stem_stride=1, in_chans=3).eval()
-    calib = torch.rand(32, 3, args.size, args.size)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        qmodel = quantize(model, calib)
-        export_qcdq(qmodel, calib[:1], tmp / "model.onnx")
-        simplified, ok = onnxsim.simplify(onnx.load(str(tmp / "model.onnx")))
-        onnx.save(simplified, str(tmp / "model.onnx"))
+        quantized_mobilenet(tmp / "model.onnx", width=args.width, size=args.size)
         front = time.perf_counter() - t0
 
         t0 = time.perf_counter()
