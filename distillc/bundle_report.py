@@ -241,6 +241,7 @@ text-align:right}th{background:#f3f5f7}td.l,th.l{text-align:left}
 .facts td:first-child{text-align:left;font-weight:600}.note{color:#57606a;font-size:.88em}
 figure.plot{margin:.8em 0}figure.plot svg{max-width:100%;height:auto}
 figcaption{color:#57606a;font-size:.88em}.scroll{max-height:36em;overflow:auto}
+.scroll table{font-size:.8em}.scroll td{white-space:nowrap}
 code{background:#f3f5f7;padding:0 .25em}footer{margin-top:3em;color:#57606a;font-size:.85em}
 """.replace("\n", "")
 
