@@ -500,6 +500,7 @@ def manifest(prog: Program, plan: MemoryPlan, files=()) -> dict:
             "macs": int(step.macs),
             "weight_bytes": int(sum(prog.tensor(t).nbytes for t in step.args
                                     if prog.tensor(t).kind == CONST)),
+            "weights": dict(step.weights) if step.weights else None,  # bits, values, bytes stored
             "kernel": step.kernel,
             "arena_offset": int(plan.offsets[step.out]) if in_arena else None,
             "arena_bytes": int(out_t.nbytes) if in_arena else 0,

@@ -20,6 +20,7 @@ Failures here are bugs (the integer graph is ours), so they raise RuntimeError, 
 
 from __future__ import annotations
 
+from .packing import UNPACK_STAGE
 from .qdq_to_int8 import LAYERS_ATTR, PASS_NAME, qdq_to_int8
 
 KERNELS_ATTR = "distillc.kernels"
@@ -184,7 +185,12 @@ CHANNEL_BLOCK = 4
 
 
 def _schedule(sch, blocked: bool) -> None:
-    _inline_elementwise(sch)
+    unpack, per_byte = _weight_unpacking(sch)
+    # a depthwise kernel unpacks each channel's weights once, into locals (below); elsewhere the
+    # unpacking is inlined where each weight is read
+    keep = (unpack,) if unpack is not None and DEPTHWISE_WEIGHTS_LOCAL and any(
+        sch.get(c).name_hint == "group_conv2d_nchw" for c in sch.get_consumers(sch.get_sblock(unpack))) else ()
+    _inline_elementwise(sch, keep=keep)
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root):
         stmt = sch.get(block)
@@ -209,6 +215,13 @@ def _schedule(sch, blocked: bool) -> None:
             reduction = loops[4:]
             fo, fi = sch.split(f, factors=[None, CHANNEL_BLOCK])
             sch.reorder(fo, y, x, *reduction, fi)
+            if per_byte and all(int(sch.get(loop).extent) == 1 for loop in reduction[1:]) and \
+                    int(sch.get(reduction[0]).extent) % per_byte == 0:
+                # a 1x1 conv on packed weights: the input-channel loop steps a byte at a time, so
+                # each value's bit offset in its byte is a constant (one SBFX per weight)
+                rc_o, rc_i = sch.split(reduction[0], factors=[None, per_byte])
+                sch.unroll(rc_i)
+                reduction = [rc_o, rc_i] + list(reduction[1:])
             for consumer in consumers:
                 sch.reverse_compute_at(consumer, x)
             sch.decompose_reduction(block, reduction[0])
@@ -224,7 +237,14 @@ def _schedule(sch, blocked: bool) -> None:
         if not _selects(stmt):
             _unroll_reduction(sch, loops[n_spatial:])
         if DEPTHWISE_WEIGHTS_LOCAL and stmt.name_hint == "group_conv2d_nchw" and n_spatial == 4:
-            _weights_per_channel(sch, block, stmt, loops[1])
+            if keep:  # packed weights: unpack the channel's window into locals
+                cache = sch.get_sblock(unpack)
+                sch.compute_at(cache, loops[1])
+                for loop in sch.get_loops(cache)[2:]:
+                    if int(sch.get(loop).extent) > 1:
+                        sch.unroll(loop)
+            else:
+                _weights_per_channel(sch, block, stmt, loops[1])
 
 
 #: Depthwise/grouped convs copy one channel's window weights into locals before its spatial loops
@@ -286,8 +306,19 @@ def _unroll_reduction(sch, reduction_loops) -> None:
         sch.unroll(loops[-1])
 
 
-def _inline_elementwise(sch) -> None:
-    """compute_inline every spatial, non-output block until none is left that can be inlined."""
+def _weight_unpacking(sch) -> tuple:
+    """``(block name, values per byte)`` of the kernel's packed-weight unpacking stage
+    (:mod:`.packing`), or ``(None, 0)``."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(block).name_hint
+        if name.startswith(UNPACK_STAGE + "_"):
+            return name, 8 // int(name[len(UNPACK_STAGE) + 1:].removesuffix("bit"))
+    return None, 0
+
+
+def _inline_elementwise(sch, keep=()) -> None:
+    """compute_inline every spatial, non-output block (but those named in ``keep``) until none
+    is left that can be inlined."""
     changed = True
     while changed:
         changed = False
@@ -295,7 +326,7 @@ def _inline_elementwise(sch) -> None:
         outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
         for block in sch.get_child_blocks(root):
             stmt = sch.get(block)
-            if stmt.name_hint in outputs or any(iv.iter_type != 0 for iv in stmt.iter_vars):
+            if stmt.name_hint in outputs or stmt.name_hint in keep or any(iv.iter_type != 0 for iv in stmt.iter_vars):
                 continue
             try:
                 sch.compute_inline(block)

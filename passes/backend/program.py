@@ -56,6 +56,8 @@ class Step:
     node: str = ""
     macs: int = 0
     arg_shapes: list = field(default_factory=list)
+    #: how the layer's weights are stored: ``{"bits", "values", "bytes"}`` (None: no weights)
+    weights: dict | None = None
 
 
 @dataclass
@@ -86,7 +88,7 @@ class Program:
             tensors.append(entry)
         steps = [{"index": s.index, "name": s.name, "kernel": s.kernel, "args": list(s.args),
                   "out": s.out, "op": s.op, "node": s.node, "macs": s.macs,
-                  "arg_shapes": [list(x) for x in s.arg_shapes]} for s in self.steps]
+                  "arg_shapes": [list(x) for x in s.arg_shapes], "weights": s.weights} for s in self.steps]
         doc = {"format": 1, "tensors": tensors, "steps": steps, "input_id": self.input_id,
                "output_id": self.output_id, "quant": self.quant, "signatures": self.signatures}
         (directory / "program.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -111,7 +113,7 @@ class Program:
         for entry in doc["steps"]:
             prog.steps.append(Step(entry["index"], entry["name"], entry["kernel"], entry["args"],
                                    entry["out"], entry["op"], entry["node"], entry["macs"],
-                                   [tuple(x) for x in entry["arg_shapes"]]))
+                                   [tuple(x) for x in entry["arg_shapes"]], entry.get("weights")))
         return prog
 
     def tensor(self, tid: int) -> Tensor:
@@ -193,6 +195,7 @@ def extract_program(mod, *, pass_name: str = "plan-memory") -> Program:
                         arg_ids, out_id, info.get("op", "elementwise"), info.get("node", ""))
             step.arg_shapes = [s or prog.tensors[t].shape for s, t in zip(arg_shapes, arg_ids)]
             step.macs = int(info.get("macs", 0))
+            step.weights = info.get("weights")
             prog.steps.append(step)
 
     out_var = func.body.body

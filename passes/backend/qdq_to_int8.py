@@ -30,11 +30,14 @@ import numpy as np
 
 from distillc.errors import PassError
 
+from . import packing
 from .onnx_import import NODE_MAP_ATTR, sanitize_name
 from .requant import choose_shift, fixed_point, round_half_even
 
 #: Internal switch (tests, benchmarks): False forces the 64-bit requantization everywhere.
 REQUANT_32 = True
+#: Internal switch (tests, benchmarks): False stores every weight in a byte (no sub-8-bit packing).
+PACK_WEIGHTS = True
 
 QUANT_ATTR = "distillc.quant"
 LAYERS_ATTR = "distillc.layers"
@@ -662,15 +665,20 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
     if w_scale is None:
         raise rw.error(f"conv '{rw.current}': weight scales must be per output channel or per tensor")
     w_int = weight.q - weight.zp
-    w_dtype = "int8" if w_int.min() >= -128 and w_int.max() <= 127 else "int16"
+    bits = _weight_bits(w_int)
     groups = int(attrs.groups)
     kind = "depthwise_conv2d" if groups > 1 and groups == data.q.shape[1] else "conv2d"
-    conv = rw.emit_layer(relax.op.nn.conv2d(
-        rw.centered(data), relax.const(w_int.astype(w_dtype)),
-        strides=[int(s) for s in attrs.strides], padding=[int(p) for p in attrs.padding],
-        dilation=[int(d) for d in attrs.dilation], groups=int(attrs.groups),
-        data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"), var, kind,
-        macs=int(np.prod(_shape_of(var))) * int(np.prod(w_int.shape[1:])))
+    conv_attrs = dict(strides=[int(s) for s in attrs.strides], padding=[int(p) for p in attrs.padding],
+                      dilation=[int(d) for d in attrs.dilation], groups=groups)
+    if bits in packing.PACKED_BITS:  # packed rows, unpacked inside the kernel (see packing.py)
+        packed = packing.pack_rows(w_int.reshape(w_int.shape[0], -1), bits)
+        expr = rw.bb.call_te(packing.packed_conv2d, rw.centered(data), relax.const(packed),
+                             weight_shape=w_int.shape, bits=bits, primfunc_name_hint="conv2d", **conv_attrs)
+    else:
+        expr = relax.op.nn.conv2d(rw.centered(data), relax.const(w_int.astype(f"int{bits}")),
+                                  data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32", **conv_attrs)
+    conv = rw.emit_layer(expr, var, kind, macs=int(np.prod(_shape_of(var))) * int(np.prod(w_int.shape[1:])))
+    rw.layers[rw.last_layer]["weights"] = _weight_storage(w_int, bits)
     scale = (np.float64(np.float32(data.scale)) * w_scale).reshape(1, -1, 1, 1)
     # |sum of products| <= sum of |w| of the output channel * the largest |q - zp| (padding adds 0)
     bound = np.abs(w_int.astype(np.int64)).reshape(w_int.shape[0], -1).sum(axis=1) * _centered_max(data)
@@ -689,11 +697,15 @@ def _h_matmul(rw: _Rewriter, var, call, args):
     if w_scale is None:
         raise rw.error(f"matmul '{rw.current}': weight scales must be per output feature")
     w_int = b.q - b.zp
-    w_dtype = "int8" if w_int.min() >= -128 and w_int.max() <= 127 else "int16"
+    bits = _weight_bits(w_int)
     # (..., K) @ (K, N): a Linear on the last axis of any rank (e.g. after a permute to NHWC)
-    mm = rw.emit_layer(relax.op.matmul(rw.centered(a), relax.const(w_int.astype(w_dtype)),
-                                       out_dtype="int32"), var, "dense",
-                       macs=int(np.prod(_shape_of(var))) * int(w_int.shape[0]))
+    if bits in packing.PACKED_BITS:  # one packed row per output feature (see packing.py)
+        expr = rw.bb.call_te(packing.packed_dense, rw.centered(a), relax.const(packing.pack_rows(w_int.T, bits)),
+                             weight_shape=w_int.shape, bits=bits, primfunc_name_hint="matmul")
+    else:
+        expr = relax.op.matmul(rw.centered(a), relax.const(w_int.astype(f"int{bits}")), out_dtype="int32")
+    mm = rw.emit_layer(expr, var, "dense", macs=int(np.prod(_shape_of(var))) * int(w_int.shape[0]))
+    rw.layers[rw.last_layer]["weights"] = _weight_storage(w_int.T, bits)
     scale = (np.float64(np.float32(a.scale)) * w_scale).reshape((1,) * (len(a.q.shape) - 1) + (-1,))
     bound = np.abs(w_int.astype(np.int64)).sum(axis=0) * _centered_max(a)
     return Accum([Term(mm, scale, bound=bound.reshape(scale.shape))], _shape_of(var), kind="dense")
@@ -947,6 +959,20 @@ def _prim_number(expr):
         return float(inner)
     except (TypeError, ValueError):
         return None
+
+
+def _weight_bits(w_int: np.ndarray) -> int:
+    """Bits per stored weight: 2 or 4 (packed) when the values fit and packing is on, else 8 or 16."""
+    bits = packing.storage_bits(w_int)
+    return bits if PACK_WEIGHTS or bits > 8 else 8
+
+
+def _weight_storage(rows: np.ndarray, bits: int) -> dict:
+    """How a layer's weights are stored (the manifest's ``weights``): bits per value, values,
+    bytes in flash; ``rows`` has one row per output channel."""
+    count, length = rows.shape[0], int(np.prod(rows.shape[1:]))
+    stored = count * packing.row_bytes(length, bits) if bits < 8 else count * length * bits // 8
+    return {"bits": int(bits), "values": int(count * length), "bytes": int(stored)}
 
 
 def _centered_max(value: Dequant) -> np.ndarray:

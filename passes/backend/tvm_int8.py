@@ -25,7 +25,8 @@ class TvmInt8(Pass):
     description = "TVM Relax import, QDQ -> integer rewrite, kernel fusion, kernel C generation"
     takes = OnnxModel
     makes = Int8Program
-    version = "3"  # 2: 32-bit requantization where proven exact; 3: depthwise weights per channel
+    version = "4"  # 2: 32-bit requantization where proven exact; 3: depthwise weights per channel;
+    # 4: 2- and 4-bit weights stored packed (packing.py), per-layer weight storage in the program
     tools = ("apache-tvm", "onnx")
 
     class Config(PassConfig):
