@@ -122,7 +122,7 @@ def test_packed_kernels_compute_what_the_unpacked_ones_do_and_match_onnxruntime(
     testing.compile_for_cortex_m7(packed_dir, tmp_path / "m7")  # arm-none-eabi-gcc -Werror
 
 
-def test_depthwise_kernels_unpack_a_channels_weights_once_and_1x1_kernels_read_whole_bytes(tmp_path):
+def test_kernels_read_whole_bytes_or_unpack_a_channels_weights_once(tmp_path):
     import re
 
     onnx_path = odd_net(tmp_path / "odd.onnx", in_channels=3, size=9, weight_bits=4)
@@ -135,13 +135,17 @@ def test_depthwise_kernels_unpack_a_channels_weights_once_and_1x1_kernels_read_w
         head, spatial = text.split("for (int32_t yy", 1)
         assert "unpack_weights_4bit_ptr[9]" in head and ">> 28" in head  # 9 sign-extended nibbles
         assert "w1[" not in spatial  # never read again per pixel
-    # the blocked 1x1 conv 8 -> 8 steps a byte (two nibbles) at a time: constant shifts only; the
-    # one over 5 input channels computes each offset at run time (rows start on a byte)
-    odd, blocked = (kernels[layer["kernel"]] for layer in layers[1:3])
-    assert [layer["input_shape"][1] for layer in layers[1:3]] == [5, 8]
-    assert "intermediate_ptr[4]" in blocked
+    # the blocked 1x1 conv 8 -> 8 steps whole bytes (four nibbles) at a time: constant shifts only
+    stem, odd, blocked = (kernels[layer["kernel"]] for layer in layers[:3])
+    assert [layer["input_shape"][1] for layer in layers[:3]] == [3, 5, 8]
+    assert "intermediate_ptr[4]" in blocked and "unpack_weights" not in blocked
     assert "<< (uint32_t)28" in blocked and "<< (uint32_t)24" in blocked and "& 1)" not in blocked
-    assert "(rc & 1)" in odd
+    # the stem (27 values per channel) and the 1x1 conv over 5 input channels (4 channels blocked)
+    # cannot: they unpack a channel's (a block's) weights into locals before the spatial loops
+    for kernel, count in ((stem, 27), (odd, 20)):
+        head, spatial = kernel.split("for (int32_t yy", 1)
+        assert f"unpack_weights_4bit_ptr[{count}];" in head and "w1[" in head
+        assert "w1[" not in spatial
 
 
 #: (seed, weight bits): random nets (residual adds, strides 1 and 2, max/avg pools, padding)
@@ -162,3 +166,41 @@ def test_random_nets_store_weights_at_their_width_and_match_onnxruntime(seed, bi
     compile_onnx_to_bundle(onnx_path, tmp_path / "again", name=f"random{seed}")
     for path in sorted((tmp_path / "bundle").rglob("*.[ch]")):
         assert path.read_bytes() == (tmp_path / "again" / path.relative_to(tmp_path / "bundle")).read_bytes()
+
+
+QAT_BITS = """[[passes]]
+use = "quantize.brevitas-qat"
+teacher = "vit"
+epochs = 1
+batch_size = 512
+calib_images = 32
+weight_bits = {bits}
+"""
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_a_low_bit_qat_student_compiles_to_a_packed_bundle_verified_on_host_and_qemu(bits, module_folder):
+    """quantize.brevitas-qat's ``weight_bits`` through the whole compile (stm32h7: verify.host and
+    verify.qemu, both kernel by kernel where an output differs): every layer's weights are stored
+    at that width and the model's flash shrinks with it."""
+    import json
+
+    from distillc.progress import SilentProgress
+    from distillc.run import compile_spec
+    from tests.conftest import tiny_spec_text
+
+    options = ('backend = { "verify.host" = { images = 4, sqnr_images = 0 }, '
+               '"verify.qemu" = { images = 2, layers = false } }')
+    path = module_folder / f"w{bits}.toml"
+    path.write_text(tiny_spec_text(target="stm32h7", target_options=options,
+                                   extra_passes=QAT_BITS.format(bits=bits)))
+    bundle = compile_spec(path, progress=SilentProgress()).final_path
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["verification"]["host"]["max_lsb"] <= 1
+    assert manifest["verification"]["qemu"]["max_lsb"] <= 1
+    check_weights_entries(manifest, bits)
+    values = sum(layer["weights"]["values"] for layer in manifest["layers"] if layer["weights"])
+    stored = sum(layer["weights"]["bytes"] for layer in manifest["layers"] if layer["weights"])
+    assert stored < values * bits / 8 * 1.15  # row padding only
+    header = (bundle / "include" / "distillc_model.h").read_text()
+    assert f"#define DISTILLC_WEIGHTS_BYTES {manifest['memory']['weights_bytes']}" in header

@@ -186,10 +186,7 @@ CHANNEL_BLOCK = 4
 
 def _schedule(sch, blocked: bool) -> None:
     unpack, per_byte = _weight_unpacking(sch)
-    # a depthwise kernel unpacks each channel's weights once, into locals (below); elsewhere the
-    # unpacking is inlined where each weight is read
-    keep = (unpack,) if unpack is not None and DEPTHWISE_WEIGHTS_LOCAL and any(
-        sch.get(c).name_hint == "group_conv2d_nchw" for c in sch.get_consumers(sch.get_sblock(unpack))) else ()
+    keep = (unpack,) if _unpacks_per_channel(sch, unpack, per_byte, blocked) else ()
     _inline_elementwise(sch, keep=keep)
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root):
@@ -215,11 +212,14 @@ def _schedule(sch, blocked: bool) -> None:
             reduction = loops[4:]
             fo, fi = sch.split(f, factors=[None, CHANNEL_BLOCK])
             sch.reorder(fo, y, x, *reduction, fi)
-            if per_byte and all(int(sch.get(loop).extent) == 1 for loop in reduction[1:]) and \
-                    int(sch.get(reduction[0]).extent) % per_byte == 0:
-                # a 1x1 conv on packed weights: the input-channel loop steps a byte at a time, so
-                # each value's bit offset in its byte is a constant (one SBFX per weight)
-                rc_o, rc_i = sch.split(reduction[0], factors=[None, per_byte])
+            if keep:  # packed weights: the block's channels unpacked into a local array
+                sch.compute_at(sch.get_sblock(unpack), fo)
+            elif per_byte:
+                # a 1x1 conv on packed weights: the input-channel loop steps whole bytes (4 values
+                # when it can: fewer loop steps), so each value's bit offset in its byte is a
+                # constant (one SBFX per weight)
+                rc = int(sch.get(reduction[0]).extent)
+                rc_o, rc_i = sch.split(reduction[0], factors=[None, 4 if rc % 4 == 0 else per_byte])
                 sch.unroll(rc_i)
                 reduction = [rc_o, rc_i] + list(reduction[1:])
             for consumer in consumers:
@@ -236,6 +236,8 @@ def _schedule(sch, blocked: bool) -> None:
         sch.decompose_reduction(block, loops[n_spatial])
         if not _selects(stmt):
             _unroll_reduction(sch, loops[n_spatial:])
+        if keep and stmt.name_hint == "conv2d_nchw":  # packed weights: the channel's, unpacked once
+            sch.compute_at(sch.get_sblock(unpack), loops[1])
         if DEPTHWISE_WEIGHTS_LOCAL and stmt.name_hint == "group_conv2d_nchw" and n_spatial == 4:
             if keep:  # packed weights: unpack the channel's window into locals
                 cache = sch.get_sblock(unpack)
@@ -304,6 +306,37 @@ def _unroll_reduction(sch, reduction_loops) -> None:
         sch.unroll(inner4)
     elif extents[-1] <= 8:
         sch.unroll(loops[-1])
+
+
+#: Largest local array (bytes, on the stack) a conv kernel unpacks the packed weights of one output
+#: channel (or block of CHANNEL_BLOCK channels) into, when it cannot read them at constant bit offsets.
+UNPACK_LOCAL_BYTES = 1024
+
+
+def _unpacks_per_channel(sch, unpack, per_byte: int, blocked: bool) -> bool:
+    """Whether a kernel's packed weights are unpacked into a local array once per output channel
+    (or block of channels), before the spatial loops, instead of where each weight is read.
+
+    Always for a depthwise (grouped) conv, which reads its window again for every pixel; for a
+    conv whose input-channel loop cannot step whole bytes (a window larger than 1x1, or input
+    channels not a multiple of the values per byte: each bit offset would be computed at run time)
+    when the array holds at most :data:`UNPACK_LOCAL_BYTES`.  Dense layers and 1x1 convs that step
+    whole bytes read the packed bytes directly.
+    """
+    if unpack is None:
+        return False
+    consumers = [sch.get(c) for c in sch.get_consumers(sch.get_sblock(unpack))]
+    if len(consumers) != 1:
+        return False
+    if consumers[0].name_hint == "group_conv2d_nchw":
+        return DEPTHWISE_WEIGHTS_LOCAL
+    if consumers[0].name_hint != "conv2d_nchw":
+        return False
+    _, channels, _, _, rc, ry, rx = (int(iv.dom.extent) for iv in consumers[0].iter_vars)
+    if ry * rx == 1 and rc % per_byte == 0:
+        return False
+    block = CHANNEL_BLOCK if blocked and channels % CHANNEL_BLOCK == 0 and channels > CHANNEL_BLOCK else 1
+    return block * rc * ry * rx <= UNPACK_LOCAL_BYTES
 
 
 def _weight_unpacking(sch) -> tuple:
