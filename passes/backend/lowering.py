@@ -333,9 +333,11 @@ def _unpacks_per_channel(sch, unpack, per_byte: int, blocked: bool) -> bool:
     if consumers[0].name_hint != "conv2d_nchw":
         return False
     _, channels, _, _, rc, ry, rx = (int(iv.dom.extent) for iv in consumers[0].iter_vars)
-    if ry * rx == 1 and rc % per_byte == 0:
-        return False
     block = CHANNEL_BLOCK if blocked and channels % CHANNEL_BLOCK == 0 and channels > CHANNEL_BLOCK else 1
+    # a 1x1 conv steps whole bytes when blocked (split in _schedule) or when _unroll_reduction
+    # splits its channel loop by 4 or unrolls it
+    if ry * rx == 1 and rc % per_byte == 0 and (block > 1 or rc <= 8 or rc % 4 == 0):
+        return False
     return block * rc * ry * rx <= UNPACK_LOCAL_BYTES
 
 

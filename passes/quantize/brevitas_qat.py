@@ -54,8 +54,8 @@ class BrevitasQat(Pass):
     tools = ("torch", "brevitas")
 
     class Config(GateConfig):
-        weight_bits: int = Field(8, ge=2, le=8, description="weight bit width; the C bundle stores every weight in one byte whatever the width "
-                                                               "(sub-8-bit packing is not built yet), so fewer bits do not shrink flash today")
+        weight_bits: int = Field(8, ge=2, le=8, description="weight bit width; the C bundle stores 2-bit weights four per byte, 3- and "
+                                                               "4-bit ones two per byte, 5..8-bit ones one per byte")
         act_bits: int = Field(8, ge=2, le=8, description="activation bit width")
         per_channel: bool = Field(True, description="one weight scale per output channel")
         calib_images: int = Field(256, ge=1, description="training images used to calibrate activation scales")
