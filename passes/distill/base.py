@@ -339,17 +339,26 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def teacher_view(images: "torch.Tensor", view: Any, view_seed: int) -> "torch.Tensor":
-    """The fixed augmented view ``view_seed`` of ``images``: exactly what :func:`teacher_targets` shows the teacher.
+    """The fixed augmented view ``view_seed`` of ``images``: exactly what :func:`teacher_targets` shows the teacher,
+    in a memory-mapped temporary file (a tensor over it).
 
     A method whose student must see the teacher's own view (e.g. aligned feature maps) calls this
     to rebuild it instead of caching the images.
     """
+    import numpy as np
     import torch
 
+    from distillc.plugins.image_store import scratch_array
     from distillc.training import batches
 
     gen = torch.Generator().manual_seed(view_seed)
-    return torch.cat([view(images[idx], gen) for idx in batches(len(images), _VIEW_BATCH, None)])
+    out = None
+    for idx in batches(len(images), _VIEW_BATCH, None):
+        viewed = view(images[idx], gen)
+        if out is None:  # memory-mapped scratch: a dataset's worth of float images need not fit in RAM
+            out = torch.from_numpy(scratch_array((len(images), *viewed.shape[1:]), np.float32))
+        out[idx] = viewed
+    return out if out is not None else torch.empty((0, *images.shape[1:]))
 
 
 # The view is drawn batch by batch from one generator, so the batch size is part of its definition.

@@ -96,7 +96,8 @@ class CaDsslObjective(Objective):
             maps = student.forward_stages(x)
             z = maps[-1].mean(dim=(2, 3)) if self.pooled else student(x)
             embed_loss = embedding_loss(self.heads["projector"](z), embedding[idx])
-            feature_loss = feature_map_loss([maps[s] for s in self.stage_ids], self.heads["adapters"], patches[idx],
+            teacher_map = patches[batch.idx].to(x.device, non_blocking=True)
+            feature_loss = feature_map_loss([maps[s] for s in self.stage_ids], self.heads["adapters"], teacher_map,
                                             coords)
             loss = embed_loss + self.cfg.feature_weight * feature_loss
         sums = self.sums[batch.epoch]
@@ -148,8 +149,9 @@ class CaDsslObjective(Objective):
     def _view(self, view: int) -> tuple[Any, Any, Any]:
         """The teacher's unit embeddings, its patch maps (or None) and the weak images of view ``view``.
 
-        Computed once (then read from the cache) and kept in memory: with a few views, every
-        epoch after the first ``teacher_views`` ones touches neither the teacher nor the disk.
+        Computed once (then read from the cache): the embeddings are held (one row per image), the
+        patch maps stay memory-mapped and the weak images are kept in a memory-mapped scratch file,
+        both read a batch of rows at a time; the teacher runs for none of it after the first time.
         """
         import torch.nn.functional as F
 
@@ -157,9 +159,9 @@ class CaDsslObjective(Objective):
             ctx, teacher = self.ctx, self.cfg.teacher
             embedding = teacher_targets(ctx, teacher, "embed", lambda m, b: m.embed(b), view=self.weak, view_seed=view)
             patches = None
-            if self.uses_features:
+            if self.uses_features:  # memory-mapped: read a batch of rows at a time (they can be many GB)
                 patches = teacher_targets(ctx, teacher, "patch_tokens", lambda m, b: m.patch_tokens(b),
-                                          view=self.weak, view_seed=view).to(self.device)
+                                          view=self.weak, view_seed=view)
             self.views[view] = (F.normalize(embedding, dim=1).to(self.device), patches,
                                 teacher_view(ctx.data.train_x, self.weak, view))
         return self.views[view]
