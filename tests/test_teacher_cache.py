@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 from distillc.artifacts import TorchModel
 from distillc.passes.distill.base import teacher_targets, teacher_view
@@ -45,7 +46,7 @@ def compile_(module_folder, *, epochs: int, views: int, until: str = "distill.ca
 
 def target_files(module_folder) -> dict[str, int]:
     targets = module_folder / ".distillc-cache" / "derived" / "teacher-targets"
-    return {p.name: p.stat().st_mtime_ns for p in targets.iterdir()}
+    return {p.name: p.stat().st_mtime_ns for p in targets.glob("*.npy")}
 
 
 def test_teacher_runs_once_per_view_however_many_epochs_and_runs(module_folder, teacher_calls):
@@ -56,7 +57,9 @@ def test_teacher_runs_once_per_view_however_many_epochs_and_runs(module_folder, 
     # One pass over the data per target kind (embedding, patch tokens) of the single view, not per epoch.
     assert sum(teacher_calls) == 2 * n
     files = target_files(module_folder)
-    assert len(files) == 2 and all(name.endswith(".safetensors") for name in files)
+    assert len(files) == 2  # .npy arrays, each with its key's fields in a .json beside it
+    targets = module_folder / ".distillc-cache" / "derived" / "teacher-targets"
+    assert all((targets / name).with_suffix(".json").is_file() for name in files)
 
     teacher_calls.clear()
     compile_(module_folder, epochs=3, views=1, force="distill.ca-dssl")  # the pass trains again ...
@@ -89,7 +92,7 @@ def embed(module, x):
 
 
 def files(ctx) -> list[str]:
-    return sorted(p.name for p in (ctx.derived_dir / "teacher-targets").iterdir())
+    return sorted(p.name for p in (ctx.derived_dir / "teacher-targets").glob("*.npy"))
 
 
 def test_same_teacher_data_and_view_hit_the_cache(fake_ctx, teacher_calls):
@@ -98,9 +101,11 @@ def test_same_teacher_data_and_view_hit_the_cache(fake_ctx, teacher_calls):
     calls = len(teacher_calls)
     again = teacher_targets(fake_ctx, "t", "embed", embed, view=view, view_seed=0)
     assert len(teacher_calls) == calls and torch.equal(first, again)
-    (path,) = (fake_ctx.derived_dir / "teacher-targets").iterdir()
-    with safe_open(str(path), framework="pt") as f:  # safetensors with its key in the metadata
-        assert f.metadata()["view_seed"] == "0" and f.metadata()["teacher"] == "a" * 64
+    (path,) = (fake_ctx.derived_dir / "teacher-targets").glob("*.npy")
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
+    key = json.loads(path.with_suffix(".json").read_text())  # the key's fields beside the array
+    assert key["view_seed"] == 0 and key["teacher"] == "a" * 64
+    assert isinstance(np.load(path, mmap_mode="r"), np.memmap)  # read back memory-mapped
 
 
 def test_computing_targets_leaves_the_random_state_as_a_cache_hit_does(fake_ctx):

@@ -182,9 +182,13 @@ class DistillationPass(Pass):
 
 # -- teacher targets ------------------------------------------------------------------------------
 
+# The view is drawn batch by batch from one generator, so the batch size is part of its definition.
+_VIEW_BATCH = 256
+
+
 
 def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any, Any], Any], *,
-                    view: Any = None, view_seed: int = 0) -> "torch.Tensor":
+                    view: Any = None, view_seed: int = 0, batch_size: int = _VIEW_BATCH) -> "torch.Tensor":
     """``fn(teacher_module, images)`` over the training images, computed once and cached.
 
     ``what`` names the computation (e.g. ``"embed"``, ``"hidden:3,7,11"``); it is part of the key
@@ -196,7 +200,8 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
     and each batch's rows are written to a ``.npy`` file as they come (under torchrun every
     process writes its own shard of whole batches, and rank 0 joins the shards a chunk at a
     time).  The result is that file memory-mapped (copy-on-write): indexing it reads the rows
-    asked for, so neither the images nor all the targets need fit in RAM.
+    asked for, so neither the images nor all the targets need fit in RAM.  ``batch_size`` caps the
+    images one teacher forward takes (the views are drawn in blocks of 256 whatever it is).
     """
     contract = ctx.teachers[teacher].meta.get("input")
     key_fields = {"teacher": ctx.teacher_keys.get(teacher, teacher), "data": ctx.data_fingerprint, "what": what,
@@ -225,7 +230,7 @@ def teacher_targets(ctx: PassContext, teacher: str, what: str, fn: Callable[[Any
     # the joined targets are the one-process targets, so the cache file does not depend on N.
     start, stop = distributed.block_range(n, _VIEW_BATCH)
     shard = folder / f"{key}.{token}.rank{distributed.rank()}.tmp"
-    rows = _write_targets(module, ctx.data.train_x, fn, view, view_seed, start, stop, shard, device)
+    rows = _write_targets(module, ctx.data.train_x, fn, view, view_seed, start, stop, shard, device, batch_size)
     distributed.barrier()
     if distributed.is_main():
         shards = [folder / f"{key}.{token}.rank{r}.tmp" for r in range(distributed.world_size())]
@@ -248,7 +253,8 @@ def open_targets(path: Path) -> "torch.Tensor":
 
 
 def _write_targets(module: Any, images: Any, fn: Callable[[Any, Any], Any], view: Any, view_seed: int,
-                   start: int, stop: int, shard: Path, device: Any) -> tuple[tuple[int, ...], str] | None:
+                   start: int, stop: int, shard: Path, device: Any,
+                   batch_size: int) -> tuple[tuple[int, ...], str] | None:
     """Rows ``start:stop`` of the targets into ``shard`` (a ``.npy``); returns (row shape, dtype) or None."""
     import numpy as np
     import torch
@@ -266,7 +272,8 @@ def _write_targets(module: Any, images: Any, fn: Callable[[Any, Any], Any], view
             if int(idx[0]) < start:
                 continue
             with autocast(device):
-                y = fn(module, x.to(device)).float().cpu().numpy()
+                y = np.concatenate([fn(module, x[i:i + batch_size].to(device)).float().cpu().numpy()
+                                    for i in range(0, len(x), batch_size)])
             if out is None:
                 out = np.lib.format.open_memmap(shard, mode="w+", dtype=np.float32, shape=(stop - start, *y.shape[1:]))
             first = int(idx[0]) - start
@@ -360,6 +367,3 @@ def teacher_view(images: "torch.Tensor", view: Any, view_seed: int) -> "torch.Te
         out[idx] = viewed
     return out if out is not None else torch.empty((0, *images.shape[1:]))
 
-
-# The view is drawn batch by batch from one generator, so the batch size is part of its definition.
-_VIEW_BATCH = 256
