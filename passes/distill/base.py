@@ -366,4 +366,3 @@ def teacher_view(images: "torch.Tensor", view: Any, view_seed: int) -> "torch.Te
             out = torch.from_numpy(scratch_array((len(images), *viewed.shape[1:]), np.float32))
         out[idx] = viewed
     return out if out is not None else torch.empty((0, *images.shape[1:]))
-
