@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from distillc.cache import ArtifactStore
 from distillc.plugin_manager import load_plugins
@@ -109,12 +109,13 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
     assert _record(two, "teacher:aux")["world_size"] == 2
     assert _record(two, "student")["world_size"] == 1  # rank 0 alone
 
-    # Each rank embedded its own whole batches of the teacher's targets: the gathered file is the
-    # one-process file, bit for bit.
-    (targets_one,), (targets_two,) = (sorted((c / "derived" / "teacher-targets").glob("*.safetensors"))
+    # Each rank wrote its own whole batches of the teacher's targets to a shard, which rank 0 joined:
+    # the file is the one-process file, bit for bit, and no shard is left behind.
+    (targets_one,), (targets_two,) = (sorted((c / "derived" / "teacher-targets").glob("*.npy"))
                                       for c in (one, two))
     assert targets_one.name == targets_two.name
-    assert torch.equal(load_file(str(targets_one))["targets"], load_file(str(targets_two))["targets"])
+    assert np.array_equal(np.load(targets_one), np.load(targets_two))
+    assert not list((two / "derived" / "teacher-targets").glob("*.tmp"))
 
     assert abs(_record(one, "distill.feature")["metrics"]["loss"]
                - _record(two, "distill.feature")["metrics"]["loss"]) < 1e-5
