@@ -16,7 +16,6 @@ Labelled data without its own validation set is split by a seeded, stratified pe
 from __future__ import annotations
 
 import codecs
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch
 from distillc.errors import SpecError
 
 from distillc.plugins.data_fingerprint import LOADER_VERSION, fingerprint  # noqa: F401  (re-exported)
-from distillc.plugins.image_store import ImageArray, convert_rows, decode_into, scratch_array, value_range
+from distillc.plugins.image_store import (ImageArray, convert_rows, decode_into, scratch_array, scratch_file,
+                                          value_range)
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Images converted to float per step; bounds the temporary memory next to the result.
@@ -674,10 +674,8 @@ def _restricted_load(file: Path) -> object:
 
 def _cifar_pixels(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """The (N, 3, 32, 32) uint8 images of ``files``, memory-mapped, and their labels."""
-    import tempfile
-
     labels = []
-    with tempfile.TemporaryFile(dir=os.environ.get("DISTILLC_TMPDIR") or None, prefix="distillc-cifar-") as handle:
+    with scratch_file("distillc-cifar-") as handle:
         for file in files:
             images, file_labels = _read_cifar_batch(file)
             handle.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())

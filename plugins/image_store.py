@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 # Rows converted per step when a whole array is read (e.g. by torch.cat in a caller).
 _CHUNK = 2048
-# ITU-R BT.601 luma weights, to turn RGB sources into single-channel inputs.
-_LUMA = (0.299, 0.587, 0.114)
+#: ITU-R BT.601 luma weights, to turn RGB images into single-channel ones.
+LUMA = (0.299, 0.587, 0.114)
 
 
 def convert_rows(images: np.ndarray, scale: float, image_size: int, channels: int,
@@ -33,7 +33,7 @@ def convert_rows(images: np.ndarray, scale: float, image_size: int, channels: in
     _, c_in, height, width = images.shape
     chunk = torch.from_numpy(np.ascontiguousarray(images[rows])).to(torch.float32) * scale
     if c_in == 3 and channels == 1:
-        chunk = (chunk * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        chunk = (chunk * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
     elif c_in == 1 and channels != 1:
         chunk = chunk.expand(-1, channels, -1, -1)
     if (height, width) != (image_size, image_size):
@@ -131,14 +131,19 @@ def scratch_array(shape: Sequence[int], dtype: Any = np.uint8) -> np.ndarray:
     ``DISTILLC_TMPDIR`` (else the system's temporary folder) holds it: decoded datasets live
     there, not in RAM.
     """
-    folder = os.environ.get("DISTILLC_TMPDIR") or None
-    handle = tempfile.TemporaryFile(dir=folder, prefix="distillc-images-")
+    handle = scratch_file("distillc-images-")
     try:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         handle.truncate(max(1, nbytes))
         return np.memmap(handle, dtype=dtype, mode="r+", shape=tuple(shape))
     finally:
         handle.close()  # the mapping keeps the (already unlinked) file alive
+
+
+def scratch_file(prefix: str) -> Any:
+    """An anonymous temporary file (unlinked at once) in ``DISTILLC_TMPDIR``, else the system's
+    temporary folder: where decoded data goes instead of RAM."""
+    return tempfile.TemporaryFile(dir=os.environ.get("DISTILLC_TMPDIR") or None, prefix=prefix)
 
 
 def workers() -> int:

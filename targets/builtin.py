@@ -77,17 +77,25 @@ class Stm32Config(_Stm32PartConfig):
                             "(128 KiB at 0x20000000) when the arena fits, else AXI SRAM (512 KiB at 0x24000000)")
 
 
-class Stm32Target(Target):
+class _Stm32PartTarget(Target):
+    """A target for one STM32 part: the INT8 backend with the part's chip files, verified on the
+    host and on the QEMU board ``machine``."""
+
+    machine: ClassVar[str]
+
+    def backend_passes(self, makes: type) -> list[tuple[str, dict[str, Any]]]:
+        return int8_backend(makes, target=self.name, flash_kb=self.config.flash_kb, ram_kb=self.config.arena_ram_kb,
+                            verify=[("verify.host", {}), ("verify.qemu", {"machine": self.machine})],
+                            clock_mhz=self.config.clock_mhz, chip=self.config.chip,
+                            arena_bank=self.config.arena_bank)
+
+
+class Stm32Target(_Stm32PartTarget):
     name = "stm32h7"
     description = ("STM32H743 (Cortex-M7): the part's linker script and startup in the bundle; verified on the "
                    "host and on QEMU mps2-an500 (the M7 core on the MPS2 map; the H743 map is only linked)")
     Config = Stm32Config
-
-    def backend_passes(self, makes: type) -> list[tuple[str, dict[str, Any]]]:
-        return int8_backend(makes, target=self.name, flash_kb=self.config.flash_kb, ram_kb=self.config.arena_ram_kb,
-                            verify=[("verify.host", {}), ("verify.qemu", {"machine": "mps2-an500"})],
-                            clock_mhz=self.config.clock_mhz, chip=self.config.chip,
-                            arena_bank=self.config.arena_bank)
+    machine = "mps2-an500"
 
 
 class Stm32F4Config(_Stm32PartConfig):
@@ -101,17 +109,12 @@ class Stm32F4Config(_Stm32PartConfig):
                             "(64 KiB at 0x10000000, no DMA) when the arena fits, else SRAM (128 KiB at 0x20000000)")
 
 
-class Stm32F4Target(Target):
+class Stm32F4Target(_Stm32PartTarget):
     name = "stm32f4"
     description = ("STM32F405 (Cortex-M4F): the part's linker script and startup in the bundle; verified on the "
                    "host and on QEMU netduinoplus2 (the STM32F405's memory map; CCM moved, QEMU has none)")
     Config = Stm32F4Config
-
-    def backend_passes(self, makes: type) -> list[tuple[str, dict[str, Any]]]:
-        return int8_backend(makes, target=self.name, flash_kb=self.config.flash_kb, ram_kb=self.config.arena_ram_kb,
-                            verify=[("verify.host", {}), ("verify.qemu", {"machine": "netduinoplus2"})],
-                            clock_mhz=self.config.clock_mhz, chip=self.config.chip,
-                            arena_bank=self.config.arena_bank)
+    machine = "netduinoplus2"
 
 
 class Max78000Config(TargetConfig):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DistillcError
-from .toolchain import CORTEX_M_DIR, Flag, command_line
+from .toolchain import CORTEX_M4_FLAGS, CORTEX_M7_FLAGS, CORTEX_M_DIR, Flag, command_line
 
 #: Templates of the linker script, startup code, CMake toolchain file and QEMU board header.
 STM32_DIR = CORTEX_M_DIR.parent / "stm32"
@@ -86,24 +86,13 @@ class Chip:
         return self.largest_arena_bank()
 
 
-_M7_FLAGS = (
-    Flag("-mcpu=cortex-m7", "instructions and scheduling of the Cortex-M7"),
-    Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
-    Flag("-mfpu=fpv5-d16", "the M7's FPv5 unit (single and double precision)"),
-)
-_M4_FLAGS = (
-    Flag("-mcpu=cortex-m4", "instructions and scheduling of the Cortex-M4"),
-    Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
-    Flag("-mfpu=fpv4-sp-d16", "the M4's FPv4 unit (single precision)"),
-)
-
 #: The parts, by name.  Addresses and sizes from ST's reference manuals (RM0433 for the
 #: STM32H743, RM0090 for the STM32F405).
 CHIPS = {
     chip.name: chip
     for chip in (
         Chip(
-            name="stm32h743", part="STM32H743", core="Cortex-M7", cpu_flags=_M7_FLAGS,
+            name="stm32h743", part="STM32H743", core="Cortex-M7", cpu_flags=CORTEX_M7_FLAGS,
             flash_origin=0x08000000, flash_kb=2048,
             banks=(
                 Bank("dtcm", "DTCM", 0x20000000, 128, "tightly coupled to the core: no wait state, no cache; "
@@ -122,7 +111,7 @@ CHIPS = {
             other_regions=(("ITCM", 0x00000000, 64, "instruction TCM; nothing is placed there by default"),),
         ),
         Chip(
-            name="stm32f405", part="STM32F405", core="Cortex-M4F", cpu_flags=_M4_FLAGS,
+            name="stm32f405", part="STM32F405", core="Cortex-M4F", cpu_flags=CORTEX_M4_FLAGS,
             flash_origin=0x08000000, flash_kb=1024,
             banks=(
                 Bank("ccm", "CCM", 0x10000000, 64, "core-coupled memory: data only, no DMA, no bit-banding"),

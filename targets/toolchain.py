@@ -114,6 +114,18 @@ class Board:
                 "-kernel", str(elf)]
 
 
+#: Code generation for each core (the boards below and the STM32 parts of targets/stm32.py).
+CORTEX_M7_FLAGS = (
+    Flag("-mcpu=cortex-m7", "instructions and scheduling of the Cortex-M7"),
+    Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
+    Flag("-mfpu=fpv5-d16", "the M7's FPv5 unit (single and double precision)"),
+)
+CORTEX_M4_FLAGS = (
+    Flag("-mcpu=cortex-m4", "instructions and scheduling of the Cortex-M4"),
+    Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
+    Flag("-mfpu=fpv4-sp-d16", "the M4's FPv4 unit (single precision)"),
+)
+
 #: The boards distillc runs bundles on, by QEMU machine name.  The MPS2 ones have 4 MiB of code
 #: memory at 0x00000000 and 4 MiB of data memory at 0x20000000 (cortex_m/mps2.ld); netduinoplus2
 #: runs the STM32F405's map (targets/stm32.py).
@@ -125,33 +137,21 @@ BOARDS = {
             cpu="cortex-m7",
             make_target="cortex-m7",
             description="Cortex-M7 (the STM32H7's core) on QEMU's mps2-an500 board",
-            cpu_flags=(
-                Flag("-mcpu=cortex-m7", "instructions and scheduling of the Cortex-M7"),
-                Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
-                Flag("-mfpu=fpv5-d16", "the M7's FPv5 unit (single and double precision)"),
-            ),
+            cpu_flags=CORTEX_M7_FLAGS,
         ),
         Board(
             machine="mps2-an386",
             cpu="cortex-m4",
             make_target="cortex-m4",
             description="Cortex-M4 (the MAX78000's core) on QEMU's mps2-an386 board",
-            cpu_flags=(
-                Flag("-mcpu=cortex-m4", "instructions and scheduling of the Cortex-M4"),
-                Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
-                Flag("-mfpu=fpv4-sp-d16", "the M4's FPv4 unit (single precision)"),
-            ),
+            cpu_flags=CORTEX_M4_FLAGS,
         ),
         Board(
             machine="netduinoplus2",
             cpu="cortex-m4",
             make_target="stm32f405-qemu",
             description="STM32F405 (Cortex-M4F) on QEMU's netduinoplus2 board, ST's memory map",
-            cpu_flags=(
-                Flag("-mcpu=cortex-m4", "instructions and scheduling of the Cortex-M4"),
-                Flag("-mfloat-abi=hard", "floats in FPU registers and FPU instructions"),
-                Flag("-mfpu=fpv4-sp-d16", "the M4's FPv4 unit (single precision)"),
-            ),
+            cpu_flags=CORTEX_M4_FLAGS,
             chip="stm32f405",
             counter="TIM2 (QEMU clocks it at 1 GHz of virtual time: 1 instruction per tick under -icount shift=0)",
             instructions_per_tick=1,

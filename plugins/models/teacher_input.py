@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ITU-R BT.601 luma weights: an RGB view turned into a one-channel teacher input.
-_LUMA = (0.299, 0.587, 0.114)
+from distillc.plugins.image_store import LUMA
 
 
 def to_teacher_input(x: torch.Tensor, contract: dict[str, Any]) -> torch.Tensor:
@@ -29,7 +28,7 @@ def to_teacher_input(x: torch.Tensor, contract: dict[str, Any]) -> torch.Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, channels, -1, -1)
         elif x.shape[1] == 3 and channels == 1:
-            luma = x.new_tensor(_LUMA).view(1, 3, 1, 1)
+            luma = x.new_tensor(LUMA).view(1, 3, 1, 1)
             x = (x * luma).sum(dim=1, keepdim=True)
         else:
             raise ValueError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
