@@ -179,7 +179,15 @@ def _teacher_step(spec: Spec, plugins: Plugins, name: str) -> Step:
               "input": None if plain else contract, **_tokenizer_fields(spec, teacher)}
     if teacher.train is not None:
         cls = plugins.passes.get("teacher.train")
-        config = cls.Config(**common, **teacher.train.model_dump())
+        training = teacher.train.model_dump(mode="json", exclude={"data"})
+        own = teacher.train.data
+        if own is not None:  # the teacher's own data: its fingerprint joins the key, its path does not
+            source = plugins.datasets.get(own.source)
+            kwargs = spec.data_kwargs(source, own)
+            training.update(data=own.model_dump(mode="json", exclude={"path"}),
+                            data_path=str(kwargs["path"]) if kwargs["path"] is not None else None,
+                            data_fingerprint=f"{own.source}:{source.fingerprint(**kwargs)}")
+        config = cls.Config(**common, **training)
     else:
         cls = plugins.passes.get("teacher.load")
         path = spec.resolve(teacher.checkpoint)

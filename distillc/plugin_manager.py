@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "distillc.passes.distill.clip",
     "distillc.passes.distill.matryoshka",
     "distillc.passes.eval.zeroshot",
+    "distillc.passes.detect.openvocab",
     "distillc.passes.quantize.brevitas_qat",
     "distillc.passes.max78000.check",
     "distillc.passes.max78000.izer",

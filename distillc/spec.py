@@ -94,6 +94,9 @@ class TeacherTraining(_Section):
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     batch_size: int = Field(128, ge=1, le=65_536)
     weight_decay: float = Field(0.05, ge=0.0)
+    # The teacher's own labelled data, a stand-in for a foundation model's pretraining set (e.g.
+    # sklearn-digits for a teacher of digit-scenes detection); default: [data].
+    data: DataSection | None = None
 
 
 #: How a teacher's input is resized (``torch.nn.functional.interpolate`` modes).
@@ -213,16 +216,12 @@ class Spec:
     def teacher(self, name: str) -> TeacherSection:
         return next(t for t in self.teachers if t.name == name)
 
-    def data_kwargs(self, source: Any = None) -> dict[str, Any]:
-        """The keywords of ``source``'s ``load`` and ``fingerprint``; ``options`` (validated, defaults
-        filled in) only for a source that declares an options model."""
-        d = self.data
-        kwargs = {"image_size": d.image_size, "val_fraction": d.val_fraction, "seed": self.distillc.seed,
-                  "path": self.resolve(d.path), "channels": d.channels}
-        model = getattr(source, "options", None)
-        if model is not None:
-            kwargs["options"] = model.model_validate(d.options).model_dump(mode="json")
-        return kwargs
+    def data_kwargs(self, source: Any = None, section: DataSection | None = None) -> dict[str, Any]:
+        """The keywords of ``source``'s ``load`` and ``fingerprint`` for ``section`` (default
+        ``[data]``; a teacher's ``train.data`` is another); ``options`` (validated, defaults filled
+        in) only for a source that declares an options model."""
+        return data_kwargs(section or self.data, seed=self.distillc.seed, path=self.resolve((section or self.data).path),
+                           source=source)
 
     def data_fingerprint(self, plugins: Any) -> str:
         source = plugins.datasets.get(self.data.source)
@@ -236,6 +235,16 @@ class Spec:
         """sha256 of the validated spec (canonical JSON), recorded in the manifest."""
         text = json.dumps(self.file.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def data_kwargs(section: DataSection, *, seed: int, path: Path | None, source: Any = None) -> dict[str, Any]:
+    """A data section as the keywords of its source's ``load`` and ``fingerprint`` (``path`` resolved)."""
+    kwargs = {"image_size": section.image_size, "val_fraction": section.val_fraction, "seed": seed,
+              "path": path, "channels": section.channels}
+    model = getattr(source, "options", None)
+    if model is not None:
+        kwargs["options"] = model.model_validate(section.options).model_dump(mode="json")
+    return kwargs
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -477,6 +486,8 @@ def teacher_input(teacher: TeacherSection, builder: Any, data: DataSection, path
     ``[[teachers]]`` entry overrides its default.  Appends a problem and returns None when the
     result does not hold together (``mean``/``std`` of another length than ``channels``).
     """
+    if teacher.train is not None and teacher.train.data is not None:
+        data = teacher.train.data  # a teacher trained on its own data takes that data's size and channels
     contract: dict[str, Any] = {"input_size": data.image_size, "channels": data.channels,
                                 "mean": [0.0] * data.channels, "std": [1.0] * data.channels,
                                 "interpolation": "bicubic"}
@@ -544,24 +555,10 @@ def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> Non
     files: list[tuple[Any, ...]] = [(f"teachers[{i}].checkpoint", t.checkpoint) for i, t in enumerate(spec.teachers)]
     files += [(f"teachers[{i}].tokenizer", t.tokenizer) for i, t in enumerate(spec.teachers)]
     files += [("student.checkpoint", spec.student.checkpoint), ("student.onnx", spec.student.onnx)]
-    if spec.data.source not in plugins.datasets:
-        problems.append(f"data.source: {plugins.datasets.unknown_message(spec.data.source)}")
-    else:
-        source = plugins.datasets.get(spec.data.source)
-        if source.needs_path and spec.data.path is None:
-            problems.append(f"data.path: source {spec.data.source!r} reads local files; give their path")
-        elif not source.needs_path and spec.data.path is not None:
-            problems.append(f"data.path: source {spec.data.source!r} takes no path; remove the key "
-                            f"(got {shown(str(spec.data.path))})")
-        else:
-            wants = getattr(source, "path_kind", "any")
-            files.append(("data.path", spec.data.path, wants, f"source {spec.data.source!r} reads a {wants}"))
-        model = getattr(source, "options", None)
-        if model is None and spec.data.options:
-            problems.append(f"data.options: source {spec.data.source!r} takes no options; remove the key "
-                            f"(got {shorten(str(sorted(spec.data.options)), 120)})")
-        elif model is not None:
-            validate_into(model, spec.data.options, "data.options", problems)
+    sections = [("data", spec.data)] + [(f"teachers[{i}].train.data", t.train.data) for i, t in enumerate(spec.teachers)
+                                        if t.train is not None and t.train.data is not None]
+    for where, section in sections:
+        _check_data_section(section, where, plugins, problems, files)
     for key, rel, *wants in files:
         problem = path_problem(spec.root, rel, *wants) if rel is not None else None
         if problem:
@@ -569,6 +566,28 @@ def _check_files_and_names(spec: Spec, plugins: Any, problems: list[str]) -> Non
         elif key.endswith(".tokenizer") and rel is not None and not str(rel).lower().endswith(TOKENIZER_SUFFIXES):
             problems.append(f"{key}: {shown(str(rel))} is not a tokenizer file; give a Hugging Face tokenizer.json "
                             f"or OpenAI's BPE merges (bpe_simple_vocab_16e6.txt.gz)")
+
+
+def _check_data_section(section: DataSection, where: str, plugins: Any, problems: list[str], files: list) -> None:
+    """Problems of one data section (``[data]`` or a teacher's ``train.data``); its path joins ``files``."""
+    if section.source not in plugins.datasets:
+        problems.append(f"{where}.source: {plugins.datasets.unknown_message(section.source)}")
+    else:
+        source = plugins.datasets.get(section.source)
+        if source.needs_path and section.path is None:
+            problems.append(f"{where}.path: source {section.source!r} reads local files; give their path")
+        elif not source.needs_path and section.path is not None:
+            problems.append(f"{where}.path: source {section.source!r} takes no path; remove the key "
+                            f"(got {shown(str(section.path))})")
+        else:
+            wants = getattr(source, "path_kind", "any")
+            files.append((f"{where}.path", section.path, wants, f"source {section.source!r} reads a {wants}"))
+        model = getattr(source, "options", None)
+        if model is None and section.options:
+            problems.append(f"{where}.options: source {section.source!r} takes no options; remove the key "
+                            f"(got {shorten(str(sorted(section.options)), 120)})")
+        elif model is not None:
+            validate_into(model, section.options, f"{where}.options", problems)
 
 
 #: What a teacher's ``tokenizer`` file may be: a Hugging Face tokenizer.json, or BPE merges.

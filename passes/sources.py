@@ -74,6 +74,11 @@ class TeacherTrain(Pass):
         lr: float = 1e-3
         batch_size: int = 128
         weight_decay: float = 0.05
+        # ``[[teachers]] train.data``: the teacher's own labelled data (the [data] keys but path),
+        # its location (not in the key) and its fingerprint (in the key).  None: the spec's [data].
+        data: dict[str, Any] | None = Field(None, exclude_if=lambda value: value is None)
+        data_path: str | None = Field(None, exclude=True)
+        data_fingerprint: str | None = Field(None, exclude_if=lambda value: value is None)
 
     def run(self, artifact: None, ctx: PassContext) -> PassResult:
         import torch
@@ -84,9 +89,12 @@ class TeacherTrain(Pass):
                                        pick_device, prepare, run_epochs)
 
         cfg = self.config
-        data = ctx.data
+        data = ctx.data if cfg.data is None else _own_data(ctx, cfg)
         if not data.labelled:
-            raise PassError(self.name, f"teacher.train needs labelled data; {data.name} has no labels")
+            where = "its train.data" if cfg.data is not None else "[data]"
+            raise PassError(self.name, f"teacher.train needs labelled data; {data.name} ({where}) has no labels"
+                            + ("" if cfg.data is not None else "; give the teacher its own: train = { ..., data = "
+                               "{ source = \"sklearn-digits\", ... } }"))
         torch.manual_seed(ctx.seed)
         options = {"image_size": cfg.image_size, "in_chans": cfg.channels, **cfg.options}
         device = pick_device()
@@ -138,6 +146,16 @@ class TeacherTrain(Pass):
                                                           cfg, ctx.step_id.removeprefix("teacher:")))
         return PassResult(out, {"loss": losses[-1], "epoch_losses": losses, "supervised_val_top1": val_top1,
                                 "params": count_params(bare)})
+
+
+def _own_data(ctx: PassContext, cfg: Any) -> Any:
+    """A teacher's own training data (``[[teachers]] train.data``), loaded from its source."""
+    from distillc.spec import DataSection, data_kwargs
+
+    section = DataSection.model_validate(cfg.data)
+    source = ctx.plugins.datasets.get(section.source)
+    path = Path(cfg.data_path) if cfg.data_path is not None else None
+    return source.load(**data_kwargs(section, seed=ctx.seed, path=path, source=source))
 
 
 class TeacherLoad(Pass):
