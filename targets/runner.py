@@ -162,6 +162,121 @@ def run_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, *,
                    memory_map=board.memory_map, layers=counts)
 
 
+#: The detection program (a bundle with distillc_detect): every input's map and detections.
+DETECT_MAIN = CORTEX_M_DIR / "detect_main.c"
+
+
+@dataclass(frozen=True)
+class DetectionRun:
+    """What the detection program (cortex_m/detect_main.c) printed for each input and case.
+
+    ``cases`` are ``(dim, threshold_q15, max_out)``; ``detect[(i, c)]`` and ``detect_output[(i, c)]``
+    are what ``distillc_detect`` (on input ``i``) and ``distillc_detect_output`` (on its printed
+    map) returned for case ``c``: the count (negative: refused) and the detections, int64
+    ``(count, 6)`` rows of x0, y0, x1, y1, score_q15, class_id.
+    """
+
+    outputs: np.ndarray  # int8 maps (n, DISTILLC_OUTPUT_SIZE), from distillc_model_run
+    cases: tuple[tuple[int, int, int], ...]
+    detect: dict[tuple[int, int], tuple[int, np.ndarray]]
+    detect_output: dict[tuple[int, int], tuple[int, np.ndarray]]
+    machine: str = "host"
+    instructions: dict[tuple[int, int], tuple[int, int]] | None = None  # board: (detect, detect_output)
+
+
+def detect_on_host(bundle_dir: Path, inputs: np.ndarray, workdir: Path,
+                   cases: list[tuple[int, int, int]]) -> DetectionRun:
+    """Builds the detection program with the bundle for this computer and runs ``inputs``
+    (int8, one per row) through ``distillc_detect`` for every ``(dim, threshold_q15, max_out)``."""
+    bundle_dir = Path(bundle_dir).resolve()
+    header, sources = _check_bundle(bundle_dir)
+    rows = _as_rows(inputs, header)
+    gcc = find_tool("gcc")
+    build = _prepare_detect_dir(Path(workdir) / "host-detect", rows, cases)
+    exe = build / "detect"
+    run_tool([gcc, *command_line(C_FLAGS), f"-I{bundle_dir / 'include'}", build / "main.c",
+              *sources, "-o", exe, *command_line(LIBS)],
+             what=f"compiling {bundle_dir} with its detection program for the host with gcc",
+             timeout=COMPILE_TIMEOUT_S)
+    result = run_tool([exe], what=f"the bundle's detection program on the host ({exe})", timeout=HOST_RUN_TIMEOUT_S)
+    return _parse_detections(result, rows, header, cases, where="the host")
+
+
+def detect_on_qemu(bundle_dir: Path, inputs: np.ndarray, workdir: Path, cases: list[tuple[int, int, int]], *,
+                   machine: str = "mps2-an500", timeout: float = 600.0,
+                   stack_bytes: int = DEFAULT_STACK_BYTES) -> DetectionRun:
+    """The detection program cross-compiled for a Cortex-M board and run under QEMU, with the
+    instructions of every ``distillc_detect`` and ``distillc_detect_output`` call."""
+    bundle_dir = Path(bundle_dir).resolve()
+    board = get_board(machine)
+    header, sources = _check_bundle(bundle_dir)
+    rows = _as_rows(inputs, header)
+    arm_gcc, qemu = (find_tool(tool) for tool in ("arm-none-eabi-gcc", "qemu-system-arm"))
+    check_newlib(arm_gcc)
+    build = _prepare_detect_dir(Path(workdir) / f"{machine}-detect", rows, cases)
+    elf = build / "detect.elf"
+    files, defines = MPS2_FILES, ()
+    if board.chip is not None:
+        chip = get_chip(board.chip)
+        files = _write_chip_files(chip, bundle_arena_bank(bundle_dir, chip), build / "board", qemu=True)
+        defines = ("-DDISTILLC_SEMIHOSTING",)
+    _link_elf(arm_gcc, board, bundle_dir, sources, build, elf, stack_bytes, files=files, defines=defines)
+    result = run_tool(board.qemu_command(qemu, elf), what=f"the bundle's detection program on QEMU {machine} ({elf})",
+                      timeout=timeout)
+    where = f"QEMU {machine}"
+    run = _parse_detections(result, rows, header, cases, where=where, machine=machine)
+    counts = {(int(m.group(1)), int(m.group(2))): (int(m.group(3)), int(m.group(4)))
+              for m in _DETECT_INSTRUCTIONS.finditer(result.stdout)}
+    _, _, stack = _parse_report(result, len(rows), header, where=where)
+    if len(counts) != len(rows) * len(cases) or stack is None:
+        raise DistillcError(f"the bundle's detection program on {where} printed no instruction counts or stack use\n"
+                            f"{excerpt(result.stdout)}")
+    if stack[0] >= stack[1]:
+        raise DistillcError(f"the detection program overflowed its {stack[1]}-byte stack on {where}: run it with a "
+                            f"larger stack_bytes")
+    return DetectionRun(outputs=run.outputs, cases=run.cases, detect=run.detect, detect_output=run.detect_output,
+                        machine=machine, instructions=counts)
+
+
+def _prepare_detect_dir(build: Path, rows: np.ndarray, cases: list[tuple[int, int, int]]) -> Path:
+    """A build directory with the detection program, its inputs and detect_config.h (the cases)."""
+    if not cases:
+        raise DistillcError("the detection program needs at least one (dim, threshold, max_out) case")
+    build = _prepare_build_dir(build, rows)
+    shutil.copyfile(DETECT_MAIN, build / "main.c")
+    lines = ", ".join(f"{{{int(d)}, {int(t)}, {int(m)}}}" for d, t, m in cases)
+    array = max(1, *(int(m) for _, _, m in cases))
+    (build / "detect_config.h").write_text(
+        "/* Cases of the detection program (dim, score threshold Q15, max_out), written by distillc. */\n"
+        "#ifndef DISTILLC_DETECT_CONFIG_H\n#define DISTILLC_DETECT_CONFIG_H\n\n#include <stdint.h>\n\n"
+        f"#define DISTILLC_DETECT_RUN_CASES {len(cases)}\n#define DISTILLC_DETECT_RUN_ARRAY {array}\n"
+        f"static const int32_t distillc_detect_run_cases[{len(cases)}][3] = {{{lines}}};\n\n"
+        "#endif /* DISTILLC_DETECT_CONFIG_H */\n")
+    return build
+
+
+_DETECT = re.compile(r"^distillc-detect(-output)? (\d+) (\d+): (-?\d+)((?: -?\d+)*)$", re.M)
+_DETECT_INSTRUCTIONS = re.compile(r"^distillc-detect-instructions (\d+) (\d+): (\d+) (\d+)$", re.M)
+
+
+def _parse_detections(result: subprocess.CompletedProcess[str], rows: np.ndarray, header: ModelHeader,
+                      cases: list[tuple[int, int, int]], *, where: str, machine: str = "host") -> DetectionRun:
+    outputs, _, _ = _parse_report(result, len(rows), header, where=where)
+    found: dict[bool, dict[tuple[int, int], tuple[int, np.ndarray]]] = {False: {}, True: {}}
+    for match in _DETECT.finditer(result.stdout):
+        count = int(match.group(4))
+        values = np.array(match.group(5).split(), dtype=np.int64)
+        if values.size != 6 * max(count, 0):
+            raise DistillcError(f"the bundle's detection program on {where} printed {values.size} values for "
+                                f"{count} detections\n{excerpt(result.stdout)}")
+        found[bool(match.group(1))][(int(match.group(2)), int(match.group(3)))] = (count, values.reshape(-1, 6))
+    if any(len(found[k]) != len(rows) * len(cases) for k in found):
+        raise DistillcError(f"the bundle's detection program on {where} did not print detections for each of "
+                            f"{len(rows)} inputs and {len(cases)} cases\n{excerpt(result.stdout)}")
+    return DetectionRun(outputs=outputs, cases=tuple(tuple(int(v) for v in c) for c in cases), detect=found[False],
+                        detect_output=found[True], machine=machine)
+
+
 _TRACE_CALL = re.compile(r"\bdistillc_trace\((\d+),")
 
 

@@ -49,6 +49,14 @@ class CExtension:
     are bundle-relative paths (under ``src/``) and their text, compiled with the rest of the
     bundle; ``manifest`` is stored under ``manifest[name]``, and ``flash_bytes`` is added to
     ``manifest["memory"]["<name>_bytes"]`` and counted against the flash budget.
+    ``arena_scratch_bytes``: RAM the extension's functions use *between* inferences (the
+    detection decoder's candidates).  They get it from the activation arena, which holds nothing
+    live then: :func:`emit_c` places a model output (``DISTILLC_OUTPUT_SIZE`` bytes) at
+    ``DISTILLC_ARENA_OUTPUT_OFFSET``, where no tensor the executor reads after writing its output
+    lies (so ``distillc_model_run(input, distillc_arena_base() + DISTILLC_ARENA_OUTPUT_OFFSET)``
+    is safe), and the scratch at ``DISTILLC_ARENA_SCRATCH_OFFSET``, beside that output; the arena
+    grows only if both do not fit (``distillc_internal.h`` declares the macros and
+    ``uint8_t *distillc_arena_base(void)``; the manifest's ``memory.arena_share``).
     A pass provides one through ``c_extension`` (see ``distillc.passes.backend.codegen_c``).
     """
 
@@ -57,6 +65,45 @@ class CExtension:
     sources: dict[str, str] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     flash_bytes: int = 0
+    arena_scratch_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ArenaShare:
+    """Where bundle extensions may put a model output and their scratch in the arena (bytes)."""
+
+    output_offset: int
+    scratch_offset: int
+    scratch_bytes: int
+    arena_bytes: int  # the arena that holds the plan's tensors, that output and the scratch
+
+    def to_dict(self, planned_bytes: int) -> dict[str, int]:
+        return {"output_offset": self.output_offset, "scratch_offset": self.scratch_offset,
+                "scratch_bytes": self.scratch_bytes, "planned_bytes": int(planned_bytes)}
+
+
+def arena_share(prog: Program, plan: MemoryPlan, scratch_bytes: int) -> ArenaShare:
+    """The lowest 8-aligned offset for the model output that overlaps no tensor live from the step
+    that writes the output on, and the lowest one for ``scratch_bytes`` beside that output."""
+    out_bytes = int(np.prod(prog.quant["output"]["shape"]))
+    writer = min((s.index for s in prog.steps if prog.tensor(s.out).kind == OUTPUT), default=0)
+    busy = sorted((plan.offsets[t], plan.offsets[t] + prog.tensor(t).nbytes)
+                  for t, (_, last) in prog.lifetimes().items() if last >= writer and t in plan.offsets)
+
+    def lowest(size: int, taken: list[tuple[int, int]]) -> int:
+        for start in [0] + [_align8(end) for _, end in taken]:
+            if all(start + size <= a or start >= b for a, b in taken):
+                return start
+        raise AssertionError("unreachable: the end of the last range is free")
+
+    output_offset = lowest(out_bytes, busy)
+    scratch_offset = lowest(int(scratch_bytes), [(output_offset, output_offset + out_bytes)])
+    arena = max(int(plan.arena_bytes), output_offset + out_bytes, scratch_offset + int(scratch_bytes))
+    return ArenaShare(output_offset, scratch_offset, int(scratch_bytes), arena)
+
+
+def _align8(n: int) -> int:
+    return (int(n) + 7) // 8 * 8
 
 _C_TYPES = {
     "int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "uint16": "uint16_t",
@@ -91,6 +138,11 @@ def emit_c(prog: Program, bundle_dir, *, name: str, plan: MemoryPlan | None = No
         raise PassError(pass_name, "the program has no generated kernels (run build_program)")
     if plan is None:
         plan = plan_memory(prog, pass_name=pass_name)
+    scratch = max((int(ext.arena_scratch_bytes) for ext in extensions), default=0)
+    share = arena_share(prog, plan, scratch) if any(ext.arena_scratch_bytes for ext in extensions) else None
+    planned = plan
+    if share is not None:  # the arena the header declares and the executor defines
+        plan = MemoryPlan(plan.offsets, share.arena_bytes, plan.floor_bytes, plan.strategy)
     bundle_dir = Path(bundle_dir)
     (bundle_dir / "include").mkdir(parents=True, exist_ok=True)
     (bundle_dir / "src").mkdir(parents=True, exist_ok=True)
@@ -98,10 +150,10 @@ def emit_c(prog: Program, bundle_dir, *, name: str, plan: MemoryPlan | None = No
         t for t in prog.tensors if t.kind == CONST)}
     files = {
         "include/distillc_model.h": _public_header(prog, plan, name, extensions),
-        "src/distillc_internal.h": _internal_header(prog, prog.signatures, weight_names, name),
+        "src/distillc_internal.h": _internal_header(prog, prog.signatures, weight_names, name, share),
         "src/distillc_kernels.c": _kernels_file(prog.kernels_c, name),
         "src/distillc_weights.c": _weights_file(prog, weight_names, name),
-        "src/distillc_model.c": _executor_file(prog, plan, prog.signatures, weight_names, name),
+        "src/distillc_model.c": _executor_file(prog, plan, prog.signatures, weight_names, name, share),
         "src/distillc_model_float.c": _float_api_file(name),
     }
     for ext in extensions:
@@ -112,7 +164,10 @@ def emit_c(prog: Program, bundle_dir, *, name: str, plan: MemoryPlan | None = No
             files[rel] = text
     for rel, text in files.items():
         (bundle_dir / rel).write_text(text, encoding="utf-8", newline="\n")
-    entries = manifest(prog, plan, files=sorted(files))
+    entries = manifest(prog, planned, files=sorted(files))
+    if share is not None:
+        entries["memory"]["arena_bytes"] = int(share.arena_bytes)
+        entries["memory"]["arena_share"] = share.to_dict(planned.arena_bytes)
     for ext in extensions:
         entries[ext.name] = dict(ext.manifest)
         entries["memory"][f"{ext.name}_bytes"] = int(ext.flash_bytes)
@@ -297,7 +352,8 @@ def _c_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def _internal_header(prog: Program, signatures: dict, weight_names: dict, name: str) -> str:
+def _internal_header(prog: Program, signatures: dict, weight_names: dict, name: str,
+                     share: ArenaShare | None = None) -> str:
     lines = [_banner(name, "Kernel and weight declarations").rstrip(), "#ifndef DISTILLC_INTERNAL_H",
              "#define DISTILLC_INTERNAL_H", "", "#include <stdint.h>", ""]
     for c_name, types in signatures.items():
@@ -307,6 +363,15 @@ def _internal_header(prog: Program, signatures: dict, weight_names: dict, name: 
     for tid, wname in weight_names.items():
         t = prog.tensor(tid)
         lines.append(f"extern const {_C_TYPES[t.dtype]} {wname}[{max(1, t.data.size)}];")
+    if share is not None:
+        lines += ["", "/* The arena between inferences, for the bundle's extensions (codegen.CExtension):",
+                  " * distillc_model_run may write its output at DISTILLC_ARENA_OUTPUT_OFFSET (no tensor it",
+                  " * reads after writing the output lies there); DISTILLC_ARENA_SCRATCH_BYTES at",
+                  " * DISTILLC_ARENA_SCRATCH_OFFSET overlap neither that output nor anything live later. */",
+                  f"#define DISTILLC_ARENA_OUTPUT_OFFSET {share.output_offset}",
+                  f"#define DISTILLC_ARENA_SCRATCH_OFFSET {share.scratch_offset}",
+                  f"#define DISTILLC_ARENA_SCRATCH_BYTES {share.scratch_bytes}",
+                  "uint8_t *distillc_arena_base(void);"]
     lines += ["", "#ifdef DISTILLC_TRACE",
               "/* Debug builds only (-DDISTILLC_TRACE): called after every kernel with its output. */",
               "void distillc_trace(int step, const void *data, unsigned long bytes);", "#endif", "",
@@ -355,7 +420,7 @@ def _c_literal(value, dtype: str) -> str:
 
 
 def _executor_file(prog: Program, plan: MemoryPlan, signatures: dict, weight_names: dict,
-                   name: str) -> str:
+                   name: str, share: ArenaShare | None = None) -> str:
     uses_arena = plan.arena_bytes > 0
     lines = [_banner(name, "Ahead-of-time executor").rstrip(),
              "#include <stddef.h>", "#include <stdint.h>", "",
@@ -383,8 +448,11 @@ def _executor_file(prog: Program, plan: MemoryPlan, signatures: dict, weight_nam
             "} distillc_arena DISTILLC_ARENA_PLACEMENT;",
             "",
         ]
+    if share is not None:
+        lines += ["/* For the bundle's extensions (see distillc_internal.h). */",
+                  "uint8_t *distillc_arena_base(void)", "{", "    return distillc_arena.bytes;", "}", ""]
     lines += ["int distillc_model_run(const int8_t *input, int8_t *output)", "{"]
-    if uses_arena:
+    if plan.offsets:
         lines += ["    uint8_t *const arena = distillc_arena.bytes;", ""]
     lines += ["    if (input == NULL || output == NULL) {", "        return -1;", "    }"]
     for step in prog.steps:

@@ -81,7 +81,7 @@ class CodegenC(Pass):
         program = Program.load(artifact.path)
         extensions = bundle_extensions(ctx.plugins, artifact.meta, name=cfg.model_name,
                                        output_size=int(math.prod(program.quant["output"]["shape"])),
-                                       pass_name=self.name)
+                                       pass_name=self.name, output=dict(program.quant["output"]))
         entries = emit_c(program, bundle, name=cfg.model_name, plan=plan, pass_name=self.name,
                          extensions=extensions)
         self.check_budget(entries["memory"], [ext.name for ext in extensions])
@@ -173,7 +173,7 @@ def write_manifest(bundle: Any, manifest: dict[str, Any]) -> None:
 
 
 def bundle_extensions(plugins: Any, meta: dict[str, Any], *, name: str, output_size: int,
-                      pass_name: str) -> list[Any]:
+                      pass_name: str, output: dict[str, Any] | None = None) -> list[Any]:
     """The C every registered pass adds for this model (``CExtension``s, by pass name order).
 
     A pass offers C through a ``c_extension(meta, *, name, output_size, pass_name)`` static or
@@ -181,6 +181,10 @@ def bundle_extensions(plugins: Any, meta: dict[str, Any], *, name: str, output_s
     reads what an earlier pass of its own left in the model's ``meta`` (the Matryoshka pass:
     ``meta["matryoshka"]``).  So the backend imports no distillation pass, and a plugin's pass
     may add C the same way.  A method inherited unchanged by a subclass is asked once.
+    A method that also takes an ``output`` keyword (or ``**kwargs``) gets the model output's
+    quantization, ``{"shape", "dtype", "scale", "zero_point"}`` (the manifest's ``output``), as
+    the detection decoder does to build its tables; one with the older signature is called
+    without it.
     """
     seen: set[Any] = set()
     extensions: dict[str, Any] = {}
@@ -190,7 +194,8 @@ def bundle_extensions(plugins: Any, meta: dict[str, Any], *, name: str, output_s
         if method is None or func in seen:
             continue
         seen.add(func)
-        ext = method(meta, name=name, output_size=output_size, pass_name=pass_name)
+        extra = {"output": output} if output is not None and _takes_keyword(method, "output") else {}
+        ext = method(meta, name=name, output_size=output_size, pass_name=pass_name, **extra)
         if ext is None:
             continue
         if ext.name in extensions:
@@ -198,6 +203,17 @@ def bundle_extensions(plugins: Any, meta: dict[str, Any], *, name: str, output_s
                                        f"(the second: {entry.name!r})")
         extensions[ext.name] = ext
     return list(extensions.values())
+
+
+def _takes_keyword(method: Any, keyword: str) -> bool:
+    """Whether ``method`` accepts ``keyword`` (by name or through ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 @hookimpl

@@ -68,6 +68,8 @@ class _Verify(Pass):
                     f"onnxruntime on its own inputs ({result['kernels']['kernel_tie_differences']} value(s) one step "
                     f"apart on float32 rounding ties), so the difference is onnxruntime's float32 rounding carried "
                     f"through later layers")
+        if manifest.get("detection"):
+            result["detection"] = self.check_detection(artifact, ctx, inputs, outputs, reference)
         result.update(self.quantization_error(artifact, ctx))
         bundle = ctx.scratch / "bundle"
         shutil.copytree(artifact.path, bundle)
@@ -78,6 +80,23 @@ class _Verify(Pass):
     def quantization_error(self, artifact: Bundle, ctx: PassContext) -> dict[str, Any]:
         """Extra figures for the manifest (``verify.host``: per-layer SQNR); none here."""
         return {}
+
+    def check_detection(self, artifact: Bundle, ctx: PassContext, inputs: Any, outputs: Any,
+                        reference: Any) -> dict[str, Any]:
+        """A bundle with ``distillc_detect``: run it on the verified inputs (every dim, the spec's
+        threshold and 0) and compare with ``decode_int8`` (``passes/detect/c_api.py``): exactly on
+        the maps the C computed (else a ``PassError``), and, reported, on onnxruntime's maps."""
+        from distillc.passes.detect.c_api import check_detections, verification_cases
+
+        manifest = artifact.manifest
+        cases = verification_cases(manifest["detection"])
+        run, extra = self.run_detection(artifact, ctx, inputs, cases)
+        return {**check_detections(run, manifest, outputs=outputs, reference=reference, pass_name=self.name),
+                **extra}
+
+    def run_detection(self, artifact: Bundle, ctx: PassContext, inputs: Any, cases: list) -> tuple[Any, dict]:
+        """The detection program's results (``runner.DetectionRun``) and extra figures."""
+        raise NotImplementedError
 
     def check_kernels(self, artifact: Bundle, ctx: PassContext, inputs: Any, outputs: Any,
                       problem: str, image_lsb: Any) -> dict[str, Any]:
@@ -144,6 +163,11 @@ class VerifyHost(_Verify):
 
         return self.verify(artifact, ctx, lambda b, x: (run_on_host(b.path, x, ctx.scratch / "build"), {}))
 
+    def run_detection(self, artifact: Bundle, ctx: PassContext, inputs: Any, cases: list) -> tuple[Any, dict]:
+        from distillc.targets.runner import detect_on_host
+
+        return detect_on_host(artifact.path, inputs, ctx.scratch / "build", cases), {}
+
     def quantization_error(self, artifact: Bundle, ctx: PassContext) -> dict[str, Any]:
         """Per-layer SQNR (dB) of the INT8 model against the float model (``passes/verify/sqnr.py``),
         on the first ``sqnr_images`` validation images (or on the verified random inputs,
@@ -207,6 +231,21 @@ class VerifyQemu(_Verify):
                                  **(layer_figures(bundle.manifest, run) if run.layers else {})}
 
         return self.verify(artifact, ctx, on_qemu)
+
+    def run_detection(self, artifact: Bundle, ctx: PassContext, inputs: Any, cases: list) -> tuple[Any, dict]:
+        """On the board, with the mean instructions of one ``distillc_detect`` (model and decoder)
+        and of one ``distillc_detect_output`` (the decoder alone) per case."""
+        import statistics
+
+        from distillc.targets.runner import detect_on_qemu
+
+        run = detect_on_qemu(artifact.path, inputs, ctx.scratch / "build", cases, machine=self.config.machine)
+        def mean(c: int, which: int) -> float:
+            return round(statistics.fmean(run.instructions[(i, c)][which] for i in range(len(inputs))), 1)
+
+        per_case = [{"dim": dim, "threshold_q15": threshold, "max_out": max_out, "detect_instructions": mean(c, 0),
+                     "decode_instructions": mean(c, 1)} for c, (dim, threshold, max_out) in enumerate(run.cases)]
+        return run, {"machine": run.machine, "instructions": per_case}
 
 
 def layer_figures(manifest: dict[str, Any], run: Any) -> dict[str, Any]:
