@@ -131,6 +131,18 @@ class OpenVocabPass(Pass):
 
         return attach_detection_head(backbone, recipe)
 
+    @staticmethod
+    def c_extension(meta: dict[str, Any], *, name: str, output_size: int, pass_name: str,
+                    output: dict[str, Any] | None = None) -> Any:
+        """``codegen.c`` asks every pass for C: ``distillc_detect`` with the class rows and decoder
+        tables when the model carries ``meta["detection"]`` (:mod:`distillc.passes.detect.c_api`)."""
+        info = meta.get("detection")
+        if not info:
+            return None
+        from distillc.passes.detect.c_api import detection_extension
+
+        return detection_extension(info, name=name, output_size=output_size, output=output, pass_name=pass_name)
+
     def teacher_requirements(self) -> dict[str, tuple[str, str]]:
         return {"class_source": (self.config.teacher, "tokenizer")} if self.config.class_source == "text" else {}
 
