@@ -368,11 +368,15 @@ def _show_manifest(manifest: dict[str, Any], facts: dict[str, Any]) -> None:
 def run_bundle(
     bundle: Path = typer.Argument(..., help="A bundle directory (with manifest.json)."),
     input: Path = typer.Option(..., "--input", help="float32 .npy in the manifest's input shape (a leading batch allowed)."),
-    output: Path = typer.Option(..., "--output", help="Where to write the output .npy."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Where to write the output .npy."),
     qemu: bool = typer.Option(False, "--qemu", help="Run on QEMU, on the board the manifest names (the one the bundle was verified on)."),
     raw: bool = typer.Option(False, "--raw", help="Write the int8 output as the C code produced it."),
+    detections: Optional[Path] = typer.Option(None, "--detections", help="A bundle with distillc_detect: write its detections as JSON."),
+    dim: Optional[int] = typer.Option(None, "--dim", help="With --detections: the Matryoshka dim (default: the largest)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="With --detections: the score threshold, 0..1 (default: the spec's)."),
 ) -> None:
-    """Build the bundle's C, run it on an input, write the output (dequantized unless --raw)."""
+    """Build the bundle's C, run it on an input, write the output (dequantized unless --raw) and,
+    for a detection bundle, what distillc_detect finds (--detections)."""
     import tempfile
 
     import numpy as np
@@ -381,9 +385,15 @@ def run_bundle(
     from distillc.targets.runner import run_on_host, run_on_qemu
 
     manifest = _read_manifest(bundle, tensors=True)
-    if output.is_dir() or not output.parent.is_dir():
-        raise DistillcError(f"--output {output}: " + ("is a folder; give a .npy file name" if output.is_dir() else
-                                                      f"folder {output.parent} does not exist; create it first"))
+    if output is None and detections is None:
+        raise DistillcError("give --output FILE.npy, --detections FILE.json or both")
+    for option, path, kind in (("--output", output, ".npy"), ("--detections", detections, ".json")):
+        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+            raise DistillcError(f"{option} {path}: " + (f"is a folder; give a {kind} file name" if path.is_dir() else
+                                                        f"folder {path.parent} does not exist; create it first"))
+    if detections is None and (dim is not None or threshold is not None):
+        raise DistillcError("--dim and --threshold go with --detections")
+    case = _detection_case(bundle, manifest, dim, threshold) if detections is not None else None
     try:
         x = np.load(input, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -396,13 +406,22 @@ def run_bundle(
     batch = x.reshape(-1, *shape[1:])
     q = quantize_inputs(batch, manifest["input"])
     with tempfile.TemporaryDirectory(prefix="distillc-run-") as work:
-        if qemu:
+        if case is not None:
+            from distillc.targets.runner import detect_on_host, detect_on_qemu
+
+            run = (detect_on_qemu(bundle, q, Path(work), [case], machine=_qemu_board(manifest)) if qemu
+                   else detect_on_host(bundle, q, Path(work), [case]))
+            outputs = run.outputs
+            _write_detections(detections, manifest, run, case)
+        elif qemu:
             machine = _qemu_board(manifest)
             result = run_on_qemu(bundle, q, Path(work), machine=machine)
             outputs = result.outputs
             err.print(f"{machine}: {result.instructions_per_inference} instructions per inference")
         else:
             outputs = run_on_host(bundle, q, Path(work))
+    if output is None:
+        return
     out_shape = (len(batch), *manifest["output"]["shape"][1:])
     outputs = outputs.reshape(out_shape)
     if not raw:
@@ -410,6 +429,40 @@ def run_bundle(
         outputs = ((outputs.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"]))
     np.save(output, outputs)
     out.print(f"wrote {output} ({outputs.dtype}, shape {list(outputs.shape)})")
+
+
+def _detection_case(bundle: Path, manifest: dict[str, Any], dim: Optional[int],
+                    threshold: Optional[float]) -> tuple[int, int, int]:
+    """``(dim, threshold Q15, max_out)`` for ``distillc_detect`` from ``run``'s options and the manifest."""
+    entry = manifest.get("detection")
+    if not isinstance(entry, dict) or not isinstance(entry.get("dims"), list) or not entry["dims"]:
+        raise DistillcError(f"--detections: {bundle} has no detection decoder (its manifest has no 'detection' "
+                            "entry; compile a spec with detect.open-vocab)")
+    dims = [int(d) for d in entry["dims"]]
+    if dim is not None and dim not in dims:
+        raise DistillcError(f"--dim {dim}: the bundle decodes the Matryoshka dims {', '.join(map(str, dims))}")
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise DistillcError(f"--threshold {threshold}: a score threshold is a fraction in 0..1")
+    q15 = int(entry["score_threshold_q15"]) if threshold is None else int(round(threshold * 32768))
+    return (dims[-1] if dim is None else dim), q15, int(entry["max_detections"])
+
+
+def _write_detections(path: Path, manifest: dict[str, Any], run: Any, case: tuple[int, int, int]) -> None:
+    """``distillc_detect``'s detections per input as JSON: boxes in pixels, scores as fractions."""
+    entry = manifest["detection"]
+    classes = entry.get("classes", [])
+    images = []
+    for i in range(len(run.outputs)):
+        count, rows = run.detect[(i, 0)]
+        images.append({"image": i, "detections": [
+            {"box": [int(v) / 16 for v in row[:4]], "score": int(row[4]) / 32768, "class_id": int(row[5]),
+             "class": classes[int(row[5])] if int(row[5]) < len(classes) else None} for row in rows[:max(count, 0)]]})
+    dim, q15, max_out = case
+    path.write_text(json.dumps({"dim": dim, "threshold": q15 / 32768, "threshold_q15": q15, "max_detections": max_out,
+                                "box_units": "pixels (x0, y0, x1, y1) of the model input", "images": images},
+                               indent=2) + "\n")
+    total = sum(len(image["detections"]) for image in images)
+    out.print(f"wrote {path} ({total} detection(s) in {len(images)} image(s), dim {dim}, threshold {q15 / 32768:.4g})")
 
 
 def _qemu_board(manifest: dict[str, Any]) -> str:

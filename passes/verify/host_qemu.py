@@ -149,7 +149,7 @@ class _Verify(Pass):
 
 class VerifyHost(_Verify):
     name = "verify.host"
-    version = "2"  # 2: per-layer SQNR against the float model (layer_sqnr_db)
+    version = "3"  # 2: per-layer SQNR against the float model (layer_sqnr_db); 3: distillc_detect checked
     description = "build the bundle with gcc, run validation images, compare with onnxruntime; per-layer SQNR"
     section = "host"
 
@@ -195,7 +195,7 @@ class VerifyHost(_Verify):
 
 class VerifyQemu(_Verify):
     name = "verify.qemu"
-    version = "2"  # 2: instructions per kernel call (layers)
+    version = "3"  # 2: instructions per kernel call (layers); 3: distillc_detect checked, its instructions
     description = "cross-compile for a Cortex-M board, run under QEMU, compare, count instructions (per layer too)"
     section = "qemu"
 
