@@ -26,6 +26,7 @@ class ExportOnnx(Pass):
     makes = OnnxModel
     uses_data = True
     tools = ("torch", "onnx", "onnxruntime", "brevitas")
+    version = "2"  # 2: meta["detection"] goes on to the bundle (distillc_detect)
 
     class Config(PassConfig):
         opset: int = Field(13, ge=13, le=21)
@@ -62,7 +63,7 @@ class ExportOnnx(Pass):
                                       unit=f"output step(s) of {steps:.6g}" if steps else "")
         meta = {"input_shape": [1, *sample.shape[1:]], "output_shape": [1, *expected.shape[1:]],
                 "embed_dim": artifact.meta.get("embed_dim"), "quantized": isinstance(artifact, QuantTorchModel)}
-        for key in ("matryoshka_dims", "matryoshka"):  # the head's dims and class embeddings go to the bundle
+        for key in ("matryoshka_dims", "matryoshka", "detection"):  # what codegen.c's extensions need
             if key in artifact.meta:
                 meta[key] = artifact.meta[key]
         metrics = {"max_abs_diff": diff, "onnx_bytes": path.stat().st_size}
