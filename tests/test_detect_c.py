@@ -365,3 +365,16 @@ def test_c_extension_methods_with_the_old_signature_are_still_asked():
     exts = {e.name: e for e in bundle_extensions(load_plugins([Plugin()]), {}, name="m", output_size=10,
                                                  pass_name="codegen.c", output=quant)}
     assert exts["old"].flash_bytes == 10 and exts["any"].manifest == {"output": quant}
+
+
+def test_run_detections_needs_a_detection_bundle_and_one_output(tmp_path):
+    manifest = {"input": {"shape": [1, 1, 8, 8], "dtype": "int8", "scale": 0.1, "zero_point": 0},
+                "output": {"shape": [1, 10], "dtype": "int8", "scale": 0.1, "zero_point": 0}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    runner = CliRunner()
+    plain = runner.invoke(app, ["run", str(tmp_path), "--input", str(tmp_path / "x.npy"), "--detections",
+                                str(tmp_path / "d.json")])
+    assert plain.exit_code == 2 and "has no detection decoder" in plain.output
+    neither = runner.invoke(app, ["run", str(tmp_path), "--input", str(tmp_path / "x.npy")])
+    assert neither.exit_code == 2 and "give --output FILE.npy, --detections FILE.json or both" in neither.output
