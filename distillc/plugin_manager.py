@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "distillc.passes.distill.matryoshka",
     "distillc.passes.eval.zeroshot",
     "distillc.passes.detect.openvocab",
+    "distillc.passes.eval.detection",
     "distillc.passes.quantize.brevitas_qat",
     "distillc.passes.max78000.check",
     "distillc.passes.max78000.izer",

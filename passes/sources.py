@@ -93,8 +93,8 @@ class TeacherTrain(Pass):
         if not data.labelled:
             where = "its train.data" if cfg.data is not None else "[data]"
             raise PassError(self.name, f"teacher.train needs labelled data; {data.name} ({where}) has no labels"
-                            + ("" if cfg.data is not None else "; give the teacher its own: train = { ..., data = "
-                               "{ source = \"sklearn-digits\", ... } }"))
+                            + ("" if cfg.data is not None else "; give the teacher labelled data of its own in train.data "
+                               "(e.g. train = { ..., data = { source = \"sklearn-digits\" } })"))
         torch.manual_seed(ctx.seed)
         options = {"image_size": cfg.image_size, "in_chans": cfg.channels, **cfg.options}
         device = pick_device()

@@ -11,7 +11,7 @@ the student (a ``G x G`` grid) and trains student and head on a detection source
   inside a crowd box are left out); box: L1 on (centre x, centre y, log w, log h) in cells.
 - **Semantics come from the teacher, not from labels** (region distillation, as in ViLD): the
   frozen teacher embeds every training box's crop (square, ``margin`` of context, resized to
-  its native input), once, cached.  Those embeddings (unit length) define the embedding space:
+  its native input, antialiased), once, cached.  Those embeddings (unit length) define the embedding space:
   its basis is their top ``max(dims)`` principal directions (uncentred SVD), so the first ``d``
   coordinates are the best ``d``-dimensional summary of the teacher's region space, and every
   prefix is a Matryoshka embedding by construction.  Each positive cell's embedding prefix
@@ -46,6 +46,7 @@ from distillc.artifacts import TorchModel
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassContext, PassResult
 from distillc.passes.distill.base import Batch, DistillConfig, Objective, train_with_objective
+from distillc.spec import LaxPath
 
 #: Largest embedding width (keeps the C decoder's int32 dot products from overflowing).
 MAX_DIM = 1024
@@ -53,6 +54,8 @@ MAX_DIM = 1024
 BASIS_ROWS = 65_536
 #: Images whose box crops are embedded in one go.
 _CROP_IMAGES = 64
+#: Samples per crop pixel and side (averaged): antialiasing for boxes larger than the teacher's input.
+_SUPERSAMPLE = 4
 
 
 class OpenVocabConfig(DistillConfig):
@@ -62,9 +65,14 @@ class OpenVocabConfig(DistillConfig):
     dims: list[int] = Field(min_length=1, description="nested embedding widths per cell, increasing (e.g. [16, 32, 64])")
     stage: int = Field(-1, ge=-16, le=16, description="the student feature map the head reads (forward_stages index)")
     hidden: int = Field(64, ge=1, le=4096, description="channels of the head's 3x3 convolution")
-    margin: float = Field(0.1, ge=0.0, le=1.0, description="context around each box crop, a fraction of its side")
+    margin: float = Field(0.0, ge=0.0, le=1.0, description="context around each box crop, a fraction of its side "
+                                                           "(each side; 0 = the box's square)")
     center_radius: float = Field(0.25, gt=0.0, le=0.5,
                                  description="a cell is a box's positive within this fraction of its size of the centre")
+    dense_weight: float = Field(0.5, ge=0.0, description="weight of dense distillation: every other cell's embedding "
+                                                         "matches the teacher's crop around it (0 = off)")
+    dense_size: float | None = Field(None, gt=0.0, le=4096.0, description="side in pixels of the dense crops; "
+                                                                          "default the median training box side")
     box_weight: float = Field(1.0, ge=0.0, description="weight of the box loss")
     embed_weight: float = Field(1.0, ge=0.0, description="weight of the region-distillation loss")
     class_source: Literal["prototypes", "text", "file"] = Field(
@@ -72,11 +80,13 @@ class OpenVocabConfig(DistillConfig):
     shots: int = Field(5, ge=1, le=10_000, description="labelled validation boxes per class for prototypes")
     prompts: list[str] | None = Field(None, min_length=1, max_length=256,
                                       description="templates with one '{}' for class_source = 'text'")
-    class_file: Path | None = Field(None, description="a .npy (classes, teacher width) for class_source = 'file'",
+    class_file: LaxPath | None = Field(None, description="a .npy (classes, teacher width) for class_source = 'file'",
                                     exclude=True)
     score_threshold: float = Field(0.05, ge=0.0, le=1.0, description="default score threshold of the decoder")
     iou: float = Field(0.5, gt=0.0, le=1.0, description="NMS: a box overlapping a better one of its class by more goes")
     max_detections: int = Field(100, ge=1, le=10_000, description="detections per image at most")
+    # class_file resolved against the spec's folder, and its content hash (which joins the key).
+    _class_path: Path | None = PrivateAttr(None)
     _class_file_sha256: str | None = PrivateAttr(None)
 
     @field_validator("dims")
@@ -107,7 +117,7 @@ class OpenVocabConfig(DistillConfig):
             path = (Path(root) / self.class_file).resolve()
             if not path.is_file():
                 raise ValueError(f"class_file: no such file {str(path)[:200]!r}")
-            self.class_file = path
+            self._class_path = path
             self._class_file_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         return self
 
@@ -217,9 +227,26 @@ class OpenVocabPass(Pass):
     def _objective(self, ctx: PassContext, data: Any, regions: Any, basis: Any, grid: int,
                    stride: int) -> "DetectionObjective":
         cfg = self.config
+        dense = None
+        if cfg.dense_weight > 0:
+            dense = region_embeddings(ctx, cfg.teacher, data.train_x, dense_boxes(len(data.train_x), grid, stride,
+                                                                                  self.dense_side(data)),
+                                      margin=0.0, what=f"dense:{grid}:{self.dense_side(data):g}")
         return DetectionObjective(ctx, assignment=assign_cells(data.train_boxes, grid, stride, cfg.center_radius),
                                   boxes=data.train_boxes.boxes, regions=regions, basis=basis, dims=cfg.dims,
-                                  stride=stride, box_weight=cfg.box_weight, embed_weight=cfg.embed_weight)
+                                  stride=stride, box_weight=cfg.box_weight, embed_weight=cfg.embed_weight,
+                                  dense=dense, dense_weight=cfg.dense_weight)
+
+    def dense_side(self, data: Any) -> float:
+        """The side of the dense crops: ``dense_size``, else the median training box side (pixels)."""
+        import numpy as np
+
+        if self.config.dense_size is not None:
+            return float(self.config.dense_size)
+        b = data.train_boxes.boxes[~data.train_boxes.crowd]
+        if len(b) == 0:
+            return float(data.train_x.shape[-1]) / 4
+        return float(np.round(np.median(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]))))
 
     def class_embeddings(self, ctx: PassContext, data: Any, basis: Any) -> tuple[dict[str, Any], list[int]]:
         """INT8 class rows in the region coordinates, and the validation images the prototypes came from."""
@@ -235,7 +262,7 @@ class OpenVocabPass(Pass):
             teacher_space = encode_classes(ctx, cfg.teacher, names, cfg.prompts or list(DEFAULT_PROMPTS),
                                            pass_name=self.name)
         elif cfg.class_source == "file":
-            teacher_space = _read_class_file(cfg.class_file, len(names), basis.shape[0], self.name)
+            teacher_space = _read_class_file(cfg._class_path or cfg.class_file, len(names), basis.shape[0], self.name)
         else:
             teacher_space, support = prototype_embeddings(ctx, cfg.teacher, data, shots=cfg.shots, margin=cfg.margin,
                                                           seed=ctx.seed, pass_name=self.name)
@@ -291,7 +318,7 @@ def assign_cells(boxes: Any, grid: int, stride: int, radius: float) -> Any:
 
 def crops(images: Any, boxes: Any, size: int, margin: float) -> Any:
     """Square crops ``(k, C, size, size)`` around ``boxes`` (k, 4) of ``images`` (k, C, H, W) (each
-    box with its own image), ``margin`` of context each side, bilinear, zeros outside the image."""
+    box with its own image), ``margin`` of context each side, bilinear from 4x4 samples per pixel (antialiased), zeros outside the image."""
     import torch
     import torch.nn.functional as F
 
@@ -304,9 +331,11 @@ def crops(images: Any, boxes: Any, size: int, margin: float) -> Any:
     theta[:, 1, 1] = side / h
     theta[:, 0, 2] = cx / w * 2 - 1
     theta[:, 1, 2] = cy / h * 2 - 1
-    grid = F.affine_grid(theta, [len(boxes), images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images.float(), grid.to(images.device), mode="bilinear", padding_mode="zeros",
+    grid = F.affine_grid(theta, [len(boxes), images.shape[1], size * _SUPERSAMPLE, size * _SUPERSAMPLE],
                          align_corners=False)
+    sampled = F.grid_sample(images.float(), grid.to(images.device), mode="bilinear", padding_mode="zeros",
+                            align_corners=False)
+    return F.avg_pool2d(sampled, _SUPERSAMPLE)  # antialiased: a box larger than the crop is averaged, not aliased
 
 
 def _crop_size(ctx: PassContext, teacher: str, image_size: int) -> int:
@@ -330,9 +359,11 @@ def _embed_crops(module: Any, images: Any, boxes: Any, *, size: int, margin: flo
     return np.concatenate(out) if out else np.zeros((0, int(module.embed_dim)), np.float32)
 
 
-def region_embeddings(ctx: PassContext, teacher: str, images: Any, boxes: Any, *, margin: float) -> Any:
+def region_embeddings(ctx: PassContext, teacher: str, images: Any, boxes: Any, *, margin: float,
+                      what: str = "regions") -> Any:
     """The teacher's embedding of every box crop (rows of ``boxes``), computed once and cached
-    (a memory-mapped ``.npy`` beside the teacher targets, keyed like them)."""
+    (a memory-mapped ``.npy`` beside the teacher targets, keyed like them; ``what`` names which
+    boxes: the training boxes, or ``dense:<side>`` for the cell-centred squares)."""
     import numpy as np
     import torch
 
@@ -341,7 +372,7 @@ def region_embeddings(ctx: PassContext, teacher: str, images: Any, boxes: Any, *
 
     size = _crop_size(ctx, teacher, int(images.shape[-1]))
     key_fields = {"teacher": ctx.teacher_keys.get(teacher, teacher), "data": ctx.data_fingerprint,
-                  "what": "regions", "margin": margin, "crop": size, "format": 1}
+                  "what": what, "margin": margin, "crop": size, "format": 2}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
     folder = (ctx.derived_dir or ctx.scratch) / "teacher-targets"
     path = folder / f"{key}.npy"
@@ -355,7 +386,7 @@ def region_embeddings(ctx: PassContext, teacher: str, images: Any, boxes: Any, *
         tmp = folder / f"{key}.{os.getpid()}-{secrets.token_hex(4)}.npy.tmp"
         width = int(getattr(module, "embed_dim"))
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(boxes.labels), width))
-        with ctx.progress.task(f"{ctx.step_id}: teacher embeds box crops", total=len(boxes), unit="image") as task:
+        with ctx.progress.task(f"{ctx.step_id}: teacher embeds {'box' if what == 'regions' else 'cell'} crops", total=len(boxes), unit="image") as task:
             for first in range(0, len(boxes), _CROP_IMAGES):
                 last = min(len(boxes), first + _CROP_IMAGES)
                 start, stop = int(boxes.offsets[first]), int(boxes.offsets[last])
@@ -372,6 +403,21 @@ def region_embeddings(ctx: PassContext, teacher: str, images: Any, boxes: Any, *
         os.replace(tmp, path)
     distributed.barrier()
     return open_targets(path)
+
+
+def dense_boxes(images: int, grid: int, stride: int, side: float) -> Any:
+    """For every image, one ``side``-pixel square centred on each cell (row-major): the regions of
+    dense distillation, as :class:`~distillc.plugins.detection_data.Boxes` (labels -1)."""
+    import numpy as np
+
+    from distillc.plugins.detection_data import Boxes
+
+    centers = (np.arange(grid) + 0.5) * stride
+    cy, cx = np.meshgrid(centers, centers, indexing="ij")
+    one = np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], axis=-1).reshape(-1, 4)
+    cells = grid * grid
+    return Boxes(np.tile(one, (images, 1)).astype(np.float32), np.full(images * cells, -1, np.int64),
+                 np.zeros(images * cells, bool), np.arange(images + 1, dtype=np.int64) * cells)
 
 
 def region_basis(regions: Any, width: int, *, seed: int) -> Any:
@@ -466,7 +512,7 @@ class DetectionObjective(Objective):
     embedding at positive cells.  No training aids: ``heads`` is empty."""
 
     def __init__(self, ctx: PassContext, *, assignment: Any, boxes: Any, regions: Any, basis: Any, dims: list[int],
-                 stride: int, box_weight: float, embed_weight: float):
+                 stride: int, box_weight: float, embed_weight: float, dense: Any = None, dense_weight: float = 0.0):
         super().__init__(ctx)
         import torch
 
@@ -478,8 +524,10 @@ class DetectionObjective(Objective):
         self.stride = stride
         self.box_weight = box_weight
         self.embed_weight = embed_weight
+        self.dense = dense
+        self.dense_weight = dense_weight
         self.heads = torch.nn.ModuleDict()
-        self._parts = {"objectness": [0.0, 0], "box": [0.0, 0], "embedding": [0.0, 0]}
+        self._parts = {"objectness": [0.0, 0], "box": [0.0, 0], "embedding": [0.0, 0], "dense": [0.0, 0]}
 
     def setup(self, student: Any, device: Any) -> None:
         self.device = device
@@ -499,8 +547,11 @@ class DetectionObjective(Objective):
         n_pos = max(int(positive.sum()), 1)
         objectness = sigmoid_focal_loss(logits[valid], positive[valid].float()) / n_pos
         self._track("objectness", objectness, len(batch.idx))
+        total = objectness
+        if self.dense is not None:
+            total = total + self.dense_weight * self._dense_loss(out, batch.idx, ~positive)
         if not positive.any():
-            return objectness
+            return total
         b, gy, gx = positive.nonzero(as_tuple=True)
         rows = assign[b, gy, gx].cpu()
         box = self.boxes[rows].to(out.device)
@@ -517,7 +568,30 @@ class DetectionObjective(Objective):
                                   for d in self.dims]).mean()
         self._track("box", box_loss, len(rows))
         self._track("embedding", embed_loss, len(rows))
-        return objectness + self.box_weight * box_loss + self.embed_weight * embed_loss
+        return total + self.box_weight * box_loss + self.embed_weight * embed_loss
+
+    def _dense_loss(self, out: Any, idx: Any, cells: Any) -> Any:
+        """Cosine per prefix between each chosen cell's embedding and the teacher's crop around it."""
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        from distillc.plugins.models.detection_head import EMBED
+
+        b, gy, gx = cells.nonzero(as_tuple=True)
+        if len(b) == 0:
+            return out.sum() * 0.0
+        g = out.shape[-1]
+        rows = (idx.cpu()[b.cpu()] * g * g + gy.cpu() * g + gx.cpu()).numpy()
+        order = np.argsort(rows)  # memory-mapped rows read in file order
+        teacher = torch.empty(len(rows), self.dense.shape[1])
+        teacher[torch.as_tensor(order)] = torch.as_tensor(self.dense[rows[order]]).float()
+        coords = F.normalize(teacher.to(out.device), dim=1) @ self.basis_on
+        embedding = out[b, EMBED:, gy, gx]
+        loss = torch.stack([1 - F.cosine_similarity(embedding[:, :d], coords[:, :d], dim=1).mean()
+                            for d in self.dims]).mean()
+        self._track("dense", loss, len(rows))
+        return loss
 
     def _track(self, name: str, value: Any, n: int) -> None:
         part = self._parts[name]

@@ -1,11 +1,18 @@
-"""Detection mAP, by COCO's own evaluation (``pycocotools``): what ``eval.detection`` will report.
+"""``eval.detection``: detection mAP by COCO's own evaluation (``pycocotools``), per Matryoshka dim.
 
 :func:`detection_map` scores boxes a model predicted against the ground truth a detection source
 gives (:class:`distillc.plugins.detection_data.Boxes`), and reports COCO's mAP@[.5:.95] and
 mAP@.5 over all classes, over the *seen* and the *unseen* classes separately (the open-vocabulary
 split), and per class.  :func:`detection_map_per_dim` does that for each Matryoshka dim of a
-model that predicts per dim.  No pass is registered here yet: a pass needs a model that predicts
-boxes, and the detection head (``detect.open-vocab``) that makes one comes next.
+model that predicts per dim.
+
+The pass :class:`DetectionEval` runs a model ``detect.open-vocab`` made (float, or quantized by
+``quantize.brevitas-qat``: its output is then on the INT8 grid the bundle computes) over the
+validation images, decodes every dim with the class embeddings the bundle holds
+(:func:`distillc.passes.detect.decode.decode_float`) and reports mAP per dim, seen and unseen.
+The validation images the class prototypes came from (``support_images``) are left out.  Beside
+it, the same boxes scored against random class embeddings (seeded Gaussian rows, INT8 like the
+real ones): the baseline an open-vocabulary detector must beat on the unseen classes.
 
 Conventions: boxes are (x0, y0, x1, y1) in pixels with x1/y1 the far edges (COCO's [x, y, w, h]
 is (x0, y0, x1 - x0, y1 - y0)).  A class's AP is COCO's: 101-point interpolated precision,
@@ -22,6 +29,12 @@ import io
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from pydantic import Field
+
+from distillc import hookimpl
+from distillc.artifacts import QuantTorchModel, TorchModel
+from distillc.errors import PassError
+from distillc.pass_api import Pass, PassConfig, PassContext, PassResult
 
 
 def detection_map(predictions: Sequence[tuple[Any, Any, Any]], ground_truth: Any, classes: Sequence[str], *,
@@ -170,3 +183,115 @@ def _mean(values: np.ndarray, ids: Any) -> float | None:
 
 def _value(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
+
+
+# -- the pass -------------------------------------------------------------------------------------
+
+
+class DetectionEval(Pass):
+    name = "eval.detection"
+    description = "mAP@0.5 and mAP@[.5:.95] per Matryoshka dim, seen and unseen classes, with a random-embedding baseline"
+    takes = (TorchModel, QuantTorchModel)
+    makes = TorchModel
+    passthrough = True
+    uses_data = True
+    tools = ("torch", "pycocotools")
+
+    class Config(PassConfig):
+        dims: list[int] | None = Field(None, description="dims to score (a subset of the model's); default all")
+        score_threshold: float = Field(0.01, ge=0.0, le=1.0, description="lowest score kept (low: mAP wants the "
+                                                                         "whole ranking)")
+        iou: float | None = Field(None, gt=0.0, le=1.0, description="NMS IoU; default the model's")
+        max_detections: int | None = Field(None, ge=1, le=10_000, description="per image; default the model's")
+        baseline: bool = Field(True, description="also score random class embeddings (the chance baseline)")
+        batch_size: int = Field(64, ge=1, le=65_536)
+
+    def run(self, artifact: TorchModel, ctx: PassContext) -> PassResult:
+        info = artifact.meta.get("detection")
+        if not info:
+            raise PassError(self.name, "the model has no detection head; put detect.open-vocab before eval.detection")
+        data = ctx.data
+        if getattr(data, "val_boxes", None) is None:
+            raise PassError(self.name, f"{data.name} has no boxes; eval.detection needs a detection source")
+        cfg = self.config
+        dims = list(info["dims"]) if cfg.dims is None else list(cfg.dims)
+        unknown = [d for d in dims if d not in info["dims"]]
+        if unknown:
+            raise PassError(self.name, f"dims {unknown} are not among the model's Matryoshka dims {info['dims']}")
+        rows = np.asarray(info["rows_int8"], dtype=np.float32) * np.asarray(info["row_scales"], np.float32)[:, None]
+        tables = {"model": rows}
+        if cfg.baseline:
+            rng = np.random.default_rng(ctx.seed)
+            tables["random_classes"] = rng.standard_normal(rows.shape).astype(np.float32)
+        support = set(int(i) for i in info.get("support_images", []))
+        keep = np.asarray([i for i in range(len(data.val_boxes)) if i not in support], dtype=np.int64)
+        if len(keep) == 0:
+            raise PassError(self.name, "every validation image went into the class prototypes; none is left to score")
+        iou = float(cfg.iou if cfg.iou is not None else info["iou"])
+        max_out = int(cfg.max_detections if cfg.max_detections is not None else info["max_detections"])
+        found = predict(artifact.build(ctx.plugins), data.val_x, keep, tables, dims, stride=int(info["stride"]),
+                        image_size=int(info["image_size"]), score_threshold=cfg.score_threshold, iou=iou,
+                        max_out=max_out, batch_size=cfg.batch_size)
+        truth = data.val_boxes.select(keep)
+        split = {"seen": list(info["seen"]), "unseen": list(info["unseen"])}
+        classes = list(info["classes"])
+        per_dim = {name: detection_map_per_dim(by_dim, truth, classes, max_detections=max_out, **split)
+                   for name, by_dim in found.items()}
+        top = str(dims[-1])
+        result = per_dim["model"][top]
+        metrics: dict[str, Any] = {
+            "map50": result["map50"], "map": result["map"],
+            "seen_map50": result["seen"]["map50"], "unseen_map50": result["unseen"]["map50"],
+            "per_dim": {d: _summary(r) for d, r in per_dim["model"].items()},
+            "per_class": result["per_class"], "images": len(keep), "boxes": result["boxes"],
+            "support_images": len(support), "quantized": isinstance(artifact, QuantTorchModel),
+            "dim": int(dims[-1]),
+        }
+        # Localisation alone: every box one class (NMS stayed per class, so a cell's duplicates of other
+        # classes count as false positives here).
+        agnostic = [(b, sc, np.zeros(len(lab), np.int64)) for b, sc, lab in found["model"][dims[-1]]]
+        truth_agnostic = [(b, np.zeros(len(lab), np.int64), crowd) for b, lab, crowd in
+                          (truth.image(i) for i in range(len(truth)))]
+        metrics["class_agnostic"] = {k: v for k, v in detection_map(agnostic, truth_agnostic, ["object"],
+                                                                     max_detections=max_out).items()
+                                     if k in ("map", "map50")}
+        if cfg.baseline:
+            metrics["random_classes"] = {d: _summary(r) for d, r in per_dim["random_classes"].items()}
+        return PassResult(artifact, metrics)
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {"map": result["map"], "map50": result["map50"], "seen": result.get("seen"),
+            "unseen": result.get("unseen"), "predictions": result["predictions"]}
+
+
+def predict(model: Any, images: Any, index: Any, tables: dict[str, Any], dims: list[int], *, stride: int,
+            image_size: int, score_threshold: float, iou: float, max_out: int,
+            batch_size: int = 64) -> dict[str, dict[int, list]]:
+    """Detections of ``model`` on ``images[index]``, per class table and dim: ``{table: {dim: [(boxes,
+    scores, labels), ...]}}``, decoded a batch at a time (the maps never all sit in memory)."""
+    import torch
+
+    from distillc.passes.detect.decode import decode_float
+    from distillc.training import autocast
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    out: dict[str, dict[int, list]] = {name: {d: [] for d in dims} for name in tables}
+    with torch.no_grad():
+        for first in range(0, len(index), batch_size):
+            part = torch.as_tensor(index[first:first + batch_size])
+            x = torch.as_tensor(np.asarray(images[part])).to(device)
+            with autocast(device):
+                maps = model(x).float().cpu().numpy()
+            for name, rows in tables.items():
+                for d in dims:
+                    out[name][d] += [det.as_tuple() for det in decode_float(
+                        maps, rows, d, stride=stride, image_size=image_size, score_threshold=score_threshold,
+                        iou=iou, max_out=max_out)]
+    return out
+
+
+@hookimpl
+def distillc_register_passes(registry: Any) -> None:
+    registry.add(DetectionEval)

@@ -9,7 +9,8 @@ One map of the student (``forward_stages(x)[stage]``, a grid of ``G x G`` cells 
     3, 4   log box width, height      in cells (exp(value) * stride = pixels)
     5 ..   Matryoshka embedding       E = max(dims) values; every prefix [:d] is an embedding of its own
 
-The model's output is that one tensor, ``(B, 5 + E, G, G)``: the INT8 backend lowers it as any
+A student whose ``forward_stages`` takes ``upto`` (MobileNetV2) stops at the head's map, so the
+later stages are neither trained nor exported.  The model's output is that one tensor, ``(B, 5 + E, G, G)``: the INT8 backend lowers it as any
 other convolution, and the bundle's ``distillc_detect`` decodes it (scores, boxes, NMS) in C.
 
 A recipe (``TorchModel.head``) rebuilds the head: ``{"type": "detection", "pass": "detect.open-vocab",
@@ -18,6 +19,7 @@ A recipe (``TorchModel.head``) rebuilds the head: ``{"type": "detection", "pass"
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -64,7 +66,13 @@ class WithDetectionHead(nn.Module):
         self.head_recipe = dict(recipe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stage >= 0 and self._stops_early:  # later stages are neither run nor exported
+            return self.head(self.backbone.forward_stages(x, upto=self.stage)[self.stage])
         return self.head(self.backbone.forward_stages(x)[self.stage])
+
+    @property
+    def _stops_early(self) -> bool:
+        return "upto" in inspect.signature(self.backbone.forward_stages).parameters
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The detection map (what ``forward`` returns), for code that asks every model for ``embed``."""

@@ -218,11 +218,12 @@ class MobileNetV2(nn.Module):
             "num_classes": self.num_classes,
         }
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_stages(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """Feature maps at the end of each resolution stage, highest resolution first.
 
         The last entry is the output of the final 1x1 convolution (``embed_dim`` channels),
-        the map that :meth:`embed` pools.
+        the map that :meth:`embed` pools.  ``upto`` (an index >= 0) stops after that map: the
+        later stages are not computed (a detection head on an early map needs no more).
         """
         x = self.stem(x)
         features = []
@@ -230,6 +231,8 @@ class MobileNetV2(nn.Module):
             x = block(x)
             if i in self._stage_ends:
                 features.append(x)
+                if upto is not None and len(features) > upto:
+                    return features
         features.append(self.last_conv(x))
         return features
 
