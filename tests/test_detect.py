@@ -225,7 +225,7 @@ use = "host"
 def compiled(module_folder):
     spec = module_folder / "spec.toml"
     spec.write_text(SPEC.format(extra=""))
-    return compile_spec(spec, until="eval.detection#2")
+    return compile_spec(spec)
 
 
 def test_the_pass_trains_a_detector_and_records_its_head_and_classes(compiled):
@@ -248,6 +248,16 @@ def test_eval_reports_map_per_dim_seen_unseen_and_the_random_baseline(compiled):
         assert m["support_images"] >= 1 and m["images"] + m["support_images"] == 40
     assert compiled.report["metrics"]["eval.detection#2"]["quantized"] is True
     assert compiled.report["metrics"]["quantize.brevitas-qat"]["objective"] == "detect.open-vocab"
+
+
+def test_the_whole_pipeline_ends_in_a_bundle_whose_decoder_is_verified(compiled):
+    manifest = json.loads((compiled.final_path / "manifest.json").read_text())
+    assert manifest["output"]["shape"] == [1, EMBED + 8, 4, 4]
+    entry = manifest["detection"]
+    assert entry["dims"] == [4, 8] and entry["grid"] == 4 and len(entry["classes"]) == 10
+    check = manifest["verification"]["host"]["detection"]
+    assert check["decoder_matches"] is True and check["decoded"] > 0
+    assert "distillc_detect" in (compiled.final_path / "include" / "distillc_model.h").read_text()
 
 
 def test_the_artifact_rebuilds_its_head_and_keeps_the_class_table(compiled, module_folder):
