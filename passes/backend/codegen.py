@@ -32,6 +32,7 @@ import numpy as np
 from distillc.errors import PassError
 
 from .memory import MemoryPlan, plan_memory
+from .microkernels import micro_kernels_c
 from .program import ACTIVATION, CONST, INPUT, OUTPUT, Program, extract_program
 
 PREFIX = "distillc"
@@ -382,7 +383,7 @@ def _internal_header(prog: Program, signatures: dict, weight_names: dict, name: 
 def _kernels_file(kernel_src: str, name: str) -> str:
     return (f"{_banner(name, 'Kernels (TVM c target)')}"
             "#include <math.h>\n#include <stdbool.h>\n#include <stdint.h>\n\n"
-            '#include "distillc_internal.h"\n\n' + kernel_src)
+            '#include "distillc_internal.h"\n\n' + micro_kernels_c(kernel_src) + kernel_src)
 
 
 def _weights_file(prog: Program, weight_names: dict, name: str) -> str:

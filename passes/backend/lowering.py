@@ -20,6 +20,7 @@ Failures here are bugs (the integer graph is ours), so they raise RuntimeError, 
 
 from __future__ import annotations
 
+from . import microkernels
 from .packing import UNPACK_STAGE
 from .qdq_to_int8 import LAYERS_ATTR, PASS_NAME, qdq_to_int8
 
@@ -169,6 +170,9 @@ def schedule_kernel(func):
     """
     from tvm.s_tir import Schedule
 
+    sch = Schedule(func)
+    if microkernels.schedule(sch):  # a 1x1 conv or dense layer on the SIMD micro-kernel
+        return sch.mod["main"]
     for blocked in (True, False):
         sch = Schedule(func)
         try:

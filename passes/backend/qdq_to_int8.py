@@ -30,7 +30,7 @@ import numpy as np
 
 from distillc.errors import PassError
 
-from . import packing
+from . import microkernels, packing
 from .onnx_import import NODE_MAP_ATTR, sanitize_name
 from .requant import choose_shift, fixed_point, round_half_even
 
@@ -38,6 +38,9 @@ from .requant import choose_shift, fixed_point, round_half_even
 REQUANT_32 = True
 #: Internal switch (tests, benchmarks): False stores every weight in a byte (no sub-8-bit packing).
 PACK_WEIGHTS = True
+#: Internal switch (tests, benchmarks): False lowers 1x1 convs and dense layers to TOPI's kernels
+#: instead of the SIMD micro-kernel (microkernels.py).
+MICRO_KERNELS = True
 
 QUANT_ATTR = "distillc.quant"
 LAYERS_ATTR = "distillc.layers"
@@ -670,7 +673,15 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
     kind = "depthwise_conv2d" if groups > 1 and groups == data.q.shape[1] else "conv2d"
     conv_attrs = dict(strides=[int(s) for s in attrs.strides], padding=[int(p) for p in attrs.padding],
                       dilation=[int(d) for d in attrs.dilation], groups=groups)
-    if bits in packing.PACKED_BITS:  # packed rows, unpacked inside the kernel (see packing.py)
+    storage = _weight_storage(w_int, bits)
+    if MICRO_KERNELS and _micro_kernel_input(data) and microkernels.eligible_conv(w_int.shape, bits, **conv_attrs):
+        # 1x1: the SMLAD micro-kernel on compile-time permuted weights (see microkernels.py)
+        permuted = microkernels.permute_weights(w_int.reshape(w_int.shape[0], -1))
+        func = microkernels.conv1x1_func(data.q.shape, w_int.shape[0], data.q.dtype)
+        expr = relax.call_tir(rw.bb.add_func(func, "conv2d_1x1"), relax.Tuple([data.q.expr, relax.const(permuted)]),
+                              relax.TensorType(_shape_of(var), "int32"))
+        storage = {**storage, "bytes": int(permuted.size), "layout": microkernels.LAYOUT}
+    elif bits in packing.PACKED_BITS:  # packed rows, unpacked inside the kernel (see packing.py)
         packed = packing.pack_rows(w_int.reshape(w_int.shape[0], -1), bits)
         expr = rw.bb.call_te(packing.packed_conv2d, rw.centered(data), relax.const(packed),
                              weight_shape=w_int.shape, bits=bits, primfunc_name_hint="conv2d", **conv_attrs)
@@ -678,7 +689,7 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
         expr = relax.op.nn.conv2d(rw.centered(data), relax.const(w_int.astype(f"int{bits}")),
                                   data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32", **conv_attrs)
     conv = rw.emit_layer(expr, var, kind, macs=int(np.prod(_shape_of(var))) * int(np.prod(w_int.shape[1:])))
-    rw.layers[rw.last_layer]["weights"] = _weight_storage(w_int, bits)
+    rw.layers[rw.last_layer]["weights"] = storage
     scale = (np.float64(np.float32(data.scale)) * w_scale).reshape(1, -1, 1, 1)
     # |sum of products| <= sum of |w| of the output channel * the largest |q - zp| (padding adds 0)
     bound = np.abs(w_int.astype(np.int64)).reshape(w_int.shape[0], -1).sum(axis=1) * _centered_max(data)
@@ -699,13 +710,21 @@ def _h_matmul(rw: _Rewriter, var, call, args):
     w_int = b.q - b.zp
     bits = _weight_bits(w_int)
     # (..., K) @ (K, N): a Linear on the last axis of any rank (e.g. after a permute to NHWC)
-    if bits in packing.PACKED_BITS:  # one packed row per output feature (see packing.py)
+    storage = _weight_storage(w_int.T, bits)
+    if MICRO_KERNELS and bits == 8 and len(a.q.shape) == 2 and _micro_kernel_input(a):
+        # the 1x1 conv's SMLAD micro-kernel, one row a block (see microkernels.py)
+        permuted = microkernels.permute_weights(w_int.T)
+        func = microkernels.dense_func(a.q.shape, w_int.shape[1], a.q.dtype)
+        expr = relax.call_tir(rw.bb.add_func(func, "matmul"), relax.Tuple([a.q.expr, relax.const(permuted)]),
+                              relax.TensorType(_shape_of(var), "int32"))
+        storage = {**storage, "bytes": int(permuted.size), "layout": microkernels.LAYOUT}
+    elif bits in packing.PACKED_BITS:  # one packed row per output feature (see packing.py)
         expr = rw.bb.call_te(packing.packed_dense, rw.centered(a), relax.const(packing.pack_rows(w_int.T, bits)),
                              weight_shape=w_int.shape, bits=bits, primfunc_name_hint="matmul")
     else:
         expr = relax.op.matmul(rw.centered(a), relax.const(w_int.astype(f"int{bits}")), out_dtype="int32")
     mm = rw.emit_layer(expr, var, "dense", macs=int(np.prod(_shape_of(var))) * int(w_int.shape[0]))
-    rw.layers[rw.last_layer]["weights"] = _weight_storage(w_int.T, bits)
+    rw.layers[rw.last_layer]["weights"] = storage
     scale = (np.float64(np.float32(a.scale)) * w_scale).reshape((1,) * (len(a.q.shape) - 1) + (-1,))
     bound = np.abs(w_int.astype(np.int64)).sum(axis=0) * _centered_max(a)
     return Accum([Term(mm, scale, bound=bound.reshape(scale.shape))], _shape_of(var), kind="dense")
@@ -965,6 +984,11 @@ def _weight_bits(w_int: np.ndarray) -> int:
     """Bits per stored weight: 2 or 4 (packed) when the values fit and packing is on, else 8 or 16."""
     bits = packing.storage_bits(w_int)
     return bits if PACK_WEIGHTS or bits > 8 else 8
+
+
+def _micro_kernel_input(value: Dequant) -> bool:
+    """Whether the micro-kernel reads ``value`` as it is (int8 or uint8, zero point 0)."""
+    return value.zero_point == 0 and value.q.dtype in microkernels.MICRO_KERNELS
 
 
 def _weight_storage(rows: np.ndarray, bits: int) -> dict:

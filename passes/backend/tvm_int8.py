@@ -25,8 +25,9 @@ class TvmInt8(Pass):
     description = "TVM Relax import, QDQ -> integer rewrite, kernel fusion, kernel C generation"
     takes = OnnxModel
     makes = Int8Program
-    version = "4"  # 2: 32-bit requantization where proven exact; 3: depthwise weights per channel;
-    # 4: 2- and 4-bit weights stored packed (packing.py), per-layer weight storage in the program
+    version = "5"  # 2: 32-bit requantization where proven exact; 3: depthwise weights per channel;
+    # 4: 2- and 4-bit weights stored packed (packing.py), per-layer weight storage in the program;
+    # 5: 8-bit 1x1 convs and dense layers on the SMLAD micro-kernel (microkernels.py), permuted weights
     tools = ("apache-tvm", "onnx")
 
     class Config(PassConfig):
