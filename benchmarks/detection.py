@@ -2,6 +2,7 @@
 a random-embedding baseline, with the bundle's flash, RAM and instructions per inference.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/detection.py [--spec examples/detection/spec.toml] [--quick]
+        [--dense-weight 0]
 
 Compiles the spec from an empty cache and work directory (so the minutes include training the
 teacher), then prints, from the compile's report:
@@ -36,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=EXAMPLE)
     parser.add_argument("--quick", action="store_true", help="one epoch everywhere, 200 scenes: a smoke run")
+    parser.add_argument("--dense-weight", type=float, default=None,
+                        help="override detect.open-vocab's dense_weight (0: no dense distillation, the ablation)")
     args = parser.parse_args()
 
     from distillc.progress import SilentProgress
@@ -43,10 +46,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.spec.resolve()
-        if args.quick:
-            text = re.sub(r"\bepochs = \d+", "epochs = 1", spec.read_text())
-            text = re.sub(r"\bscenes = \d+", "scenes = 200", text)
-            spec = spec.parent / f".quick-{os.getpid()}.toml"
+        changed = args.quick or args.dense_weight is not None
+        if changed:
+            text = spec.read_text()
+            if args.quick:
+                text = re.sub(r"\bepochs = \d+", "epochs = 1", text)
+                text = re.sub(r"\bscenes = \d+", "scenes = 200", text)
+            if args.dense_weight is not None:
+                text, n = re.subn(r"(?m)^dense_weight = [0-9.]+", f"dense_weight = {args.dense_weight}", text)
+                if n != 1:
+                    raise SystemExit("--dense-weight: the spec must set dense_weight once (in detect.open-vocab)")
+            spec = spec.parent / f".bench-{os.getpid()}.toml"
             spec.write_text(text)
         os.environ["DISTILLC_CACHE"] = str(Path(tmp) / "cache")
         try:
@@ -54,7 +64,7 @@ def main() -> None:
             result = compile_spec(spec, workdir=Path(tmp) / "work", progress=SilentProgress())
             minutes = (time.perf_counter() - t0) / 60
         finally:
-            if args.quick:
+            if changed:
                 spec.unlink(missing_ok=True)
     report(result.report, minutes, args)
 
@@ -70,7 +80,8 @@ def _f(value: Any) -> str:
 
 def report(rep: dict[str, Any], minutes: float, args: Any) -> None:
     metrics = rep["metrics"]
-    print(f"spec: {args.spec}{'  (--quick: numbers mean nothing)' if args.quick else ''}")
+    print(f"spec: {args.spec}{'  (--quick: numbers mean nothing)' if args.quick else ''}"
+          f"{f'  dense_weight = {args.dense_weight}' if args.dense_weight is not None else ''}")
     print(f"threads: {__import__('torch').get_num_threads()}   wall time: {minutes:.1f} min")
     train = metrics.get("detect.open-vocab", {})
     print(f"grid {train.get('grid')} stride {train.get('stride')}  training boxes {train.get('train_boxes')}  "

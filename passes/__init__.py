@@ -8,7 +8,8 @@ sources.py     teacher.train, teacher.load, student.init,          nothing -> To
 distill/       distill.feature, distill.ca-dssl, distill.bootleg,  TorchModel -> TorchModel
                distill.comad, distill.clip-matryoshka,
                train.supervised, matryoshka
-eval/          eval.linear-probe, eval.zero-shot                   a model -> the same model
+eval/          eval.linear-probe, eval.zero-shot, eval.detection   a model -> the same model
+detect/        detect.open-vocab (and the detection decoders)      TorchModel -> TorchModel
 quantize/      quantize.brevitas-qat                               TorchModel -> QuantTorchModel
 export/        export.onnx, simplify.onnxsim                       QuantTorchModel -> OnnxModel
 backend/       tvm.int8, plan-memory, codegen.c (and the INT8      OnnxModel -> Int8Program -> Bundle
