@@ -333,3 +333,47 @@ def test_class_embeddings_from_a_file_are_checked_and_used(write_spec, tmp_path)
     text = SPEC.format(extra='class_source = "file"\nclass_file = "wrong.npy"')
     with pytest.raises(PassError, match=r"expected \(10, "):
         compile_spec(write_spec(text), until="detect.open-vocab")
+
+
+def test_text_class_embeddings_come_from_the_clip_teachers_text_tower(module_folder):
+    """class_source = "text": the data's class names through the prompts and the text tower, in the
+    region coordinates (the teacher's crops' SVD basis), one INT8 row per class."""
+    from distillc.passes.detect.openvocab import _embed_crops
+    from distillc.plan import build_plan
+    from distillc.plugins.models.teacher_input import with_input
+    from tests.test_class_prompts import TEACHER, reference_class_embeddings
+    from tests.test_clip_tokenizer import MERGES, VOCAB_SIZE, write_bpe
+
+    folder = module_folder / "text"
+    folder.mkdir()
+    write_bpe(folder / "bpe.txt.gz", MERGES)
+    teacher = TEACHER.format(vocab=VOCAB_SIZE, tokenizer='tokenizer = "bpe.txt.gz"').replace(
+        "train = { epochs = 1, batch_size = 256, lr = 3e-3 }",
+        'train = { epochs = 1, batch_size = 256, lr = 3e-3, data = { source = "sklearn-digits", image_size = 8, '
+        'channels = 1 } }')
+    text = SPEC.format(extra='class_source = "text"\nprompts = ["a photo of a {}.", "the digit {}"]')
+    head, rest = text.split("[[teachers]]", 1)
+    text = head + teacher + "\n[student]" + rest.split("[student]", 1)[1]
+    text = text.replace('teacher = "vit"', 'teacher = "clip"')
+    (folder / "spec.toml").write_text(text)
+    result = compile_spec(folder / "spec.toml", until="detect.open-vocab")
+    plugins = load_plugins()
+    plan = build_plan(load_spec(folder / "spec.toml", plugins), plugins)
+    store = plan.store
+    clip = store.load(next(s for s in plan.steps if s.id == "teacher:clip").key)
+    info = store.load(next(s for s in plan.steps if s.id == "detect.open-vocab").key).meta["detection"]
+    assert info["class_source"] == "text" and info["support_images"] == []
+    # the reference: the crops' basis, then the prompt ensemble in its coordinates
+    data = plan.spec.load_data(plugins)
+    boxes = data.train_boxes
+    owner = np.searchsorted(boxes.offsets, np.arange(len(boxes.labels)), side="right") - 1
+    images = torch.as_tensor(np.stack([np.asarray(data.train_x[int(i)]) for i in owner]))
+    module = with_input(clip.build(plugins), clip.meta.get("input")).eval()
+    regions = _embed_crops(module, images, boxes.boxes, size=8, margin=0.0, device=torch.device("cpu"))
+    basis = region_basis(regions, 8, seed=0).double()
+    ref = torch.as_tensor(reference_class_embeddings(clip.build(plugins).eval(), [str(d) for d in range(10)],
+                                                     ["a photo of a {}.", "the digit {}"])).double()
+    want = quantize_rows((torch.nn.functional.normalize(ref, dim=1) @ basis).numpy())["values"]
+    got = np.asarray(info["rows_int8"])
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert result.report["metrics"]["detect.open-vocab"]["classes"] == 10
