@@ -114,6 +114,7 @@ def report_facts(manifest: dict[str, Any]) -> dict[str, Any]:
         },
         "training": _training_curves(metrics, order),
         "matryoshka": _matryoshka(manifest, metrics, order),
+        "detection": _detection(manifest, metrics, order),
         "verification": {name: _verification(section) for name, section in verification.items()
                          if isinstance(section, dict)},
     }
@@ -163,6 +164,34 @@ def _matryoshka(manifest: dict[str, Any], metrics: dict[str, Any], order: list[s
     return out
 
 
+def _detection(manifest: dict[str, Any], metrics: dict[str, Any], order: list[str]) -> dict[str, Any] | None:
+    """The detection decoder (``manifest["detection"]``), the mAP each ``eval.detection`` step
+    measured per dim (seen, unseen, and with random class embeddings) and its verification."""
+    entry = manifest.get("detection")
+    if not isinstance(entry, dict):
+        return None
+    evals = []
+    for step in order:
+        m = _dict(metrics.get(step))
+        if step.split("#")[0] != "eval.detection" or not isinstance(m.get("per_dim"), dict):
+            continue
+        rows = []
+        for dim in sorted(m["per_dim"], key=lambda d: int(d) if str(d).isdigit() else 0):
+            row, rnd = _dict(m["per_dim"][dim]), _dict(_dict(m.get("random_classes")).get(dim))
+            rows.append({"dim": int(dim), "map": _number(row.get("map")),
+                         "seen_map50": _number(_dict(row.get("seen")).get("map50")),
+                         "unseen_map50": _number(_dict(row.get("unseen")).get("map50")),
+                         "random_unseen_map50": _number(_dict(rnd.get("unseen")).get("map50"))})
+        evals.append({"step": step, "label": f"{step} ({'INT8' if m.get('quantized') else 'FP32'})", "rows": rows})
+    checks = {name: {k: section["detection"].get(k) for k in ("decoded", "decoder_matches", "onnxruntime_identical",
+                                                              "onnxruntime_within_one_step", "onnxruntime_differing")}
+              for name, section in _dict(manifest.get("verification")).items()
+              if isinstance(section, dict) and isinstance(section.get("detection"), dict)}
+    return {"classes": entry.get("classes"), "dims": entry.get("dims"), "grid": entry.get("grid"),
+            "stride": entry.get("stride"), "flash_bytes": entry.get("flash_bytes"),
+            "scratch_bytes": entry.get("scratch_bytes"), "evals": evals, "verification": checks}
+
+
 def _verification(section: dict[str, Any]) -> dict[str, Any]:
     kernels = _dict(section.get("kernels"))
     return {"images": section.get("images"), "max_lsb": section.get("max_lsb"),
@@ -208,7 +237,8 @@ def render_html(manifest: dict[str, Any]) -> str:
     facts = report_facts(manifest)
     model = facts["model"]
     sections = [_overview(facts), _layers_section(facts), _arena_section(facts), _quantization_section(facts),
-                _training_section(facts), _matryoshka_section(facts), _verification_section(facts)]
+                _training_section(facts), _matryoshka_section(facts), _detection_section(facts),
+                _verification_section(facts)]
     title = f"distillc report: {model['name'] or 'bundle'}"
     return "\n".join([
         "<!DOCTYPE html>",
@@ -377,6 +407,33 @@ def _matryoshka_section(facts: dict[str, Any]) -> str:
             for c in curves]
     return "\n".join(["<h2>Matryoshka</h2>", _table(["top-1 at dim"] + [str(d) for d in dims], body, left=(0,)),
                       _figure("matryoshka", "Top-1 against embedding dim", _plot_matryoshka(curves))])
+
+
+def _detection_section(facts: dict[str, Any]) -> str:
+    d = facts.get("detection")
+    if not d:
+        return ""
+    parts = ["<h2>Detection</h2>",
+             f"<p>distillc_detect: {len(d['classes'] or [])} classes, dims {_e(str(d['dims']))}, "
+             f"{d['grid']}x{d['grid']} cells at stride {d['stride']} px; {d['flash_bytes']} B of flash (class rows, "
+             f"norms, tables), {d['scratch_bytes']} B of arena scratch.</p>"]
+    body = [[_e(e["label"]), str(r["dim"]), _fmt(r["seen_map50"]), _fmt(r["unseen_map50"]),
+             _fmt(r["random_unseen_map50"]), _fmt(r["map"])] for e in d["evals"] for r in e["rows"]]
+    if body:
+        parts.append(_table(["step", "dim", "mAP@0.5 seen", "mAP@0.5 unseen", "unseen, random classes",
+                             "mAP@[.5:.95]"], body, left=(0,)))
+        parts.append(_figure("detection", "mAP@0.5 against embedding dim (dashed: random class embeddings)",
+                             _plot_detection(d["evals"])))
+    for name, check in d["verification"].items():
+        parts.append(f"<p>verify.{_e(name)}: distillc_detect equals the Python decoder on {check['decoded']} case(s): "
+                     f"{_e(str(check['decoder_matches']))}; against onnxruntime's output "
+                     f"{check['onnxruntime_identical']} identical, {check['onnxruntime_within_one_step']} within one "
+                     f"step, {check['onnxruntime_differing']} differing.</p>")
+    return "\n".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _verification_section(facts: dict[str, Any]) -> str:
@@ -573,6 +630,27 @@ def _plot_training(curves: list[dict[str, Any]]) -> str:
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig, "training")
+
+
+def _plot_detection(evals: list[dict[str, Any]]) -> str:
+    fig = _new_figure(8, 3, right=3.2)
+    ax = fig.add_subplot()
+    dims: set[int] = set()
+    for i, e in enumerate(evals):
+        color = _COLORS[i % len(_COLORS)]
+        xs = [r["dim"] for r in e["rows"]]
+        dims.update(xs)
+        for key, style, what in (("seen_map50", "-", "seen"), ("unseen_map50", ":", "unseen"),
+                                 ("random_unseen_map50", "--", "unseen, random classes")):
+            ys = [r[key] if r[key] is not None else float("nan") for r in e["rows"]]
+            ax.plot(xs, ys, linestyle=style, marker="o", color=color, label=f"{e['label']}: {what}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(dims), [str(d) for d in sorted(dims)])
+    ax.set_xlabel("embedding dim")
+    ax.set_ylabel("mAP@0.5")
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig, "detection")
 
 
 def _plot_matryoshka(curves: list[dict[str, Any]]) -> str:

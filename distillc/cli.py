@@ -282,6 +282,10 @@ def report(bundle: Path = typer.Argument(..., help="A bundle directory (with man
     out.print(f"wrote {path}")
 
 
+def _fraction(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _show_manifest(manifest: dict[str, Any], facts: dict[str, Any]) -> None:
     model, budget, speed = facts["model"], facts["budget"], facts["speed"]
     summary = Table(title=f"{model['name']} on {model['target']}")
@@ -348,6 +352,15 @@ def _show_manifest(manifest: dict[str, Any], facts: dict[str, Any]) -> None:
     for curve in facts["matryoshka"]:
         pairs = ", ".join(f"{d}: {t:.4f}" for d, t in zip(curve["dims"], curve["top1"]))
         out.print(f"{curve['label']}: {pairs}")
+    detection = facts.get("detection")
+    if detection:
+        out.print(f"distillc_detect: {len(detection['classes'] or [])} classes, dims {detection['dims']}, "
+                  f"{detection['grid']}x{detection['grid']} cells, {detection['flash_bytes']} B flash, "
+                  f"{detection['scratch_bytes']} B arena scratch")
+        for e in detection["evals"]:
+            for r in e["rows"]:
+                out.print(f"{e['label']} dim {r['dim']}: mAP@0.5 seen {_fraction(r['seen_map50'])}, unseen "
+                          f"{_fraction(r['unseen_map50'])} (random classes {_fraction(r['random_unseen_map50'])})")
     for name, v in facts["verification"].items():
         line = f"verify.{name}: {v['images']} image(s), max {v['max_lsb']} LSB"
         if v["explained"]:

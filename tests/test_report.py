@@ -138,6 +138,40 @@ def test_a_matryoshka_model_gets_its_accuracy_per_dim(compiled, tmp_path):
     assert '<figure class="plot" id="fig-matryoshka"><svg' in render_html(manifest)
 
 
+def test_a_detection_bundle_gets_its_map_per_dim_and_decoder_check(compiled, tmp_path):
+    """A bundle with distillc_detect (``manifest["detection"]``) and eval.detection metrics gets the
+    table, the figure and the decoder's verification line, in the page and in inspect."""
+    _, manifest = compiled
+    per_dim = {d: {"map": 0.3, "seen": {"map50": s}, "unseen": {"map50": u}} for d, s, u in
+               (("16", 0.8, 0.2), ("32", 0.9, 0.25))}
+    rnd = {d: {"seen": {"map50": 0.05}, "unseen": {"map50": 0.01}} for d in per_dim}
+    manifest = {**manifest,
+                "detection": {"classes": [str(i) for i in range(10)], "dims": [16, 32], "grid": 8, "stride": 8,
+                              "flash_bytes": 3072, "scratch_bytes": 384},
+                "verification": {**manifest["verification"],
+                                 "host": {**manifest["verification"]["host"],
+                                          "detection": {"decoded": 24, "decoder_matches": True,
+                                                        "onnxruntime_identical": 24, "onnxruntime_within_one_step": 24,
+                                                        "onnxruntime_differing": 0}}},
+                "metrics": {**manifest["metrics"], "eval.detection#2": {"quantized": True, "per_dim": per_dim,
+                                                                        "random_classes": rnd}}}
+    facts = report_facts(manifest)["detection"]
+    [run] = facts["evals"]
+    assert run["label"] == "eval.detection#2 (INT8)"
+    assert [r["unseen_map50"] for r in run["rows"]] == [0.2, 0.25] and run["rows"][0]["random_unseen_map50"] == 0.01
+    page = render_html(manifest)
+    assert '<figure class="plot" id="fig-detection"><svg' in page
+    assert "distillc_detect equals the Python decoder on 24 case(s): True" in page
+    assert report_facts({**manifest, "detection": None})["detection"] is None
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["inspect", str(copy)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "distillc_detect: 10 classes, dims [16, 32], 8x8 cells, 3072 B flash" in result.output
+    assert "eval.detection#2 (INT8) dim 32: mAP@0.5 seen 0.900, unseen 0.250 (random classes 0.010)" in result.output
+
+
 def test_the_report_renders_in_headless_chromium(compiled, tmp_path):
     """Every figure is laid out (the page's own script measures each SVG after load) and drawn
     (its region of a screenshot is not blank), and no script error or console message appears."""
