@@ -377,3 +377,40 @@ def test_text_class_embeddings_come_from_the_clip_teachers_text_tower(module_fol
     got = np.asarray(info["rows_int8"])
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     assert result.report["metrics"]["detect.open-vocab"]["classes"] == 10
+
+
+def test_a_coco_folder_trains_a_detector_with_class_embeddings_from_a_file(tmp_path):
+    """coco-detection (an image folder + instances JSON, crowd boxes included) through detect.open-vocab
+    and eval.detection, with the class embeddings a user brings as a .npy in the teacher's space."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    images, annotations = [], []
+    for i in range(16):
+        canvas = np.zeros((40, 40, 3), np.uint8)
+        for k in range(2):
+            x, y, w, h = (int(v) for v in rng.integers(0, 24, 2).tolist() + rng.integers(8, 16, 2).tolist())
+            category = int(rng.integers(1, 4))
+            canvas[y:y + h, x:x + w] = [(255, 0, 0), (0, 255, 0), (0, 0, 255)][category - 1]
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": category,
+                                "bbox": [x, y, w, h], "iscrowd": int(i == 0 and k == 0)})
+        Image.fromarray(canvas).save(tmp_path / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 40, "height": 40})
+    categories = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}, {"id": 3, "name": "blue"}]
+    (tmp_path / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                         "categories": categories}))
+    np.save(tmp_path / "classes.npy", rng.standard_normal((3, 192)).astype(np.float32))
+    text = SPEC.format(extra='class_source = "file"\nclass_file = "classes.npy"')
+    text = text.replace('source = "digit-scenes"', 'source = "coco-detection"\npath = "."')
+    text = text.replace("channels = 1\nval_fraction = 0.5", "channels = 3\nval_fraction = 0.25")
+    text = text.replace('options = { scenes = 80, digit_size = [0.3, 0.6], unseen = [8, 9], unseen_in_train = "absent" }',
+                        'options = { images = "images", unseen = ["blue"] }')
+    text = text.replace('image_size = 8, channels = 1 }', 'image_size = 8, channels = 3 }')
+    (tmp_path / "spec.toml").write_text(text)
+    result = compile_spec(tmp_path / "spec.toml", until="eval.detection")
+    metrics = result.report["metrics"]
+    assert metrics["detect.open-vocab"]["classes"] == 3 and metrics["detect.open-vocab"]["grid"] == [4, 4]
+    evaluation = metrics["eval.detection"]
+    assert evaluation["support_images"] == 0 and evaluation["images"] == 4
+    assert set(evaluation["per_class"]) == {"red", "green", "blue"}
