@@ -414,3 +414,26 @@ def test_a_coco_folder_trains_a_detector_with_class_embeddings_from_a_file(tmp_p
     evaluation = metrics["eval.detection"]
     assert evaluation["support_images"] == 0 and evaluation["images"] == 4
     assert set(evaluation["per_class"]) == {"red", "green", "blue"}
+
+
+def test_two_processes_train_the_detector_and_embed_the_crops_once(tmp_path):
+    """Under torchrun (2 CPU processes, gloo) rank 0 embeds the crops while rank 1 waits, both train
+    on halves of every batch, and the pass finishes (no rank left at a barrier)."""
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.format(extra=""))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(DISTILLC_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", DISTILLC_DEVICE="cpu")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                           "-m", "distillc.cli", "compile", str(spec), "--until", "detect.open-vocab", "--workdir",
+                           str(tmp_path / "build")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert {row["id"]: row["status"] for row in report["plan"]}["detect.open-vocab"] == "ran"
+    folder = tmp_path / "cache" / "derived" / "teacher-targets"
+    kinds = sorted(json.loads(p.read_text())["what"] for p in folder.glob("*.json"))
+    assert [k.split(":")[0] for k in kinds] == ["dense", "regions"] and not list(folder.glob("*.tmp"))
