@@ -202,6 +202,7 @@ dims = [4, 8]
 epochs = 2
 batch_size = 16
 shots = 1
+dense_weight = 0.5
 {extra}
 [[passes]]
 use = "eval.detection"

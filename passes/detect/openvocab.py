@@ -69,7 +69,7 @@ class OpenVocabConfig(DistillConfig):
                                                            "(each side; 0 = the box's square)")
     center_radius: float = Field(0.25, gt=0.0, le=0.5,
                                  description="a cell is a box's positive within this fraction of its size of the centre")
-    dense_weight: float = Field(0.5, ge=0.0, description="weight of dense distillation: every other cell's embedding "
+    dense_weight: float = Field(0.0, ge=0.0, description="weight of dense distillation: every other cell's embedding "
                                                          "matches the teacher's crop around it (0 = off)")
     dense_size: float | None = Field(None, gt=0.0, le=4096.0, description="side in pixels of the dense crops; "
                                                                           "default the median training box side")
