@@ -68,7 +68,7 @@ def int8_backend(makes: type, *, target: str, flash_kb: int | None, ram_kb: int 
         return front
     return front + [
         ("tvm.int8", {}),
-        ("plan-memory", {}),
+        ("plan-memory", {"ram_kb": ram_kb}),  # for schedule = "auto" (other schedules drop it)
         ("codegen.c", {"target": target, "flash_kb": flash_kb, "ram_kb": ram_kb, "clock_mhz": clock_mhz,
                        **({"chip": chip, "arena_bank": arena_bank} if chip else {})}),
         *verify,

@@ -22,6 +22,7 @@ Files written into ``bundle_dir``:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ import numpy as np
 
 from distillc.errors import PassError
 
-from .memory import MemoryPlan, plan_memory
+from . import inplace
+from .memory import MemoryPlan, extra_instructions, plan_memory
 from .microkernels import micro_kernels_c
 from .program import ACTIVATION, CONST, INPUT, OUTPUT, Program, extract_program
 
@@ -121,9 +123,21 @@ def build_program(mod, *, pass_name: str = "tvm.int8") -> Program:
     """
     prog = extract_program(mod, pass_name=pass_name)
     kernel_names = _kernel_names(prog)
-    prog.kernels_c, prog.signatures = build_kernels(mod, prog, kernel_names, pass_name=pass_name)
+    names = {gvar.name_hint for gvar in mod.get_global_vars()}
+    variant_names = {tvm_name + inplace.SUFFIX: c_name + inplace.SUFFIX for tvm_name, c_name in kernel_names.items()
+                     if tvm_name + inplace.SUFFIX in names}
+    prog.kernels_c, prog.signatures = build_kernels(mod, prog, kernel_names, pass_name=pass_name,
+                                                    variants=variant_names, variant_sources=prog.variants)
     for step in prog.steps:
+        variant = variant_names.get(step.kernel + inplace.SUFFIX)
         step.kernel = kernel_names[step.kernel]
+        if variant is not None:
+            # the layer kernel itself when its C is the in-place kernel's (same raster order)
+            same = prog.variants[variant].replace(variant, step.kernel) == _extract_function(
+                prog.kernels_c, step.kernel, pass_name)
+            step.inplace_kernel = step.kernel if same else variant
+    used = {step.inplace_kernel for step in prog.steps}
+    prog.variants = {k: v for k, v in prog.variants.items() if k in used}
     return prog
 
 
@@ -143,18 +157,19 @@ def emit_c(prog: Program, bundle_dir, *, name: str, plan: MemoryPlan | None = No
     share = arena_share(prog, plan, scratch) if any(ext.arena_scratch_bytes for ext in extensions) else None
     planned = plan
     if share is not None:  # the arena the header declares and the executor defines
-        plan = MemoryPlan(plan.offsets, share.arena_bytes, plan.floor_bytes, plan.strategy)
+        plan = dataclasses.replace(plan, arena_bytes=share.arena_bytes)
     bundle_dir = Path(bundle_dir)
     (bundle_dir / "include").mkdir(parents=True, exist_ok=True)
     (bundle_dir / "src").mkdir(parents=True, exist_ok=True)
     weight_names = {t.id: f"{PREFIX}_w{i}" for i, t in enumerate(
         t for t in prog.tensors if t.kind == CONST)}
+    kernels_c, signatures = _scheduled_kernels(prog, plan, pass_name)
     files = {
         "include/distillc_model.h": _public_header(prog, plan, name, extensions),
-        "src/distillc_internal.h": _internal_header(prog, prog.signatures, weight_names, name, share),
-        "src/distillc_kernels.c": _kernels_file(prog.kernels_c, name),
+        "src/distillc_internal.h": _internal_header(prog, signatures, weight_names, name, share),
+        "src/distillc_kernels.c": _kernels_file(kernels_c, name),
         "src/distillc_weights.c": _weights_file(prog, weight_names, name),
-        "src/distillc_model.c": _executor_file(prog, plan, prog.signatures, weight_names, name, share),
+        "src/distillc_model.c": _executor_file(prog, plan, signatures, weight_names, name, share),
         "src/distillc_model_float.c": _float_api_file(name),
     }
     for ext in extensions:
@@ -179,6 +194,27 @@ def emit_c(prog: Program, bundle_dir, *, name: str, plan: MemoryPlan | None = No
 # Kernels
 
 
+def _scheduled_kernels(prog: Program, plan: MemoryPlan, pass_name: str) -> tuple[str, dict]:
+    """The kernel definitions and signatures the plan's schedule calls: the program's, plus the
+    in-place variants of the steps the plan runs in place (when they are not the layer kernels)."""
+    source, signatures = prog.kernels_c, dict(prog.signatures)
+    for index in sorted(plan.inplace):
+        step = prog.steps[index]
+        kernel = step.inplace_kernel
+        if not kernel:
+            raise PassError(pass_name, f"the plan runs step {index} ({step.name}) in place, which has no "
+                                       "in-place kernel")
+        if kernel not in signatures:
+            source += "\n" + prog.variants[kernel]
+            signatures[kernel] = list(signatures[step.kernel])
+    return source, signatures
+
+
+def _step_kernel(step, plan: MemoryPlan) -> str:
+    """The C kernel a step calls under the plan's schedule."""
+    return step.inplace_kernel if step.index in plan.inplace else step.kernel
+
+
 def _kernel_names(prog: Program) -> dict:
     """TVM kernel name -> C function name, numbered in order of first call."""
     names: dict[str, str] = {}
@@ -189,11 +225,14 @@ def _kernel_names(prog: Program) -> dict:
     return names
 
 
-def build_kernels(mod, prog: Program, kernel_names: dict, *, pass_name: str = "codegen.c"):
+def build_kernels(mod, prog: Program, kernel_names: dict, *, pass_name: str = "codegen.c",
+                  variants: dict | None = None, variant_sources: dict | None = None):
     """Generate C for every kernel with TVM's ``c`` target.
 
     Returns ``(source, signatures)``: the concatenated kernel definitions and, per C name, the
-    list of C parameter types (``int8_t *`` ...).
+    list of C parameter types (``int8_t *`` ...).  ``variants`` (TVM name -> C name of a kernel
+    called as the step kernel whose name it extends, e.g. ``<kernel>_inplace``) are generated too,
+    their definitions put into ``variant_sources`` (C name -> definition), not into the source.
     """
     import tvm
     from tvm import tirx
@@ -203,15 +242,18 @@ def build_kernels(mod, prog: Program, kernel_names: dict, *, pass_name: str = "c
         first_step.setdefault(step.kernel, step)
     funcs = {}
     entry_params, calls, signatures = [], [], {}
-    for tvm_name, c_name in kernel_names.items():
+    variants = dict(variants or {})
+    base_of = {v: v.removesuffix(inplace.SUFFIX) for v in variants}  # a variant's step kernel
+    for tvm_name, c_name in [*kernel_names.items(), *variants.items()]:
         prim = mod[tvm_name]
-        step = first_step[tvm_name]
+        step = first_step[base_of.get(tvm_name, tvm_name)]
         roles = [_role(prog.tensor(t).kind, i) for i, t in enumerate(step.args)] + ["out"]
         if len(roles) != len(prim.params):
             raise RuntimeError(f"{pass_name}: kernel {tvm_name} takes {len(prim.params)} buffers "
                                f"but is called with {len(roles)}")
         kernel, types = _pointer_params(prim, roles)
-        signatures[c_name] = types
+        if tvm_name not in variants:
+            signatures[c_name] = types
         gvar = tvm.ir.GlobalVar(c_name)
         funcs[gvar] = kernel
         handles = [tirx.Var(f"{c_name}_{r}", p.ty) for r, p in zip(roles, kernel.params)]
@@ -226,8 +268,10 @@ def build_kernels(mod, prog: Program, kernel_names: dict, *, pass_name: str = "c
             raise RuntimeError(f"{pass_name}: TVM's C backend failed: {err}") from err
     source = lib.inspect_source()
     parts = [_extract_function(source, c_name, pass_name) for c_name in kernel_names.values()]
+    if variant_sources is not None:
+        for c_name in variants.values():
+            variant_sources[c_name] = _extract_function(source, c_name, pass_name)
     return "\n".join(parts), signatures
-
 
 def _role(kind: str, index: int) -> str:
     return f"w{index}" if kind == CONST else f"in{index}"
@@ -457,11 +501,12 @@ def _executor_file(prog: Program, plan: MemoryPlan, signatures: dict, weight_nam
         lines += ["    uint8_t *const arena = distillc_arena.bytes;", ""]
     lines += ["    if (input == NULL || output == NULL) {", "        return -1;", "    }"]
     for step in prog.steps:
-        c_name = step.kernel
+        c_name = _step_kernel(step, plan)
         types = signatures[c_name]
         in_shape = _first_activation_shape(prog, step)
         out_t = prog.tensor(step.out)
-        lines.append(f"    /* {step.index}: {step.op} {step.name}: {in_shape} -> {out_t.shape} */")
+        in_place = f", in place ({plan.inplace[step.index]} B below its input)" if step.index in plan.inplace else ""
+        lines.append(f"    /* {step.index}: {step.op} {step.name}: {in_shape} -> {out_t.shape}{in_place} */")
         args = []
         for ctype, tid in zip(types, list(step.args) + [step.out]):
             args.append(f"({ctype.strip()}){_pointer_expr(prog.tensor(tid), plan, weight_names)}")
@@ -570,11 +615,17 @@ def manifest(prog: Program, plan: MemoryPlan, files=()) -> dict:
             "weight_bytes": int(sum(prog.tensor(t).nbytes for t in step.args
                                     if prog.tensor(t).kind == CONST)),
             "weights": dict(step.weights) if step.weights else None,  # bits, values, bytes stored
-            "kernel": step.kernel,
+            "kernel": _step_kernel(step, plan),
+            # bytes the output starts below the input when the layer runs in place, else null
+            "inplace_shift_bytes": int(plan.inplace[step.index]) if step.index in plan.inplace else None,
             "arena_offset": int(plan.offsets[step.out]) if in_arena else None,
             "arena_bytes": int(out_t.nbytes) if in_arena else 0,
         })
     weights = sum(t.nbytes for t in prog.tensors if t.kind == CONST)
+    extra = extra_instructions(prog, plan)
+    basis = ("exact: the same kernels as the layer schedule, no copies" if extra == 0 else
+             "not estimated: in-place kernels differ from the layer kernels (verify.qemu's per-layer "
+             "counts or benchmarks/kernels.py measure them)")
     # Bytes of the arena in use while each kernel runs (the timeline whose maximum is the floor).
     live = [int(sum(prog.tensor(t).nbytes for t, (a, b) in spans.items() if a <= step.index <= b))
             for step in prog.steps]
@@ -588,9 +639,14 @@ def manifest(prog: Program, plan: MemoryPlan, files=()) -> dict:
             "arena_above_floor": bool(plan.above_floor),
             "plan_strategy": plan.strategy,
             "live_bytes": live,
+            "schedule": plan.schedule,
+            "schedule_floor_bytes": int(plan.bound_bytes),
+            "inplace_layers": sorted(int(i) for i in plan.inplace),
+            "schedule_extra_instructions": extra,
+            "schedule_extra_instructions_basis": basis,
         },
         "layers": layers,
-        "kernels": len({step.kernel for step in prog.steps}),
+        "kernels": len({_step_kernel(step, plan) for step in prog.steps}),
         "macs": int(sum(step.macs for step in prog.steps)),
         "float_fallback": list(prog.quant.get("float_fallback", [])),
         "files": list(files),

@@ -20,7 +20,7 @@ Failures here are bugs (the integer graph is ours), so they raise RuntimeError, 
 
 from __future__ import annotations
 
-from . import microkernels
+from . import inplace, microkernels
 from .packing import UNPACK_STAGE
 from .qdq_to_int8 import LAYERS_ATTR, PASS_NAME, qdq_to_int8
 
@@ -65,8 +65,11 @@ def fuse_and_schedule(int_mod, *, pass_name: str = PASS_NAME):
         if isinstance(func, tirx.PrimFunc):
             try:
                 updates[gvar] = schedule_kernel(func)
+                in_place = inplace.variant(func, updates[gvar])  # plan-memory's "inplace" schedule may call it
             except Exception as err:
                 raise RuntimeError(f"{pass_name}: cannot schedule kernel {gvar.name_hint}: {err}") from err
+            if in_place is not None:
+                updates[tvm.ir.GlobalVar(gvar.name_hint + inplace.SUFFIX)] = in_place
     for gvar, func in updates.items():
         fused[gvar] = func
     return fused

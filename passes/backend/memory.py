@@ -7,6 +7,11 @@ the last step that reads it (inclusive), so a kernel's inputs and output never s
 The floor is the largest total size of tensors live at one step: no plan that keeps each
 tensor in one place can use less.  Offsets come from a greedy best-fit placement (TFLite's
 "greedy by size" idea), tried with several orderings; the smallest arena wins.
+
+Schedules (:data:`SCHEDULES`) go below that layer-by-layer floor by letting a kernel's output
+share its input's bytes: ``"inplace"`` runs depthwise convs whose input dies there in place
+(:mod:`.inplace`: output at ``shift`` bytes below the input), so the pair is planned as one
+block of ``shift + max(input, output)`` bytes; ``"auto"`` picks among the schedules.
 """
 
 from __future__ import annotations
@@ -18,20 +23,36 @@ from distillc.errors import PassError
 from .program import Program
 
 ABOVE_FLOOR_TOLERANCE = 1.05
+#: Memory schedules, in order of the extra instructions they may cost (``"auto"`` chooses).
+SCHEDULES = ("layer", "inplace")
 
 
 @dataclass
 class MemoryPlan:
-    """Arena offsets (tensor id -> byte offset), the arena size and its lower bound."""
+    """Arena offsets (tensor id -> byte offset), the arena size and its lower bounds.
+
+    ``floor_bytes`` is the layer-by-layer floor (the manifest's ``arena_floor_bytes``);
+    ``schedule_floor_bytes`` the floor of ``schedule``, which is lower when kernels write over
+    their inputs; ``inplace`` maps each step run in place to its shift (bytes the output starts
+    below the input; the step calls ``Step.inplace_kernel``).
+    """
 
     offsets: dict = field(default_factory=dict)
     arena_bytes: int = 0
     floor_bytes: int = 0
     strategy: str = ""
+    schedule: str = "layer"
+    inplace: dict = field(default_factory=dict)
+    schedule_floor_bytes: int = 0
+
+    @property
+    def bound_bytes(self) -> int:
+        """The floor of the plan's own schedule."""
+        return self.schedule_floor_bytes or self.floor_bytes
 
     @property
     def above_floor(self) -> bool:
-        return self.arena_bytes > ABOVE_FLOOR_TOLERANCE * self.floor_bytes
+        return self.arena_bytes > ABOVE_FLOOR_TOLERANCE * self.bound_bytes
 
     def to_dict(self) -> dict:
         return {
@@ -39,12 +60,17 @@ class MemoryPlan:
             "arena_bytes": self.arena_bytes,
             "floor_bytes": self.floor_bytes,
             "strategy": self.strategy,
+            "schedule": self.schedule,
+            "inplace": {str(k): v for k, v in sorted(self.inplace.items())},
+            "schedule_floor_bytes": self.bound_bytes,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "MemoryPlan":
         return cls({int(k): int(v) for k, v in data["offsets"].items()}, int(data["arena_bytes"]),
-                   int(data["floor_bytes"]), str(data.get("strategy", "")))
+                   int(data["floor_bytes"]), str(data.get("strategy", "")), str(data.get("schedule", "layer")),
+                   {int(k): int(v) for k, v in data.get("inplace", {}).items()},
+                   int(data.get("schedule_floor_bytes", 0)))
 
 
 def alignment(dtype_size: int) -> int:
@@ -52,8 +78,11 @@ def alignment(dtype_size: int) -> int:
     return 8 if dtype_size >= 8 else 4
 
 
-def arena_floor(prog: Program) -> int:
-    """The largest total of activation bytes live at any step of the executed order."""
+def arena_floor(prog: Program, inplace: dict | None = None) -> int:
+    """The largest total of activation bytes live at any step of the executed order (with
+    ``inplace``, index -> shift: of a schedule running those steps in place)."""
+    if inplace:
+        return arena_floor_of(prog, inplace)
     spans = prog.lifetimes()
     floor = 0
     for step in prog.steps:
@@ -62,43 +91,159 @@ def arena_floor(prog: Program) -> int:
     return floor
 
 
-def plan_memory(prog: Program, *, pass_name: str = "plan-memory",
-                search_budget: int = 50_000) -> MemoryPlan:
-    """Place every activation of ``prog`` in one arena; returns the smallest plan found.
+def plan_memory(prog: Program, *, schedule: str = "layer", ram_bytes: int | None = None,
+                pass_name: str = "plan-memory", search_budget: int = 50_000) -> MemoryPlan:
+    """Place every activation of ``prog`` in one arena under ``schedule``; returns the smallest
+    plan found.
 
-    First a greedy best-fit placement with three orderings; if that is above the floor, a
+    ``"layer"``: every tensor on bytes of its own.  ``"inplace"``: the depthwise convs that can
+    (:func:`inplace_candidates`) write over their inputs, each kept only if it does not raise the
+    floor.  ``"auto"``: of the schedules' plans, the first in order of extra instructions (those
+    that cost none count as equal, the smaller arena first) whose arena fits ``ram_bytes``; with
+    no ``ram_bytes``, or if none fits, the smallest arena.
+
+    Each plan: a greedy best-fit placement with three orderings; if that is above the floor, a
     depth-first search places tensors in execution order, trying each free gap's low and high
     end, under a capacity that starts at the floor and grows by 1% steps (``search_budget``
     placements per capacity).  The search is deterministic, so the bundle bytes are too.
     """
-    spans = prog.lifetimes()
-    floor = arena_floor(prog)
-    tensors = {tid: prog.tensor(tid) for tid in spans}
+    if schedule == "auto":
+        plans = [plan_memory(prog, schedule=name, pass_name=pass_name, search_budget=search_budget)
+                 for name in SCHEDULES]
+        ranked = sorted(range(len(plans)), key=lambda i: (0 if extra_instructions(prog, plans[i]) == 0 else i,
+                                                          plans[i].arena_bytes, i))
+        fitting = [i for i in ranked if ram_bytes is not None and plans[i].arena_bytes <= ram_bytes]
+        return plans[fitting[0] if fitting else min(ranked, key=lambda i: (plans[i].arena_bytes, i))]
+    if schedule not in SCHEDULES:
+        raise PassError(pass_name, f"unknown memory schedule {schedule!r}; valid: {', '.join(SCHEDULES)}, auto")
+    chosen: dict[int, int] = {}
+    if schedule == "inplace":
+        floor = arena_floor(prog)
+        for index, shift in inplace_candidates(prog).items():
+            trial = {**chosen, index: shift}
+            trial_floor = arena_floor(prog, trial)
+            if trial_floor <= floor:
+                chosen, floor = trial, trial_floor
+    spans, units, members = _units(prog, chosen)
+    unit_floor = _floor(prog, spans, units)
+    offsets, strategy = _place_units(spans, units, unit_floor, search_budget)
+    placed = {tid: offsets[root] + rel for root, parts in members.items() for tid, rel in parts}
+    best = MemoryPlan(placed, _extent(offsets, units), arena_floor(prog), strategy, schedule, chosen, unit_floor)
+    check_plan(prog, best, pass_name=pass_name)
+    return best
+
+
+def _place_units(spans, tensors, floor: int, search_budget: int) -> tuple[dict, str]:
+    """Offsets of the planning units (tensors, or in-place blocks) and the strategy that found them."""
     orders = {
         "greedy-by-size": sorted(spans, key=lambda t: (-tensors[t].nbytes, spans[t][0], t)),
         "greedy-by-duration": sorted(
             spans, key=lambda t: (-(spans[t][1] - spans[t][0]), -tensors[t].nbytes, t)),
         "greedy-by-start": sorted(spans, key=lambda t: (spans[t][0], -tensors[t].nbytes, t)),
     }
-    best = None
+    best, best_bytes, best_strategy = None, None, ""
     for strategy, order in orders.items():
         offsets = _place(order, spans, tensors)
-        plan = MemoryPlan(offsets, _extent(offsets, tensors), floor, strategy)
-        if best is None or plan.arena_bytes < best.arena_bytes:
-            best = plan
-        if best.arena_bytes <= floor:
+        size = _extent(offsets, tensors)
+        if best is None or size < best_bytes:
+            best, best_bytes, best_strategy = offsets, size, strategy
+        if best_bytes <= floor:
             break
-    if best.arena_bytes > floor:
+    if best_bytes > floor:
         in_order = orders["greedy-by-start"]
         capacity = floor
-        while capacity < best.arena_bytes:
+        while capacity < best_bytes:
             offsets = _search(in_order, spans, tensors, capacity, search_budget)
             if offsets is not None:
-                best = MemoryPlan(offsets, _extent(offsets, tensors), floor, "search")
-                break
+                return offsets, "search"
             capacity = max(capacity + 8, int(capacity * 1.01))
-    check_plan(prog, best, pass_name=pass_name)
-    return best
+    return best, best_strategy
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What the placement sees of a tensor or an in-place block: its bytes and alignment."""
+
+    nbytes: int
+    dtype: str  # "int64" for 8-byte alignment, else "int32"
+
+
+def inplace_input(prog: Program, step) -> int | None:
+    """The one activation a step reads (its only non-constant argument), or None."""
+    from .program import CONST
+
+    reads = [t for t in step.args if prog.tensor(t).kind != CONST]
+    return reads[0] if len(reads) == 1 else None
+
+
+def inplace_candidates(prog: Program) -> dict:
+    """``{step index: shift}`` for every step that can run in place: an in-place kernel
+    (``Step.inplace_kernel``), one activation read that dies at this step, an arena output with
+    elements of the same size, and a depthwise window (:func:`inplace.shift_bytes`)."""
+    from . import inplace
+    from .program import ACTIVATION
+
+    spans = prog.lifetimes()
+    found = {}
+    for step in prog.steps:
+        src = inplace_input(prog, step) if step.inplace_kernel else None
+        if src is None or step.args.count(src) != 1:
+            continue
+        a, b = prog.tensor(src), prog.tensor(step.out)
+        if a.kind != ACTIVATION or b.kind != ACTIVATION or spans[src][1] != step.index:
+            continue
+        if _itemsize(a) != _itemsize(b):
+            continue
+        shape = step.arg_shapes[step.args.index(src)] if step.arg_shapes else a.shape
+        shift = inplace.shift_bytes(step.conv, shape, b.shape, _itemsize(a),
+                                    max(alignment(_itemsize(a)), alignment(_itemsize(b))))
+        if shift is not None:
+            found[step.index] = shift
+    return found
+
+
+def _units(prog: Program, chosen: dict) -> tuple[dict, dict, dict]:
+    """The planning units of a schedule: ``(spans, units, members)`` keyed by a unit's first
+    tensor; ``members[root]`` lists ``(tensor id, byte offset in the unit)``.  An in-place step's
+    output joins its input's unit at ``shift`` bytes below the input."""
+    spans = prog.lifetimes()
+    where = {tid: (tid, 0) for tid in spans}
+    for index in sorted(chosen):
+        step = prog.steps[index]
+        root, offset = where[inplace_input(prog, step)]
+        where[step.out] = (root, offset - chosen[index])
+    members: dict[int, list] = {}
+    for tid, (root, offset) in sorted(where.items()):
+        members.setdefault(root, []).append((tid, offset))
+    unit_spans, units = {}, {}
+    for root, parts in members.items():
+        low = min(offset for _, offset in parts)
+        parts[:] = [(tid, offset - low) for tid, offset in parts]
+        size = max(rel + prog.tensor(tid).nbytes for tid, rel in parts)
+        wide = any(alignment(_itemsize(prog.tensor(tid))) == 8 for tid, _ in parts)
+        units[root] = _Unit(size, "int64" if wide else "int32")
+        unit_spans[root] = (min(spans[t][0] for t, _ in parts), max(spans[t][1] for t, _ in parts))
+    return unit_spans, units, members
+
+
+def _floor(prog: Program, spans: dict, units: dict) -> int:
+    return max((sum(units[u].nbytes for u, (a, b) in spans.items() if a <= step.index <= b)
+                for step in prog.steps), default=0)
+
+
+def arena_floor_of(prog: Program, chosen: dict) -> int:
+    """The floor of a schedule that runs the steps in ``chosen`` (index -> shift) in place."""
+    spans, units, _ = _units(prog, chosen)
+    return _floor(prog, spans, units)
+
+
+def extra_instructions(prog: Program, plan: MemoryPlan) -> int | None:
+    """Instructions a plan's schedule adds to an inference over the layer schedule: 0 when every
+    step it runs in place calls the layer's own kernel (same C: the in-place schedule copies
+    nothing), None when an in-place kernel differs (only a measurement tells)."""
+    if all(prog.steps[i].inplace_kernel == prog.steps[i].kernel for i in plan.inplace):
+        return 0
+    return None
 
 
 def _extent(offsets: dict, tensors: dict) -> int:
@@ -192,9 +337,25 @@ def _itemsize(tensor) -> int:
 
 def check_plan(prog: Program, plan: MemoryPlan, *, pass_name: str = "plan-memory") -> None:
     """Raise PassError unless every activation is placed, aligned, inside the arena, and no two
-    tensors live at the same step share a byte."""
+    tensors live at the same step share a byte, but an in-place step's input and output, which
+    must lie exactly ``shift`` bytes apart, with ``shift`` at least what the step needs."""
     spans = prog.lifetimes()
     problems = []
+    shared = set()  # (input, output) of the steps run in place
+    needed = inplace_candidates(prog) if plan.inplace else {}
+    for index, shift in sorted(plan.inplace.items()):
+        step = prog.steps[index] if 0 <= index < len(prog.steps) else None
+        if step is None or index not in needed:
+            problems.append(f"step {index} cannot run in place")
+            continue
+        src = inplace_input(prog, step)
+        if shift < needed[index] or shift % max(alignment(_itemsize(prog.tensor(src))), 4):
+            problems.append(f"step {index} ({step.name}) runs in place {shift} B below its input, "
+                            f"it needs {needed[index]} B")
+        if src in plan.offsets and step.out in plan.offsets and plan.offsets[step.out] != plan.offsets[src] - shift:
+            problems.append(f"step {index} ({step.name}) runs in place but its output is not {shift} B "
+                            "below its input")
+        shared.add((src, step.out))
     for tid in spans:
         if tid not in plan.offsets:
             problems.append(f"tensor {prog.tensor(tid).name} has no offset")
@@ -214,10 +375,12 @@ def check_plan(prog: Program, plan: MemoryPlan, *, pass_name: str = "plan-memory
                 continue
             ta, tb = prog.tensor(a), prog.tensor(b)
             oa, ob = plan.offsets[a], plan.offsets[b]
+            if (a, b) in shared or (b, a) in shared:
+                continue
             if oa < ob + tb.nbytes and ob < oa + ta.nbytes:
                 problems.append(f"tensors {ta.name} and {tb.name} are live together "
                                 "and overlap in the arena")
-    if plan.arena_bytes < plan.floor_bytes:
-        problems.append(f"arena {plan.arena_bytes} B is below the floor {plan.floor_bytes} B")
+    if plan.arena_bytes < plan.bound_bytes:
+        problems.append(f"arena {plan.arena_bytes} B is below the floor {plan.bound_bytes} B")
     if problems:
         raise PassError(pass_name, "invalid memory plan: " + "; ".join(problems))

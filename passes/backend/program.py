@@ -58,6 +58,10 @@ class Step:
     arg_shapes: list = field(default_factory=list)
     #: how the layer's weights are stored: ``{"bits", "values", "bytes"}`` (None: no weights)
     weights: dict | None = None
+    #: a conv's window: ``{"strides", "padding", "dilation", "groups", "kernel"}`` (None: not a conv)
+    conv: dict | None = None
+    #: the C kernel that computes this step with its output over its input (:mod:`.inplace`), or ""
+    inplace_kernel: str = ""
 
 
 @dataclass
@@ -71,6 +75,9 @@ class Program:
     quant: dict = field(default_factory=dict)
     kernels_c: str = ""  # C definitions of the kernels (set by codegen.build_program)
     signatures: dict = field(default_factory=dict)  # kernel C name -> C parameter types
+    #: kernels a memory schedule may call instead of a step's own (C name -> C definition); their
+    #: parameter types are the step kernel's.  ``emit_c`` writes only those the plan uses.
+    variants: dict = field(default_factory=dict)
 
     def save(self, directory) -> None:
         """Write ``program.json``, ``constants.bin`` and ``kernels.c`` into ``directory``."""
@@ -88,9 +95,11 @@ class Program:
             tensors.append(entry)
         steps = [{"index": s.index, "name": s.name, "kernel": s.kernel, "args": list(s.args),
                   "out": s.out, "op": s.op, "node": s.node, "macs": s.macs,
-                  "arg_shapes": [list(x) for x in s.arg_shapes], "weights": s.weights} for s in self.steps]
+                  "arg_shapes": [list(x) for x in s.arg_shapes], "weights": s.weights, "conv": s.conv,
+                  "inplace_kernel": s.inplace_kernel} for s in self.steps]
         doc = {"format": 1, "tensors": tensors, "steps": steps, "input_id": self.input_id,
-               "output_id": self.output_id, "quant": self.quant, "signatures": self.signatures}
+               "output_id": self.output_id, "quant": self.quant, "signatures": self.signatures,
+               "variants": self.variants}
         (directory / "program.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         (directory / "constants.bin").write_bytes(bytes(blob))
         (directory / "kernels.c").write_text(self.kernels_c)
@@ -102,7 +111,8 @@ class Program:
         doc = json.loads((directory / "program.json").read_text())
         blob = (directory / "constants.bin").read_bytes()
         prog = cls(input_id=doc["input_id"], output_id=doc["output_id"], quant=doc["quant"],
-                   kernels_c=(directory / "kernels.c").read_text(), signatures=doc["signatures"])
+                   kernels_c=(directory / "kernels.c").read_text(), signatures=doc["signatures"],
+                   variants=doc.get("variants", {}))
         for entry in doc["tensors"]:
             data = None
             if "offset" in entry:
@@ -113,7 +123,8 @@ class Program:
         for entry in doc["steps"]:
             prog.steps.append(Step(entry["index"], entry["name"], entry["kernel"], entry["args"],
                                    entry["out"], entry["op"], entry["node"], entry["macs"],
-                                   [tuple(x) for x in entry["arg_shapes"]], entry.get("weights")))
+                                   [tuple(x) for x in entry["arg_shapes"]], entry.get("weights"),
+                                   entry.get("conv"), entry.get("inplace_kernel", "")))
         return prog
 
     def tensor(self, tid: int) -> Tensor:
@@ -196,6 +207,7 @@ def extract_program(mod, *, pass_name: str = "plan-memory") -> Program:
             step.arg_shapes = [s or prog.tensors[t].shape for s, t in zip(arg_shapes, arg_ids)]
             step.macs = int(info.get("macs", 0))
             step.weights = info.get("weights")
+            step.conv = info.get("conv")
             prog.steps.append(step)
 
     out_var = func.body.body

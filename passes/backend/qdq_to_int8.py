@@ -690,6 +690,8 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
                                   data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32", **conv_attrs)
     conv = rw.emit_layer(expr, var, kind, macs=int(np.prod(_shape_of(var))) * int(np.prod(w_int.shape[1:])))
     rw.layers[rw.last_layer]["weights"] = storage
+    # the window geometry (plan-memory's in-place schedule needs each tap's input address)
+    rw.layers[rw.last_layer]["conv"] = {**conv_attrs, "kernel": [int(k) for k in w_int.shape[2:]]}
     scale = (np.float64(np.float32(data.scale)) * w_scale).reshape(1, -1, 1, 1)
     # |sum of products| <= sum of |w| of the output channel * the largest |q - zp| (padding adds 0)
     bound = np.abs(w_int.astype(np.int64)).reshape(w_int.shape[0], -1).sum(axis=1) * _centered_max(data)

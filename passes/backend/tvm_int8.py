@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from distillc import hookimpl
 from distillc.artifacts import REFERENCE_ONNX, Int8Program, OnnxModel
@@ -25,9 +25,10 @@ class TvmInt8(Pass):
     description = "TVM Relax import, QDQ -> integer rewrite, kernel fusion, kernel C generation"
     takes = OnnxModel
     makes = Int8Program
-    version = "5"  # 2: 32-bit requantization where proven exact; 3: depthwise weights per channel;
+    version = "6"  # 2: 32-bit requantization where proven exact; 3: depthwise weights per channel;
     # 4: 2- and 4-bit weights stored packed (packing.py), per-layer weight storage in the program;
     # 5: 8-bit 1x1 convs and dense layers on the SMLAD micro-kernel (microkernels.py), permuted weights
+    # 6: conv windows and in-place depthwise kernels in the program (inplace.py, plan-memory's schedules)
     tools = ("apache-tvm", "onnx")
 
     class Config(PassConfig):
@@ -52,25 +53,61 @@ class TvmInt8(Pass):
                           {"kernels": layers, "macs": macs, "weights_bytes": weights, "float_fallback": len(fallback)})
 
 
+#: plan-memory's schedules; "patch" (MCUNetV2's patch-based first stage) is not implemented yet.
+MEMORY_SCHEDULES = ("layer", "inplace", "auto")
+
+
 class PlanMemory(Pass):
     name = "plan-memory"
-    description = "place every activation in one static arena (aims at the liveness floor)"
+    description = "place every activation in one static arena (layer by layer, or depthwise convs in place)"
     takes = Int8Program
     makes = Int8Program
+    version = "2"  # 2: schedule = "layer" | "inplace" | "auto" (in-place depthwise convs)
+
+    class Config(PassConfig):
+        schedule: str = Field("layer", description="'layer': every tensor on bytes of its own; 'inplace': "
+                                                   "depthwise convs whose input dies there write over it; "
+                                                   "'auto': the schedule with the smallest arena, or the "
+                                                   "cheapest that fits ram_kb")
+        ram_kb: int | None = Field(None, ge=1, description="the target's RAM for the arena (KiB), for 'auto'; "
+                                                           "the target fills it in")
+
+        @model_validator(mode="before")
+        @classmethod
+        def _ram_only_for_auto(cls, data: Any) -> Any:
+            """ram_kb only steers 'auto': other schedules drop it, so their cache key is the target's alone."""
+            if isinstance(data, dict) and data.get("schedule", "layer") != "auto" and "ram_kb" in data:
+                data = {k: v for k, v in data.items() if k != "ram_kb"}
+            return data
+
+        @field_validator("schedule")
+        @classmethod
+        def _known_schedule(cls, value: str) -> str:
+            if value == "patch":
+                raise ValueError("'patch' (patch-based execution of the first stage) is not available yet; "
+                                 f"valid: {', '.join(MEMORY_SCHEDULES)}")
+            if value not in MEMORY_SCHEDULES:
+                raise ValueError(f"unknown schedule {value!r}; valid: {', '.join(MEMORY_SCHEDULES)}")
+            return value
 
     def run(self, artifact: Int8Program, ctx: PassContext) -> PassResult:
-        from distillc.passes.backend.memory import check_plan, plan_memory
+        from distillc.passes.backend.memory import check_plan, extra_instructions, plan_memory
         from distillc.passes.backend.program import Program
 
+        cfg = self.config
         program = Program.load(artifact.path)
-        plan = plan_memory(program, pass_name=self.name)
+        ram = cfg.ram_kb * 1024 if cfg.ram_kb is not None else None
+        plan = plan_memory(program, schedule=cfg.schedule, ram_bytes=ram, pass_name=self.name)
         check_plan(program, plan, pass_name=self.name)
         if plan.above_floor:
-            ctx.log(f"arena {plan.arena_bytes} B is more than 5% above the floor {plan.floor_bytes} B")
+            ctx.log(f"arena {plan.arena_bytes} B is more than 5% above the floor {plan.bound_bytes} B "
+                    f"of the {plan.schedule} schedule")
         out = Int8Program(path=artifact.path, plan=plan.to_dict(), meta=dict(artifact.meta))
         ratio = plan.arena_bytes / plan.floor_bytes if plan.floor_bytes else 1.0
         return PassResult(out, {"arena_bytes": plan.arena_bytes, "arena_floor_bytes": plan.floor_bytes,
-                                "arena_over_floor": round(ratio, 4)})
+                                "arena_over_floor": round(ratio, 4), "schedule": plan.schedule,
+                                "schedule_floor_bytes": plan.bound_bytes, "inplace_layers": len(plan.inplace),
+                                "schedule_extra_instructions": extra_instructions(program, plan)})
 
 
 def require_plan(artifact: Int8Program, pass_name: str) -> Any:

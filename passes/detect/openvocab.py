@@ -46,6 +46,8 @@ from distillc.artifacts import TorchModel
 from distillc.errors import PassError
 from distillc.pass_api import Pass, PassContext, PassResult
 from distillc.passes.distill.base import Batch, DistillConfig, Objective, train_with_objective
+from distillc.passes.distill.matryoshka import check_nested_dims
+from distillc.passes.distill.prompts import check_prompts
 from distillc.spec import LaxPath
 
 #: Largest embedding width (keeps the C decoder's int32 dot products from overflowing).
@@ -92,19 +94,12 @@ class OpenVocabConfig(DistillConfig):
     @field_validator("dims")
     @classmethod
     def _nested(cls, dims: list[int]) -> list[int]:
-        if any(d < 1 or d > MAX_DIM for d in dims):
-            raise ValueError(f"every dim must be in 1..{MAX_DIM}")
-        if any(b <= a for a, b in zip(dims, dims[1:])):
-            raise ValueError("dims must be strictly increasing (each prefix nests in the next)")
-        return dims
+        return check_nested_dims(dims, MAX_DIM)
 
     @field_validator("prompts")
     @classmethod
     def _templates(cls, prompts: list[str] | None) -> list[str] | None:
-        for prompt in prompts or []:
-            if prompt.count("{}") != 1:
-                raise ValueError(f"each prompt needs exactly one '{{}}' for the class name (got {prompt[:80]!r})")
-        return prompts
+        return check_prompts(prompts)
 
     @model_validator(mode="after")
     def _sources(self, info: ValidationInfo) -> "OpenVocabConfig":

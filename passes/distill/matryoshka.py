@@ -48,6 +48,15 @@ MULTIPLIER_BITS = 15
 CLASSES_SOURCE = "src/distillc_classes.c"
 
 
+def check_nested_dims(dims: list[int], limit: int) -> list[int]:
+    """``dims`` if they are Matryoshka widths: each in 1..``limit``, strictly increasing."""
+    if any(d < 1 or d > limit for d in dims):
+        raise ValueError(f"every dim must be in 1..{limit}")
+    if any(b <= a for a, b in zip(dims, dims[1:])):
+        raise ValueError("dims must be strictly increasing (each prefix nests in the next)")
+    return dims
+
+
 class MatryoshkaConfig(DistillConfig, ClassPromptsConfig):
     """Keys shared by the passes that train a Matryoshka head (``classes``/``prompts``: see
     :mod:`~distillc.passes.distill.prompts`)."""
@@ -62,11 +71,7 @@ class MatryoshkaConfig(DistillConfig, ClassPromptsConfig):
     @field_validator("dims")
     @classmethod
     def _nested(cls, dims: list[int]) -> list[int]:
-        if any(d < 1 or d > MAX_DIM for d in dims):
-            raise ValueError(f"every dim must be in 1..{MAX_DIM}")
-        if any(b <= a for a, b in zip(dims, dims[1:])):
-            raise ValueError("dims must be strictly increasing (each prefix nests in the next)")
-        return dims
+        return check_nested_dims(dims, MAX_DIM)
 
     @model_validator(mode="after")
     def _classes_need_a_teacher(self) -> "MatryoshkaConfig":

@@ -33,6 +33,16 @@ MAX_CLASS_FILE_BYTES = 16 * 2**20
 TEXT_BATCH = 256
 
 
+def check_prompts(prompts: list[str] | None) -> list[str] | None:
+    """``prompts`` if each is a template with exactly one ``{}`` and not over-long."""
+    for prompt in prompts or []:
+        if prompt.count("{}") != 1:
+            raise ValueError(f"each prompt needs exactly one '{{}}' for the class name (got {prompt[:80]!r})")
+        if len(prompt) > MAX_NAME_CHARS:
+            raise ValueError(f"a prompt of {len(prompt)} characters; at most {MAX_NAME_CHARS}")
+    return prompts
+
+
 class ClassPromptsConfig(PassConfig):
     """``classes`` and ``prompts``; a pass that has them also needs a teacher with a tokenizer."""
 
@@ -56,12 +66,7 @@ class ClassPromptsConfig(PassConfig):
     @field_validator("prompts")
     @classmethod
     def _templates(cls, prompts: list[str] | None) -> list[str] | None:
-        for prompt in prompts or []:
-            if prompt.count("{}") != 1:
-                raise ValueError(f"each prompt needs exactly one '{{}}' for the class name (got {prompt[:80]!r})")
-            if len(prompt) > MAX_NAME_CHARS:
-                raise ValueError(f"a prompt of {len(prompt)} characters; at most {MAX_NAME_CHARS}")
-        return prompts
+        return check_prompts(prompts)
 
     @model_validator(mode="after")
     def _read_class_file(self, info: ValidationInfo) -> "ClassPromptsConfig":
