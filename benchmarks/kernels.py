@@ -10,8 +10,10 @@ whose executor reads the MPS2 FPGA counter after every kernel, 40 instructions p
 the layers are grouped by type: stem 3x3, 1x1 expansion, depthwise 3x3 stride 1 / 2, 1x1
 projection (with and without the residual add, which distillc fuses into it), last 1x1, FC.
 
-Also printed: the arena against its floor for every memory schedule (today only layer-by-layer),
-and the constants' flash for each weight bit width (8 and 4), as the bundle's manifest records it.
+Also printed: the arena against its layer-by-layer floor for every memory schedule of plan-memory
+(``layer``, ``inplace``, ``auto``; each a bundle of its own, whose outputs on mps2-an500 must equal
+the layer schedule's, with its measured instructions per inference), and the constants' flash for
+each weight bit width (8 and 4), as the bundle's manifest records it.
 
 ``--cmsis-nn DIR``: a CMSIS-NN checkout (its Include/ and Source/; not part of distillc).  Its
 kernels (arm_convolve_wrapper_s8, arm_depthwise_conv_wrapper_s8, arm_elementwise_add_s8,
@@ -103,12 +105,21 @@ def classify(layers: list[dict]) -> list[Layer]:
     return out
 
 
-def compile_bundle(onnx_path: Path, bundle: Path) -> dict:
+def compile_bundle(onnx_path: Path, bundle: Path, schedules: dict[str, Path] | None = None) -> dict:
+    """The layer schedule's bundle in ``bundle`` (its manifest returned), and one bundle per
+    schedule named in ``schedules`` (schedule -> folder; their manifests in ``SCHEDULED``)."""
     from distillc.passes.backend import import_onnx, lower_int8, plan_memory
     from distillc.passes.backend.codegen import build_program, emit_c
 
     program = build_program(lower_int8(import_onnx(onnx_path)))
+    for schedule, folder in (schedules or {}).items():
+        SCHEDULED[schedule] = emit_c(program, folder, name="kernels", plan=plan_memory(program, schedule=schedule))
     return emit_c(program, bundle, name="kernels", plan=plan_memory(program))
+
+
+#: schedule -> manifest of the bundles compile_bundle made for ``schedules``.
+SCHEDULED: dict[str, dict] = {}
+SCHEDULES = ("layer", "inplace", "auto")
 
 
 def by_type(layers: list[Layer], counts: list[float]) -> dict[str, tuple[int, int, float]]:
@@ -365,7 +376,8 @@ def main() -> None:
         for bits in WEIGHT_BITS:
             onnx_path = quantized_mobilenet(tmp / f"model-w{bits}.onnx", width=args.width, size=args.size,
                                             weight_bits=bits, num_classes=CLASSES)
-            manifests[bits] = compile_bundle(onnx_path, tmp / f"bundle-w{bits}")
+            manifests[bits] = compile_bundle(onnx_path, tmp / f"bundle-w{bits}", schedules={
+                s: tmp / f"bundle-{s}" for s in SCHEDULES} if bits == 8 else None)
         manifest = manifests[8]
         layers = classify(manifest["layers"])
         macs = sum(layer.macs for layer in layers)
@@ -423,13 +435,20 @@ def main() -> None:
                 line += f" {c_total:,.0f} | {c_total / macs:.2f} |"
             print(line)
 
-        print("\narena per memory schedule (8-bit weights)")
-        # Only the layer-by-layer schedule exists: every kernel computes its whole output tensor.
-        # Another schedule (patch-based, fused tiles) would add its own plan and floor here.
-        schedules = {"layer-by-layer": manifest["memory"]}
-        for name, memory in schedules.items():
-            print(f"  {name}: arena_bytes {memory['arena_bytes']:,}, arena_floor_bytes {memory['arena_floor_bytes']:,}"
-                  f" (ratio {memory['arena_bytes'] / memory['arena_floor_bytes']:.3f}, plan {memory['plan_strategy']})")
+        print("\narena per memory schedule (8-bit weights; instructions per inference measured on mps2-an500, "
+              "outputs equal to the layer schedule's)")
+        base = per_board["mps2-an500"]["run"]
+        for name in SCHEDULES:
+            memory = SCHEDULED[name]["memory"]
+            run = run_on_qemu(tmp / f"bundle-{name}", inputs, tmp / f"qemu-{name}", machine="mps2-an500")
+            if not np.array_equal(run.outputs, base.outputs):
+                raise SystemExit(f"the {name} schedule's bundle computes other outputs than the layer schedule's")
+            extra = statistics.fmean(run.instructions) - statistics.fmean(base.instructions)
+            print(f"  {name} (ran {memory['schedule']}, {len(memory['inplace_layers'])} layers in place): arena_bytes "
+                  f"{memory['arena_bytes']:,}, arena_floor_bytes {memory['arena_floor_bytes']:,} "
+                  f"(ratio {memory['arena_bytes'] / memory['arena_floor_bytes']:.3f}), schedule floor "
+                  f"{memory['schedule_floor_bytes']:,}, plan {memory['plan_strategy']}; extra instructions "
+                  f"{extra:+,.0f} measured, {memory['schedule_extra_instructions']} in the manifest")
 
         print("\nflash per weight bit width (what each bundle's manifest records; model flash measured on "
               "mps2-an500, the bundle's objects at -O2)")

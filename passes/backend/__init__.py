@@ -76,13 +76,15 @@ def load_program(directory):
     return Program.load(directory)
 
 
-def plan_memory(prog_or_mod, *, pass_name: str = "plan-memory"):
-    """Program (or lowered IRModule) -> :class:`.memory.MemoryPlan`."""
+def plan_memory(prog_or_mod, *, schedule: str = "layer", ram_bytes: int | None = None,
+                pass_name: str = "plan-memory"):
+    """Program (or lowered IRModule) -> :class:`.memory.MemoryPlan` under ``schedule``
+    (``"layer"``, ``"inplace"`` or ``"auto"``, which fits ``ram_bytes`` when given)."""
     from .memory import plan_memory as _plan
     from .program import Program
 
     prog = prog_or_mod if isinstance(prog_or_mod, Program) else extract_program(prog_or_mod)
-    return _plan(prog, pass_name=pass_name)
+    return _plan(prog, schedule=schedule, ram_bytes=ram_bytes, pass_name=pass_name)
 
 
 def emit_c(prog_or_mod, bundle_dir, *, name: str, plan=None, pass_name: str = "codegen.c",
