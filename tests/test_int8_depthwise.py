@@ -1,7 +1,10 @@
-"""Depthwise kernels load each channel's window weights once, outside the spatial loops
-(``lowering.DEPTHWISE_WEIGHTS_LOCAL``), and give the same bundle outputs as the previous kernels
-(weights reloaded per pixel) and onnxruntime: strides 1 and 2, with and without padding, odd and
-even maps, maps of 2x2 and 3x3 where no tap window lies inside the map."""
+"""TOPI's depthwise kernels (the ones a depthwise layer gets when the row micro-kernel of
+tests/test_int8_depthwise_kernel.py does not apply: another window, a nonzero input zero point;
+forced here with ``qdq_to_int8.DEPTHWISE_KERNELS = False``) load each channel's window weights
+once, outside the spatial loops (``lowering.DEPTHWISE_WEIGHTS_LOCAL``), and give the same bundle
+outputs as the previous kernels (weights reloaded per pixel) and onnxruntime: strides 1 and 2,
+with and without padding, odd and even maps, maps of 2x2 and 3x3 where no tap window lies inside
+the map."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from distillc.passes.backend import compile_onnx_to_bundle, export_qcdq, lowering, quantize, testing  # noqa: E402
+from distillc.passes.backend import compile_onnx_to_bundle, export_qcdq, lowering, qdq_to_int8, quantize, testing  # noqa: E402,E501
 
 
 def depthwise_net(path, *, size: int, layers, channels: int = 5, seed: int = 0):
@@ -34,6 +37,7 @@ def depthwise_net(path, *, size: int, layers, channels: int = 5, seed: int = 0):
 def outputs_both_ways(onnx_path, tmp_path, monkeypatch, count: int = 8):
     """Bundle outputs with per-channel weight locals and with the previous kernels."""
     results, bundles = {}, {}
+    monkeypatch.setattr(qdq_to_int8, "DEPTHWISE_KERNELS", False)
     for local in (True, False):
         monkeypatch.setattr(lowering, "DEPTHWISE_WEIGHTS_LOCAL", local)
         folder = tmp_path / ("local" if local else "old")

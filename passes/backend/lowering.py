@@ -20,7 +20,7 @@ Failures here are bugs (the integer graph is ours), so they raise RuntimeError, 
 
 from __future__ import annotations
 
-from . import inplace, microkernels
+from . import depthwise, inplace, microkernels
 from .packing import UNPACK_STAGE
 from .qdq_to_int8 import LAYERS_ATTR, PASS_NAME, qdq_to_int8
 
@@ -175,6 +175,8 @@ def schedule_kernel(func):
 
     sch = Schedule(func)
     if microkernels.schedule(sch):  # a 1x1 conv or dense layer on the SIMD micro-kernel
+        return sch.mod["main"]
+    if depthwise.schedule(sch):  # a depthwise 3x3 conv on its row micro-kernel
         return sch.mod["main"]
     for blocked in (True, False):
         sch = Schedule(func)

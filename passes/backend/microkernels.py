@@ -172,13 +172,16 @@ def schedule(sch) -> bool:
 
 def micro_kernels_c(kernel_c: str) -> str:
     """The micro-kernels that generated kernel C calls, as C to put before it ("" for none)."""
+    from .depthwise import depthwise_kernels_c
+
     used = [(dtype, name) for dtype, name in MICRO_KERNELS.items() if f"{name}(" in kernel_c]
-    if not used:
+    depthwise = depthwise_kernels_c(kernel_c)  # the depthwise 3x3 ones (depthwise.py) share the prelude
+    if not used and not depthwise:
         return ""
     return _PRELUDE_C + "".join(
         _MICRO_KERNEL_C.format(name=name, xtype=f"{dtype}_t", ext="__sxtb16" if dtype == "int8" else "__uxtb16",
                                ext_ror8="distillc_mk_sxtb16_ror8" if dtype == "int8" else "distillc_mk_uxtb16_ror8")
-        for dtype, name in used)
+        for dtype, name in used) + depthwise
 
 
 _PRELUDE_C = r"""/* SIMD micro-kernel of the 1x1 convolutions and dense layers: the int32 sums of 4 output

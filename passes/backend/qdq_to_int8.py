@@ -30,7 +30,7 @@ import numpy as np
 
 from distillc.errors import PassError
 
-from . import microkernels, packing
+from . import depthwise, microkernels, packing
 from .onnx_import import NODE_MAP_ATTR, sanitize_name
 from .requant import choose_shift, fixed_point, round_half_even
 
@@ -41,6 +41,9 @@ PACK_WEIGHTS = True
 #: Internal switch (tests, benchmarks): False lowers 1x1 convs and dense layers to TOPI's kernels
 #: instead of the SIMD micro-kernel (microkernels.py).
 MICRO_KERNELS = True
+#: Internal switch (tests, benchmarks): False lowers depthwise 3x3 convs to TOPI's kernels instead of
+#: the row micro-kernel with the borders split off (depthwise.py).
+DEPTHWISE_KERNELS = True
 
 QUANT_ATTR = "distillc.quant"
 LAYERS_ATTR = "distillc.layers"
@@ -681,6 +684,14 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
         expr = relax.call_tir(rw.bb.add_func(func, "conv2d_1x1"), relax.Tuple([data.q.expr, relax.const(permuted)]),
                               relax.TensorType(_shape_of(var), "int32"))
         storage = {**storage, "bytes": int(permuted.size), "layout": microkernels.LAYOUT}
+    elif DEPTHWISE_KERNELS and _micro_kernel_input(data) and depthwise.eligible(w_int.shape, data.q.shape, bits,
+                                                                                **conv_attrs):
+        # 3x3 depthwise: the row micro-kernel, borders apart; the weights stored as the TOPI kernel's
+        stored = w_int.astype("int8") if bits == 8 else packing.pack_rows(w_int.reshape(w_int.shape[0], -1), bits)
+        func = depthwise.conv_func(data.q.shape, _shape_of(var), stored.shape, bits=bits, stride=conv_attrs["strides"][0],
+                                   padding=conv_attrs["padding"], dtype=data.q.dtype)
+        expr = relax.call_tir(rw.bb.add_func(func, "depthwise_conv2d"), relax.Tuple([data.q.expr, relax.const(stored)]),
+                              relax.TensorType(_shape_of(var), "int32"))
     elif bits in packing.PACKED_BITS:  # packed rows, unpacked inside the kernel (see packing.py)
         packed = packing.pack_rows(w_int.reshape(w_int.shape[0], -1), bits)
         expr = rw.bb.call_te(packing.packed_conv2d, rw.centered(data), relax.const(packed),
