@@ -136,7 +136,32 @@ def schedule(sch) -> bool:
     sch.compute_at(sch.get_sblock(WEIGHTS_BLOCK), loops[1])
     for consumer in sch.get_consumers(row):
         sch.reverse_compute_at(consumer, loops[-1])
+        _channel_constants_once(sch, consumer, loops[1], channels=int(sch.get(loops[1]).extent))
     return True
+
+
+def _channel_constants_once(sch, block, channel_loop, *, channels: int) -> None:
+    """Copy the per-channel constants the epilogue reads (bias, multiplier: one value per channel)
+    into locals once per channel: the output is a byte pointer that may alias them, so GCC would
+    otherwise load both again for every output pixel."""
+    func = sch.mod["main"]
+    constants = {p.name for p in func.params[1:-1]}  # buffer params: input, constants..., output
+    done = set()
+    while True:
+        reads = list(sch.get(block).reads)
+        todo = [k for k, r in enumerate(reads) if r.source.name in constants and r.source.name not in done
+                and _elements(r.source) == channels]
+        if not todo:
+            return
+        done.add(reads[todo[0]].source.name)
+        sch.compute_at(sch.cache_read(block, todo[0], "global"), channel_loop)
+
+
+def _elements(buffer) -> int:
+    count = 1
+    for d in buffer.shape:
+        count *= int(d)
+    return count
 
 
 def depthwise_kernels_c(kernel_c: str) -> str:
@@ -278,6 +303,13 @@ DISTILLC_MK_INLINE uint32_t {name}_edge(const {xtype} *p, int32_t c, int32_t w)
 {{
     uint32_t v = 0;
     int32_t i;
+    /* c is a constant where this is inlined: one word load, shifted, when the row holds 4 bytes */
+    if (w >= 4 && c < 0 && c > -4) {{
+        return distillc_dw_load32(p) << (8 * -c);
+    }}
+    if (w >= 4 && c >= 0 && c < w && c + 4 > w) {{
+        return distillc_dw_load32(p + w - 4) >> (8 * (c + 4 - w));
+    }}
     for (i = 0; i < 4; ++i) {{
         if ((uint32_t)(c + i) < (uint32_t)w) {{
             v |= (uint32_t)(uint8_t)p[c + i] << (8 * i);
