@@ -180,11 +180,11 @@ def depthwise_kernels_c(kernel_c: str) -> str:
             name=name, xtype=f"{dtype}_t", span=4 if stride == 1 else 5, stride=stride,
             ext="distillc_dw_sxtb16" if signed else "distillc_dw_uxtb16",
             ext_ror8="distillc_dw_sxtb16_ror8" if signed else "distillc_dw_uxtb16_ror8",
-            pair=_PAIR_S1 if stride == 1 else _PAIR_S2, **_column_4(stride, name, signed)))
+            pair=_PAIR_S1 if stride == 1 else _PAIR_S2, **_column_4(stride, signed)))
     return "".join(out)
 
 
-def _column_4(stride: int, name: str, signed: bool) -> dict:
+def _column_4(stride: int, signed: bool) -> dict:
     """Stride 2 reads a 5th column per window row (``e0..e2``): C for its declaration and loads."""
     if stride == 1:
         return {"edecl": "", "eedge": "", "einterior": ""}
