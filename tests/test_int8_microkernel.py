@@ -106,7 +106,7 @@ def test_pointwise_and_dense_layers_use_the_micro_kernel_and_keep_their_outputs(
     # the SMLAD path (Cortex-M7 and M4 define __ARM_FEATURE_DSP) computes what the portable one does
     rows = inputs.reshape(len(inputs), *micro["input"]["shape"][1:])
     for machine in ("mps2-an500", "mps2-an386"):
-        run = run_on_qemu(micro_dir, rows, tmp_path / machine)
+        run = run_on_qemu(micro_dir, rows, tmp_path / machine, machine=machine)
         assert np.array_equal(run.outputs.reshape(got.shape), got), machine
     # and a core without the DSP extension builds the portable path warning-free
     subprocess.run(["arm-none-eabi-gcc", "-mcpu=cortex-m3", "-mthumb", "-std=c99", "-Wall", "-Wextra", "-Werror",
