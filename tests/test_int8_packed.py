@@ -126,9 +126,12 @@ def test_packed_kernels_compute_what_the_unpacked_ones_do_and_match_onnxruntime(
     testing.compile_for_cortex_m7(packed_dir, tmp_path / "m7")  # arm-none-eabi-gcc -Werror
 
 
-def test_kernels_read_whole_bytes_or_unpack_a_channels_weights_once(tmp_path):
+def test_kernels_read_whole_bytes_or_unpack_a_channels_weights_once(tmp_path, monkeypatch):
+    """The TOPI kernels' unpacking (the depthwise row micro-kernel, which takes packed weights its own
+    way, is tested in test_int8_depthwise_kernel.py; forced off here)."""
     import re
 
+    monkeypatch.setattr(qdq_to_int8, "DEPTHWISE_KERNELS", False)
     onnx_path = odd_net(tmp_path / "odd.onnx", in_channels=3, size=9, weight_bits=4)
     layers = compile_onnx_to_bundle(onnx_path, tmp_path / "bundle", name="packed")["layers"]
     source = (tmp_path / "bundle" / "src" / "distillc_kernels.c").read_text()
