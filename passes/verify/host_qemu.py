@@ -11,6 +11,7 @@ Results land in the manifest's ``verification`` section.
 
 from __future__ import annotations
 
+import abc
 import shutil
 from typing import Any, Literal
 
@@ -94,9 +95,10 @@ class _Verify(Pass):
         return {**check_detections(run, manifest, outputs=outputs, reference=reference, pass_name=self.name),
                 **extra}
 
+    @abc.abstractmethod
     def run_detection(self, artifact: Bundle, ctx: PassContext, inputs: Any, cases: list) -> tuple[Any, dict]:
-        """The detection program's results (``runner.DetectionRun``) and extra figures."""
-        raise NotImplementedError
+        """The detection program's results (``runner.DetectionRun``) and extra figures: each verify
+        pass runs it where it runs the bundle (the host, or its QEMU board)."""
 
     def check_kernels(self, artifact: Bundle, ctx: PassContext, inputs: Any, outputs: Any,
                       problem: str, image_lsb: Any) -> dict[str, Any]:
