@@ -244,6 +244,7 @@ def _prepare_detect_dir(build: Path, rows: np.ndarray, cases: list[tuple[int, in
         raise DistillcError("the detection program needs at least one (dim, threshold, max_out) case")
     build = _prepare_build_dir(build, rows)
     shutil.copyfile(DETECT_MAIN, build / "main.c")
+    shutil.copyfile(EXAMPLE_MAIN, build / "example_main.c")  # detect_main.c includes it
     lines = ", ".join(f"{{{int(d)}, {int(t)}, {int(m)}}}" for d, t, m in cases)
     array = max(1, *(int(m) for _, _, m in cases))
     (build / "detect_config.h").write_text(

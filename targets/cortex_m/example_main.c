@@ -10,6 +10,9 @@
  *   distillc-stack-bytes: <used> of <reserved>         (board build only)
  *   distillc-done: <n> examples
  * Exit status 0, or 1 as soon as distillc_model_run fails (the reason goes to stderr).
+ *
+ * A program that does more with each output defines DISTILLC_EXAMPLE_AFTER_RUN(i, output) and
+ * includes this file (cortex_m/detect_main.c does): it runs after example i's lines are printed.
  */
 
 #include <stdint.h>
@@ -50,6 +53,9 @@ int main(void)
         printf("\n");
 #ifdef DISTILLC_BOARD
         printf("distillc-instructions %d: %llu\n", i, distillc_board_instructions(start, end));
+#endif
+#ifdef DISTILLC_EXAMPLE_AFTER_RUN
+        DISTILLC_EXAMPLE_AFTER_RUN(i, output);
 #endif
     }
 #ifdef DISTILLC_BOARD
