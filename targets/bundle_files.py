@@ -5,7 +5,7 @@ Layout they add to a bundle (beside include/ and src/, which the code generator 
 
     Makefile  CMakeLists.txt
     examples/main.c  examples/input_data.h
-    targets/mps2/startup.c  board.h  mps2.ld  arm-none-eabi.cmake
+    targets/mps2/startup.c  board.h  board_stack.h  mps2.ld  arm-none-eabi.cmake
     targets/<part>/<part>.ld  startup_<part>.c  <part>.cmake    (an STM32 target: the real part's
                                                                  map; see targets/stm32.py)
 """
@@ -29,7 +29,7 @@ from .toolchain import (ARM_FLAGS, ARM_LINK_FLAGS, BOARDS, C_FLAGS, CHIP_LINK_FL
 
 #: Where the board files go inside a bundle, and which files they are.
 BUNDLE_BOARD_DIR = Path("targets") / "mps2"
-BOARD_FILES = ("startup.c", "board.h", "mps2.ld", "arm-none-eabi.cmake")
+BOARD_FILES = ("startup.c", "board.h", "board_stack.h", "mps2.ld", "arm-none-eabi.cmake")
 #: The example program, for the bundle and for distillc's runner alike.
 EXAMPLE_MAIN = CORTEX_M_DIR / "example_main.c"
 TRACE_MAIN = CORTEX_M_DIR / "trace_main.c"  # host debug build: every kernel's output (runner.trace_on_host)
@@ -261,7 +261,7 @@ def _make_chip(chip: Chip, program: str) -> str:
             f"{var}_QEMU_ELF := build/{chip.name}-qemu/{program}.elf",
             f".PHONY: {chip.name}-qemu run-{chip.name}-qemu",
             f"{chip.name}-qemu: $({var}_QEMU_ELF)",
-            f"$({var}_QEMU_ELF): $({var}_DEPS) $({var}_DIR)/{chip.name}-qemu.ld $({var}_DIR)/board.h",
+            f"$({var}_QEMU_ELF): $({var}_DEPS) $({var}_DIR)/{chip.name}-qemu.ld $({var}_DIR)/board.h $({var}_DIR)/board_stack.h",
             "	@mkdir -p $(@D)",
             f"	$(ARM_CC) $({var}_FLAGS) -DDISTILLC_BOARD -DDISTILLC_SEMIHOSTING -I$({var}_DIR) $(CFLAGS) $(CPPFLAGS) \\",
             f"		$(SOURCES) $({var}_DIR)/startup_{chip.name}.c {arm_link} -T $({var}_DIR)/{chip.name}-qemu.ld \\",

@@ -440,6 +440,7 @@ def _write_chip_files(chip: Chip, arena_bank: str, folder: Path, *, qemu: bool) 
     script.write_text(render_linker_script(chip, arena_bank, qemu=qemu))
     if qemu:
         shutil.copyfile(STM32_DIR / "board.h", folder / "board.h")
+        shutil.copyfile(CORTEX_M_DIR / "board_stack.h", folder / "board_stack.h")
     return BoardFiles(startup=startup, linker_script=script, include_dir=folder)
 
 

@@ -196,4 +196,5 @@ def chip_bundle_files(chip: Chip, arena_bank: str) -> dict[Path, str]:
     if chip.qemu_machine is not None:
         files[folder / f"{chip.name}-qemu.ld"] = render_linker_script(chip, arena_bank, qemu=True)
         files[folder / "board.h"] = (STM32_DIR / "board.h").read_text()
+        files[folder / "board_stack.h"] = (CORTEX_M_DIR / "board_stack.h").read_text()
     return files

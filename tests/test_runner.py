@@ -243,7 +243,7 @@ def test_bundle_makefile_builds_and_runs_host_and_cortex_m7(bundle, inputs):
     written = write_bundle_build_files(bundle, name="fake model", example_inputs=inputs)
     assert {path.relative_to(bundle).as_posix() for path in written} >= {
         "Makefile", "CMakeLists.txt", "examples/main.c", "examples/input_data.h",
-        "targets/mps2/startup.c", "targets/mps2/mps2.ld", "targets/mps2/board.h"}
+        "targets/mps2/startup.c", "targets/mps2/mps2.ld", "targets/mps2/board.h", "targets/mps2/board_stack.h"}
 
     host = _make(bundle)
     assert "-Werror" in host.stdout

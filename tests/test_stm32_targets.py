@@ -67,7 +67,7 @@ def test_stm32f4_bundle_is_verified_on_netduinoplus2_with_st_addresses(f4_bundle
     assert "TIM2" in qemu["counter"] and "0x20020000" in qemu["memory_map"]
     assert manifest["memory"]["arena_bank"] == qemu["arena_bank"] == "ccm"
     assert manifest["target"]["chip"] == "stm32f405" and manifest["target"]["ram_kb"] == 128
-    for name in ("stm32f405.ld", "stm32f405-qemu.ld", "startup_stm32f405.c", "stm32f405.cmake", "board.h"):
+    for name in ("stm32f405.ld", "stm32f405-qemu.ld", "startup_stm32f405.c", "stm32f405.cmake", "board.h", "board_stack.h"):
         assert (f4_bundle / "targets" / "stm32f405" / name).is_file()
     script = (f4_bundle / "targets" / "stm32f405" / "stm32f405.ld").read_text()
     assert "ORIGIN = 0x08000000, LENGTH = 1024K" in script and "CCM (rw) : ORIGIN = 0x10000000" in script

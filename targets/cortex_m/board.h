@@ -29,28 +29,7 @@ static inline unsigned long long distillc_board_instructions(uint32_t start, uin
     return (unsigned long long)(uint32_t)(end - start) * DISTILLC_INSTRUCTIONS_PER_TICK;
 }
 
-/* startup.c fills the free stack with this pattern before main runs. */
-#define DISTILLC_STACK_PATTERN 0xA5A5A5A5u
-
-/* Bytes of stack used so far: from the top down to the deepest word that no longer holds the
- * pattern.  If it equals the stack's size, the stack overflowed into the heap. */
-static inline uint32_t distillc_board_stack_used(void)
-{
-    extern uint32_t __stack_bottom[];
-    extern uint32_t __stack_top[];
-    const uint32_t *p = __stack_bottom;
-    while (p < __stack_top && *p == DISTILLC_STACK_PATTERN) {
-        ++p;
-    }
-    return (uint32_t)((uintptr_t)__stack_top - (uintptr_t)p);
-}
-
-/* The stack reserved by the linker script (__stack_size). */
-static inline uint32_t distillc_board_stack_size(void)
-{
-    extern uint32_t __stack_bottom[];
-    extern uint32_t __stack_top[];
-    return (uint32_t)((uintptr_t)__stack_top - (uintptr_t)__stack_bottom);
-}
+/* The stack's high-water mark (startup code fills the free stack with its pattern). */
+#include "board_stack.h"
 
 #endif /* DISTILLC_BOARD_H */
