@@ -1,4 +1,4 @@
-"""SIMD micro-kernels for 1x1 convolutions and dense layers (issue 12, point 3).
+"""SIMD micro-kernels for convolutions and dense layers (issue 12, point 3).
 
 A 1x1 convolution (stride 1, no padding, one group) or a dense layer with 8-bit weights is lowered
 to a TIR kernel whose reduction is one ``call_extern`` per block of 4 output channels x 2 pixels
@@ -6,6 +6,21 @@ into a micro-kernel, a C function the bundle ships at the top of ``distillc_kern
 (:func:`micro_kernels_c`; one for int8 and one for uint8 inputs).  It writes the block's 8 int32 accumulators; TVM fuses the layer's
 epilogue (bias, requantization, clamp, a residual add) after the call as for every other kernel,
 so everything but the multiply-accumulate loop is TVM's code.
+
+Every other convolution with one group and 8-bit weights (the 3x3 stem; any window, stride,
+padding and dilation, an int8 or uint8 input with any zero point) takes the same micro-kernel
+through an im2col (:func:`conv_im2col_func`): per output row and pixel pair, a TIR block copies
+the two pixels' windows into ``col``, ``2 * C * KH * KW`` bytes ordered (input channel, window row,
+window column, pixel), the order of the weights' ``C * KH * KW`` columns; a tap in the padding gets
+the input's zero point.  Then one micro-kernel call per block of 4 output channels reads ``col``
+as a 1x1 conv over ``C * KH * KW`` input channels 2 bytes apart (its pair of halfword loads becomes
+one word).  The sums are over the raw input, so a nonzero zero point ``z`` leaves
+``z * sum(w[o])`` (:func:`zero_point_correction`) too much in each; that constant is subtracted
+in the fused epilogue.  ``col`` is a local array of the kernel (at most :data:`IM2COL_BYTES`:
+larger windows keep TOPI's kernel), compacted by TVM to one pixel pair; the copy loops are
+unrolled, so each tap's bounds test compares constants with the row's and pair's positions.  The
+last pair of an odd row computes its second pixel too (from the padding or the map: defined
+bytes), and the epilogue's predicate does not store it.
 
 The micro-kernel multiplies pairs of int8 values widened to int16 with the Cortex-M DSP extension:
 ``SXTB16`` splits a word into two sign-extended halfwords, ``SMLAD`` adds both halfword products to
@@ -21,8 +36,8 @@ sums, so the outputs do not depend on the path.
 
 Blocks are padded, not split: the weights of a layer whose output channels are not a multiple of 4
 (input channels not a multiple of 2) get zero rows (a zero last column), and a row of odd width
-ends with a 1-pixel block (the micro-kernel's ``n_px`` argument), whose second pixel is neither
-read nor stored; the epilogue's predicates skip the padded channels.
+ends with a 1-pixel block (the micro-kernel's ``n_px`` argument; the 1x1 path), whose second pixel
+is neither read nor stored; the epilogue's predicates skip the padded channels.
 """
 
 from __future__ import annotations
@@ -37,6 +52,14 @@ LAYOUT = "4x2-pairs"
 BLOCK = "conv2d_1x1_simd"
 #: Output channels x pixels per block.
 CHANNELS, PIXELS = 4, 2
+#: Name of the TIR block that copies a pixel pair's windows for the micro-kernel (the im2col path).
+IM2COL_BLOCK = "conv2d_im2col"
+#: Largest im2col scratch of one pixel pair, in bytes (a local array of the kernel: the stack), as
+#: lowering.UNPACK_LOCAL_BYTES; it also keeps the raw sums and the zero-point term far inside int32
+#: (512 values x 128 x 255 < 2**24).
+IM2COL_BYTES = 1024
+#: Largest window (values per pixel) whose input-channel loop is unrolled too in the im2col copy.
+IM2COL_UNROLL = 32
 #: ``tvm::relax::OpPatternKind::kOutEWiseFusable``: FuseOps fuses the epilogue into the kernel.
 _OUT_EWISE_FUSABLE = 4
 
@@ -149,6 +172,90 @@ def _func(x_shape, out_shape, k: int, stride: int, *, width: int, dtype: str):
     return func
 
 
+def eligible_im2col(weight_shape, bits: int, *, groups) -> bool:
+    """Whether a conv the 1x1 path does not take goes through the micro-kernel on an im2col of
+    each pixel pair (:func:`conv_im2col_func`): one group, 8-bit weights, a window of at most
+    :data:`IM2COL_BYTES` / 2 values (any size, stride, padding, dilation and input zero point)."""
+    window = int(np.prod([int(d) for d in weight_shape[1:]]))
+    return bits == 8 and int(groups) == 1 and PIXELS * window <= IM2COL_BYTES
+
+
+def zero_point_correction(rows: np.ndarray, zero_point: int) -> np.ndarray:
+    """``zero_point * sum(w[o])`` per output channel (int32): what the im2col path subtracts from
+    sums over the raw input, whose padding holds the zero point, to get the sums over
+    ``q - zero_point`` (padding 0) that the layer's requantization expects."""
+    return (int(zero_point) * rows.astype(np.int64).sum(axis=1)).astype(np.int32)
+
+
+def conv_im2col_func(data_shape, out_shape, weight_shape, *, strides, padding, dilation, dtype: str,
+                     zero_point: int = 0):
+    """The PrimFunc ``(x: int8/uint8 NCHW, w: permuted int8) -> int32 NCHW`` of a conv with one
+    group and any window: per (image, output row, pixel pair) the two pixels' windows are copied
+    into ``col`` (input channel, window row, window column, pixel; ``zero_point`` where a tap lies
+    in the padding), then one micro-kernel call per block of 4 output channels reads ``col`` as a
+    1x1 conv over ``C * KH * KW`` channels 2 bytes apart.  ``col`` is compacted to that pixel
+    pair's ``2 * C * KH * KW`` bytes, a local array of the kernel (the stack).  Every call takes 2
+    pixels: the second one of an odd row's last pair is copied from the map or the padding and
+    summed, and the epilogue's predicate does not store it.  The sums are over the raw input: the
+    caller subtracts :func:`zero_point_correction` for a nonzero ``zero_point``."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    i64 = lambda v: tirx.IntImm("int64", int(v))  # noqa: E731 - shapes as LegalizeOps types them
+    n, c, h, w = (int(d) for d in data_shape)
+    _, o, ho, wo = (int(d) for d in out_shape)
+    kh, kw = (int(d) for d in weight_shape[2:])
+    k = c * kh * kw
+    blocks, pairs, xblocks = -(-o // CHANNELS), -(-k // 2), -(-wo // PIXELS)
+    xs, os_ = [i64(d) for d in (n, c, h, w)], [i64(d) for d in (n, o, ho, wo)]
+    ws = (i64(blocks), i64(pairs), i64(8))
+    N, C, H, W, HO, WO, KH, KW = (*xs, os_[2], os_[3], i64(kh), i64(kw))
+    OB, XB, two, four, one = i64(blocks), i64(xblocks), i64(2), i64(4), i64(1)
+    SY, SX = (i64(s) for s in strides)
+    PT, PL = (i64(p) for p in padding[:2])
+    DY, DX = (i64(d) for d in dilation)
+    pad = tirx.IntImm(dtype, int(zero_point))
+    kernel = MICRO_KERNELS[dtype]
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x: T.Buffer(xs, dtype), wt: T.Buffer(ws, "int8"), out: T.Buffer(os_, "int32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": _OUT_EWISE_FUSABLE})
+        col = T.sblock_alloc_buffer((N, HO, XB, C, KH, KW, two), dtype)
+        acc = T.sblock_alloc_buffer((N, OB * four, HO, XB * two), "int32")
+        for b, y, xb in T.grid(N, HO, XB):
+            for ch, r, s, p in T.grid(C, KH, KW, two):
+                with T.sblock(IM2COL_BLOCK):
+                    vb, vy, vxb, vc, vr, vs, vp = T.axis.remap("SSSSSSS", [b, y, xb, ch, r, s, p])
+                    T.reads(x[vb, vc, 0:H, 0:W])
+                    T.writes(col[vb, vy, vxb, vc, vr, vs, vp])
+                    col[vb, vy, vxb, vc, vr, vs, vp] = T.if_then_else(
+                        vy * SY + vr * DY >= PT and vy * SY + vr * DY < H + PT
+                        and (vxb * two + vp) * SX + vs * DX >= PL and (vxb * two + vp) * SX + vs * DX < W + PL,
+                        x[vb, vc, vy * SY + vr * DY - PT, (vxb * two + vp) * SX + vs * DX - PL], pad)
+            for ob in range(OB):
+                with T.sblock(BLOCK):
+                    vb, vy, vxb, vob = T.axis.remap("SSSS", [b, y, xb, ob])
+                    T.reads(col[vb, vy, vxb, 0:C, 0:KH, 0:KW, 0:2], wt[vob, 0:ws[1], 0:8])
+                    T.writes(acc[vb, vob * four:vob * four + four, vy, vxb * two:vxb * two + two])
+                    T.evaluate(T.call_extern(
+                        "void", kernel,
+                        T.address_of(acc[vb, vob * four, vy, vxb * two]),
+                        T.address_of(acc[vb, vob * four, vy, vxb * two + one]),
+                        T.address_of(acc[vb, vob * four + one, vy, vxb * two]),
+                        T.address_of(acc[vb, vob * four + one, vy, vxb * two + one]),
+                        T.address_of(acc[vb, vob * four + two, vy, vxb * two]),
+                        T.address_of(acc[vb, vob * four + two, vy, vxb * two + one]),
+                        T.address_of(acc[vb, vob * four + 3, vy, vxb * two]),
+                        T.address_of(acc[vb, vob * four + 3, vy, vxb * two + one]),
+                        T.address_of(wt[vob, 0, 0]), T.address_of(col[vb, vy, vxb, 0, 0, 0, 0]),
+                        T.int32(k), T.int32(PIXELS), T.int32(PIXELS)))
+        for b, ch, y, xx in T.grid(*os_):
+            with T.sblock("conv2d_nchw_simd"):
+                vb, vc, vy, vx = T.axis.remap("SSSS", [b, ch, y, xx])
+                out[vb, vc, vy, vx] = acc[vb, vc, vy, vx]
+    return func
+
+
 def schedule(sch) -> bool:
     """Schedule a kernel that calls the micro-kernel: the epilogue (with the copy out of the
     accumulator inlined into it) runs right after each call, over the block's 4 x 2 outputs
@@ -160,12 +267,19 @@ def schedule(sch) -> bool:
         return False
     from .lowering import _inline_elementwise
 
-    _inline_elementwise(sch)
+    _inline_elementwise(sch, keep=(IM2COL_BLOCK,))
     block = sch.get_sblock(BLOCK)
     loops = sch.get_loops(block)
     for consumer in sch.get_consumers(block):
         sch.reverse_compute_at(consumer, loops[-1])
         for loop in sch.get_loops(consumer)[len(loops):]:
+            sch.unroll(loop)
+    if any(sch.get(b).name_hint == IM2COL_BLOCK for b in sch.get_child_blocks(root)):
+        # the window loops unrolled (the channel loop too for a small window): each tap's bounds
+        # test then compares the row's and pixel's positions with constants
+        window = sch.get_loops(sch.get_sblock(IM2COL_BLOCK))[-4:]
+        extents = [int(sch.get(loop).extent) for loop in window]
+        for loop in window[1 if extents[0] * extents[1] * extents[2] > IM2COL_UNROLL else 0:]:
             sch.unroll(loop)
     return True
 

@@ -677,6 +677,7 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
     conv_attrs = dict(strides=[int(s) for s in attrs.strides], padding=[int(p) for p in attrs.padding],
                       dilation=[int(d) for d in attrs.dilation], groups=groups)
     storage = _weight_storage(w_int, bits)
+    correction = None  # the im2col path's zero-point term, subtracted in the fused epilogue
     if MICRO_KERNELS and _micro_kernel_input(data) and microkernels.eligible_conv(w_int.shape, bits, **conv_attrs):
         # 1x1: the SMLAD micro-kernel on compile-time permuted weights (see microkernels.py)
         permuted = microkernels.permute_weights(w_int.reshape(w_int.shape[0], -1))
@@ -692,6 +693,21 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
                                    padding=conv_attrs["padding"], dtype=data.q.dtype)
         expr = relax.call_tir(rw.bb.add_func(func, "depthwise_conv2d"), relax.Tuple([data.q.expr, relax.const(stored)]),
                               relax.TensorType(_shape_of(var), "int32"))
+    elif MICRO_KERNELS and data.q.dtype in microkernels.MICRO_KERNELS and microkernels.eligible_im2col(
+            w_int.shape, bits, groups=groups):
+        # any other window, stride or padding (the stem): the same micro-kernel on an im2col of each
+        # pixel pair; on the raw input, padded with its zero point, minus zero_point * sum(w) after
+        rows = w_int.reshape(w_int.shape[0], -1)
+        permuted = microkernels.permute_weights(rows)
+        func = microkernels.conv_im2col_func(data.q.shape, _shape_of(var), w_int.shape, dtype=data.q.dtype,
+                                             zero_point=data.zero_point, **{k: v for k, v in conv_attrs.items()
+                                                                            if k != "groups"})
+        expr = relax.call_tir(rw.bb.add_func(func, "conv2d_im2col"),
+                              relax.Tuple([data.q.expr, relax.const(permuted)]),
+                              relax.TensorType(_shape_of(var), "int32"))
+        storage = {**storage, "bytes": int(permuted.size), "layout": microkernels.LAYOUT}
+        if data.zero_point != 0:
+            correction = microkernels.zero_point_correction(rows, data.zero_point).reshape(1, -1, 1, 1)
     elif bits in packing.PACKED_BITS:  # packed rows, unpacked inside the kernel (see packing.py)
         packed = packing.pack_rows(w_int.reshape(w_int.shape[0], -1), bits)
         expr = rw.bb.call_te(packing.packed_conv2d, rw.centered(data), relax.const(packed),
@@ -701,6 +717,8 @@ def _h_conv2d(rw: _Rewriter, var, call, args):
                                   data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32", **conv_attrs)
     conv = rw.emit_layer(expr, var, kind, macs=int(np.prod(_shape_of(var))) * int(np.prod(w_int.shape[1:])))
     rw.layers[rw.last_layer]["weights"] = storage
+    if correction is not None:
+        conv = rw.emit(relax.op.subtract(conv, relax.const(correction, "int32")))
     # the window geometry (plan-memory's in-place schedule needs each tap's input address)
     rw.layers[rw.last_layer]["conv"] = {**conv_attrs, "kernel": [int(k) for k in w_int.shape[2:]]}
     scale = (np.float64(np.float32(data.scale)) * w_scale).reshape(1, -1, 1, 1)

@@ -25,11 +25,12 @@ class TvmInt8(Pass):
     description = "TVM Relax import, QDQ -> integer rewrite, kernel fusion, kernel C generation"
     takes = OnnxModel
     makes = Int8Program
-    version = "7"  # 2: 32-bit requantization where proven exact; 3: depthwise weights per channel;
+    version = "8"  # 2: 32-bit requantization where proven exact; 3: depthwise weights per channel;
     # 4: 2- and 4-bit weights stored packed (packing.py), per-layer weight storage in the program;
     # 5: 8-bit 1x1 convs and dense layers on the SMLAD micro-kernel (microkernels.py), permuted weights
     # 6: conv windows and in-place depthwise kernels in the program (inplace.py, plan-memory's schedules)
     # 7: depthwise 3x3 convs on the row micro-kernel, borders split off (depthwise.py)
+    # 8: other 8-bit convs with one group (the stem) on the SMLAD micro-kernel through an im2col
     tools = ("apache-tvm", "onnx")
 
     class Config(PassConfig):
