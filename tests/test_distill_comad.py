@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distillc.errors import SpecError
-from distillc.passes.distill.comad import (TeacherMask, consensus_gate, kept_on_grid, masked_patch_tokens,
+from distillc.passes.distill.comad import (TeacherMask, consensus_gate, kept_on_grid, masked_embed, masked_patch_tokens,
                                            on_common_grid, resize_map, teacher_mask_seed, teacher_view_masks)
 from distillc.plugins.augment import apply_patch_mask, random_patch_mask
 from distillc.run import compile_spec
@@ -95,10 +95,14 @@ def test_the_teacher_runs_on_its_masked_input_at_its_own_grid(plugins):
     assert viewed.shape == (3, 2, 8, 8) and torch.equal(mask.read(viewed[:, 1:]), keep)
     with torch.no_grad():
         tokens = masked_patch_tokens(view, viewed, channels=1)
-        expected = teacher.patch_tokens(apply_patch_mask(to_teacher_input(images, contract), keep))
+        masked_input = apply_patch_mask(to_teacher_input(images, contract), keep)
+        expected = teacher.patch_tokens(masked_input)
         clean = view.patch_tokens(images)
+        embedded, expected_embedding = masked_embed(view, viewed, channels=1), teacher.embed(masked_input)
     torch.testing.assert_close(tokens, expected)
     assert not torch.allclose(tokens, clean)  # the teacher saw the masked view, not the clean image
+    torch.testing.assert_close(embedded, expected_embedding)  # the global level's target: the same view
+    assert embedded.shape == (3, teacher.embed_dim)
 
 
 def test_masked_teacher_tokens_reach_the_common_grid_from_their_visible_patches():
@@ -171,6 +175,9 @@ def test_vit_student_distils_from_two_teachers_and_reports_the_gate(module_folde
     assert {("masked_patch_tokens:grid2", "TeacherMask(grid=2, keep=0.5)"),
             ("masked_patch_tokens:grid2", "TeacherMask(grid=4, keep=0.5)")} <= views
     assert not any(what.startswith("patch_tokens") for what, _ in views)
+    # The global level of the KL (global_weight, default 1): each teacher's embedding of the same views.
+    assert {("masked_embed", "TeacherMask(grid=2, keep=0.5)"), ("masked_embed", "TeacherMask(grid=4, keep=0.5)")} <= views
+    assert math.isfinite(metrics["global_kl"]) and metrics["global_kl"] >= 0.0
     before = result.plan.store.load(result.plan.steps[2].key)
     after = result.artifact
     assert after.arch == "vit-mcu" and after.meta["distilled_by"] == "distill.comad"
@@ -201,6 +208,16 @@ def test_cnn_student_distils_through_its_last_stage_map(module_folder):
     assert metrics["student_keep_fraction"] == pytest.approx(0.25)
     assert metrics["teacher_keep_fraction"] == {"coarse": pytest.approx(0.5), "fine": pytest.approx(0.75)}
     assert result.ran == ["student", "distill.comad"]  # the teachers came from the cache
+    assert metrics["global_kl"] >= 0.0
+
+
+def test_the_global_level_moves_the_student_and_can_be_turned_off(module_folder):
+    """global_weight = 0 leaves the token and map levels alone: another student, no global_kl."""
+    options = "teacher_keep = [0.5, 0.75]\ngrid = 4"
+    with_global = compile_(module_folder, "cnn", student=CNN_STUDENT, options=options)
+    without = compile_(module_folder, "cnn-no-global", student=CNN_STUDENT, options=options + "\nglobal_weight = 0.0")
+    assert "global_kl" not in without.report["metrics"]["distill.comad"]
+    assert any(not torch.equal(with_global.artifact.state[k], without.artifact.state[k]) for k in without.artifact.state)
 
 
 @pytest.mark.parametrize("options, message", [

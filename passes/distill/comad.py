@@ -26,8 +26,11 @@ After CoMAD (multi-teacher, masked, token-level distillation into a small studen
    / gate_temperature``; the gate is a weighting, not a path for gradients (it is detached).
    The target token is the gate-weighted mix of the adapted teacher tokens.
 5. **Loss.** KL between the channel softmaxes (temperature ``temperature``) of the student's
-   (layer-normed) tokens and the target on the tokens the student saw, plus ``feature_weight``
-   times a KL on the reconstructed map: a small decoder (3x3 conv, GELU, 1x1 conv) gets the
+   (layer-normed) tokens and the target on the tokens the student saw; plus ``global_weight``
+   times the same KL one level up, on one token per image: the student's pooled token (the mean
+   of its adapted map) against the gate-weighted mix of the teachers' embeddings (their class
+   tokens) of their masked views, each through its own principal-direction adapter; plus
+   ``feature_weight`` times a KL on the reconstructed map: a small decoder (3x3 conv, GELU, 1x1 conv) gets the
    student's map with every masked position replaced by a learned mask token and must rebuild
    the whole target map; its KL compares, per channel, the softmax over positions
    (channel-wise distillation), so the map loss is about where each feature fires.  Adapters
@@ -65,7 +68,7 @@ class ComadObjective(Objective):
         self.teachers = list(cfg.teachers)
         keep = cfg.teacher_keep
         self.teacher_keeps = list(keep) if isinstance(keep, list) else [keep] * len(self.teachers)
-        self.views: dict[int, tuple[list[Any], Any]] = {}
+        self.views: dict[int, tuple[list[Any], Any, list[Any]]] = {}
         self._reset_stats(-1)
 
     def setup(self, student: Any, device: Any) -> None:
@@ -90,18 +93,24 @@ class ComadObjective(Objective):
         if image_size % self.grid:
             raise PassError("distill.comad", f"grid {self.grid} does not divide the image size {image_size}; "
                                              f"set grid to a divisor of {image_size}")
-        tokens, _ = self._view(0)
+        tokens, _, globals_ = self._view(0)
         adapters = nn.ModuleList(pca_adapter(t, self.student_dim) for t in tokens)
         adapters.requires_grad_(cfg.train_adapters)
         self.heads = nn.ModuleDict({"adapters": adapters, "decoder": masked_decoder(self.student_dim)})
+        if cfg.global_weight > 0:
+            global_adapters = nn.ModuleList(pca_adapter(g[:, None], self.student_dim) for g in globals_)
+            global_adapters.requires_grad_(cfg.train_adapters)
+            self.heads["global_adapters"] = global_adapters
         adapt_student = cfg.student_adapter if cfg.student_adapter is not None else not hasattr(student, "patch_tokens")
         if adapt_student:
             self.heads["student_adapter"] = nn.Conv2d(self.student_dim, self.student_dim, 1)
         self.heads.to(device)
 
-    def _view(self, view: int) -> tuple[list[Any], Any]:
+    def _view(self, view: int) -> tuple[list[Any], Any, list[Any]]:
         """Masked view ``view`` of every teacher on the common grid: its tokens, one ``(images, grid*grid,
-        D_t)`` per teacher, and where its view kept the patches, ``(teachers, images, grid*grid)`` bool.
+        D_t)`` per teacher, where its view kept the patches, ``(teachers, images, grid*grid)`` bool, and
+        (with ``global_weight > 0``) its embedding of that view (its class token), one ``(images, D_t)``
+        per teacher.
 
         Each teacher sees its own fixed masks (:class:`TeacherMask`, a seed per teacher and view), so
         its tokens come from the cache like clean ones; a teacher that keeps everything sees the clean
@@ -113,20 +122,27 @@ class ComadObjective(Objective):
         if view not in self.views:
             ctx, data, grid = self.ctx, self.ctx.data, self.grid
             count, channels, size = len(data.train_x), data.train_x.shape[1], tuple(data.train_x.shape[-2:])
-            tokens, keeps = [], []
+            tokens, keeps, globals_ = [], [], []
+            wants_global = self.cfg.global_weight > 0
             for name, keep, teacher_grid in zip(self.teachers, self.teacher_keeps, self.teacher_grids):
                 if keep >= 1.0:
                     tokens.append(teacher_targets(ctx, name, f"patch_tokens:grid{grid}",
                                                   lambda m, b: resize_map(m.patch_tokens(b), grid).flatten(2)
                                                   .transpose(1, 2)))
                     keeps.append(torch.ones(count, grid * grid, dtype=torch.bool))
+                    if wants_global:
+                        globals_.append(teacher_targets(ctx, name, "embed", lambda m, b: m.embed(b)))
                 else:
                     mask, seed = TeacherMask(grid=teacher_grid, keep=keep), teacher_mask_seed(name, view)
                     tokens.append(teacher_targets(ctx, name, f"masked_patch_tokens:grid{grid}",
                                                   lambda m, b, c=channels: masked_tokens_on_grid(m, b, c, grid),
                                                   view=mask, view_seed=seed))
                     keeps.append(kept_on_grid(teacher_view_masks(count, size, mask, seed), grid))
-            self.views[view] = (tokens, torch.stack(keeps))
+                    if wants_global:
+                        globals_.append(teacher_targets(ctx, name, "masked_embed",
+                                                        lambda m, b, c=channels: masked_embed(m, b, c),
+                                                        view=mask, view_seed=seed))
+            self.views[view] = (tokens, torch.stack(keeps), globals_)
         return self.views[view]
 
     def loss(self, student: Any, batch: Batch) -> Any:
@@ -137,7 +153,7 @@ class ComadObjective(Objective):
 
         cfg, grid = self.cfg, self.grid
         size = len(batch.idx)
-        teacher_tokens, teacher_masks = self._view(batch.epoch % cfg.teacher_views)
+        teacher_tokens, teacher_masks, teacher_globals = self._view(batch.epoch % cfg.teacher_views)
         # The student's mask is drawn afresh every batch; the teachers' are their views' fixed ones.
         student_keep = random_patch_mask(size, grid, cfg.student_keep, batch.generator).to(batch.x.device)
         teacher_keep = teacher_masks[:, batch.idx.cpu()].to(batch.x.device)
@@ -158,7 +174,30 @@ class ComadObjective(Objective):
         decoded = self.heads["decoder"](feats.float(), student_keep)
         map_loss = map_kl(decoded.flatten(2).float(), target.transpose(1, 2), cfg.temperature)
         self._track(batch, gate, student_keep, teacher_keep)
-        return token_loss + cfg.feature_weight * map_loss
+        loss = token_loss + cfg.feature_weight * map_loss
+        if cfg.global_weight > 0:
+            global_loss = self._global_loss(feats, teacher_globals, batch)
+            self._global_kl += float(global_loss.detach()) * size
+            loss = loss + cfg.global_weight * global_loss
+        return loss
+
+    def _global_loss(self, feats: Any, teacher_globals: list[Any], batch: Batch) -> Any:
+        """The global level of the dual KL: the student's pooled token (the mean of its adapted map,
+        which for a CNN is what its embedding pools) against the gate-weighted mix of the teachers'
+        adapted embeddings (their class tokens) of their masked views, one token per image."""
+        import torch
+        import torch.nn.functional as F
+
+        cfg = self.cfg
+        pooled = F.layer_norm(feats.float().mean((2, 3)), (self.student_dim,))[:, None]  # (B, 1, D_s)
+        with torch.set_grad_enabled(cfg.train_adapters and torch.is_grad_enabled()):
+            adapted = torch.stack([adapter(g[batch.idx.cpu()].to(feats.device).float())
+                                   for adapter, g in zip(self.heads["global_adapters"], teacher_globals)])[:, :, None]
+        everyone = torch.ones(adapted.shape[:3], dtype=torch.bool, device=feats.device)
+        gate = consensus_gate(pooled.detach(), adapted.detach(), everyone, alpha=cfg.gate_alpha,
+                              temperature=cfg.gate_temperature)
+        target = torch.einsum("bnt,tbnd->bnd", gate, adapted)
+        return token_kl(pooled, target, cfg.temperature, torch.ones(pooled.shape[:2], device=feats.device))
 
     # -- gate statistics --------------------------------------------------------------------------
 
@@ -167,6 +206,7 @@ class ComadObjective(Objective):
         self._epoch, self._tokens, self._images = epoch, 0, 0
         self._weight, self._wins = [0.0] * count, [0.0] * count
         self._entropy, self._student_kept, self._teacher_kept = 0.0, 0.0, [0.0] * count
+        self._global_kl = 0.0
 
     def _track(self, batch: Batch, gate: Any, student_keep: Any, teacher_keep: Any) -> None:
         import math
@@ -191,11 +231,12 @@ class ComadObjective(Objective):
         n = len(self.teachers)
         # The last epoch's statistics over every rank's share of it.
         totals = distributed.sum_all(self._tokens, *self._weight, *self._wins, self._entropy, self._student_kept,
-                                     *self._teacher_kept)
+                                     *self._teacher_kept, self._images, self._global_kl)
         tokens = max(totals[0], 1.0)
         weight, wins = totals[1:1 + n], totals[1 + n:1 + 2 * n]
-        entropy, student_kept, teacher_kept = totals[1 + 2 * n], totals[2 + 2 * n], totals[3 + 2 * n:]
-        return {
+        entropy, student_kept, teacher_kept = totals[1 + 2 * n], totals[2 + 2 * n], totals[3 + 2 * n:3 + 3 * n]
+        images, global_kl = totals[3 + 3 * n], totals[4 + 3 * n]
+        out = {
             "grid": self.grid,
             "student_adapter": "student_adapter" in self.heads,
             "gate": {
@@ -209,12 +250,16 @@ class ComadObjective(Objective):
                              for t, keep, g in zip(self.teachers, self.teacher_keeps, self.teacher_grids)},
             "teacher_views": self.cfg.teacher_views,
         }
+        if self.cfg.global_weight > 0:  # the global level's KL, mean over the last epoch's images
+            out["global_kl"] = global_kl / max(images, 1.0)
+        return out
 
 
 class ComadDistillation(DistillationPass):
     name = "distill.comad"
     description = "CoMAD: consensus-gated, asymmetrically masked token distillation from 2+ frozen teachers"
-    version = "3"  # 2: trainable 1x1-conv student adapter for CNN students; 3: teachers see masked views
+    version = "4"  # 2: trainable 1x1-conv student adapter for CNN students; 3: teachers see masked views;
+    # 4: the global level of the KL (global_weight, default 1)
 
     class Config(DistillConfig):
         teachers: list[str] = Field(min_length=2, description="names of two or more [[teachers]] entries")
@@ -226,6 +271,8 @@ class ComadDistillation(DistillationPass):
                                                                "are cached; epoch e uses view e % teacher_views")
         temperature: float = Field(1.0, gt=0.0, description="softmax temperature of both KL terms")
         feature_weight: float = Field(1.0, ge=0.0, description="weight of the reconstructed-map KL")
+        global_weight: float = Field(1.0, ge=0.0, description="weight of the global-level KL: the student's pooled "
+                                                              "token against the gated teachers' embeddings")
         gate_alpha: float = Field(0.5, ge=0.0, le=1.0, description="gate mix: 1 = student affinity only, "
                                                                    "0 = teacher agreement only")
         gate_temperature: float = Field(0.1, gt=0.0, description="softmax temperature of the consensus gate")
@@ -334,6 +381,20 @@ def masked_patch_tokens(module: Any, x: Any, channels: int) -> Any:
     image (``channels`` channels) with a :class:`TeacherMask`'s extra channels; the image is turned
     into the teacher's input (its size, channels, normalisation), and every masked patch of the
     teacher's own grid is set to 0 there, the mean of its input statistics."""
+    teacher, seen = masked_teacher_input(module, x, channels)
+    return teacher.patch_tokens(seen)
+
+
+def masked_embed(module: Any, x: Any, channels: int) -> Any:
+    """The teacher's embedding ``(B, D)`` (its class token) of the masked view that
+    :func:`masked_patch_tokens` reads."""
+    teacher, seen = masked_teacher_input(module, x, channels)
+    return teacher.embed(seen)
+
+
+def masked_teacher_input(module: Any, x: Any, channels: int) -> tuple[Any, Any]:
+    """The bare teacher of ``module`` and its masked input: ``x``'s image as the teacher's input, with
+    every patch its :class:`TeacherMask` channels drop set to 0."""
     from distillc.plugins.augment import apply_patch_mask
     from distillc.plugins.models.teacher_input import TeacherView
 
@@ -341,7 +402,7 @@ def masked_patch_tokens(module: Any, x: Any, channels: int) -> Any:
     images, planes = x[:, :channels], x[:, channels:]
     seen = module.prepare(images) if isinstance(module, TeacherView) else images
     keep = read_mask(planes, int(teacher.grid) ** 2)
-    return teacher.patch_tokens(apply_patch_mask(seen, keep.to(seen.device), fill=0.0))
+    return teacher, apply_patch_mask(seen, keep.to(seen.device), fill=0.0)
 
 
 def teacher_view_masks(count: int, size: tuple[int, int], mask: TeacherMask, seed: int) -> Any:
