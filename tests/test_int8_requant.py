@@ -48,7 +48,7 @@ def test_random_nets_give_identical_outputs_with_32_bit_requantization(seed, wei
     narrow, wide, _, bundle = outputs_both_ways(onnx_path, tmp_path, monkeypatch)
     assert np.array_equal(narrow, wide)
     kernels = (bundle / "src" / "distillc_kernels.c").read_text()
-    assert "(uint32_t)" in kernels  # the int32 bias add (see qdq_to_int8.requantize)
+    assert "(int64_t)((int32_t)(" in kernels  # the int32 bias add, widened (see qdq_to_int8.requantize)
     testing.compile_for_cortex_m7(bundle, tmp_path / "m7")
 
 

@@ -478,12 +478,14 @@ class _Rewriter:
             if narrow:  # int32 bias add, then one 32x32->64 multiply (SMULL on Cortex-M)
                 summed = term.expr
                 if term.bias is not None:
-                    # added as uint32 and read back as int32: TVM's simplifier would otherwise
-                    # turn int64(acc + bias) into int64(acc) + int64(bias), a 64-bit add and a
-                    # 64x64 multiply; the bound proves the sum fits int32, so nothing wraps
-                    bias = _narrow_const(term.bias, "int32")
+                    # int32(int64(acc) + bias): TVM's simplifier turns int64(acc + bias) into
+                    # int64(acc) + int64(bias) (a 64-bit add, then a 64x64 multiply) but keeps
+                    # this narrowing cast, which GCC compiles to one 32-bit add.  Nothing in it
+                    # wraps (the bound proves the sum fits int32), so TVM's bounds, which assume
+                    # no overflow, hold: a wrapping (int32)((uint32)acc + (uint32)bias) was bounded
+                    # >= 0, and with a scalar multiplier the clamp's lower bound was dropped.
                     summed = self.emit(relax.op.astype(relax.op.add(
-                        relax.op.astype(summed, "uint32"), relax.op.astype(bias, "uint32")), "int32"))
+                        relax.op.astype(summed, "int64"), _widened_const(term.bias)), "int32"))
                 wide = relax.op.astype(summed, "int64")
             else:  # bias added after widening, 64x64 multiply
                 wide = relax.op.astype(term.expr, "int64")
@@ -1055,21 +1057,6 @@ def _fits_32_bits(terms: list, mults: list, shift: int, zp: int) -> bool:
     if total + (1 << shift) >= 2**63:
         return False
     return (total >> shift) + 1 + abs(int(zp)) <= limit
-
-
-def _narrow_const(values: np.ndarray, dtype: str):
-    """An operand of type ``dtype`` for a fused kernel, stored in flash in the narrowest integer
-    type that holds it and widened inside the kernel (like :func:`_widened_const`)."""
-    from tvm import relax
-
-    values = np.asarray(values, dtype=np.int64)
-    if values.size == 1:
-        return relax.const(np.dtype(dtype).type(values.reshape(-1)[0]), dtype)
-    for narrow in (np.int8, np.int16):
-        info = np.iinfo(narrow)
-        if values.min() >= info.min and values.max() <= info.max:
-            return relax.op.astype(relax.const(values.astype(narrow)), dtype)
-    return relax.const(values.astype(dtype), dtype)
 
 
 def _widened_const(values: np.ndarray):
