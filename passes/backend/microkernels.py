@@ -349,6 +349,40 @@ DISTILLC_MK_INLINE uint32_t distillc_mk_uxtb16_ror8(uint32_t v)
 #define distillc_mk_uxtb16_ror8(v) __uxtb16(((v) >> 8) | ((v) << 24))
 #endif
 
+/* One pair of input channels (k, k + 1) of a block, inside a micro-kernel (w: the pair's 8 weight
+ * bytes; s00..s31: its sums).  2 pixels: xv = (x[k][p], x[k][p+1], x[k+1][p], x[k+1][p+1]), ext and
+ * ext_ror8 widen its bytes 0, 2 and 1, 3 (SXTB16 / UXTB16 by the input's sign), 16 MACs in 8 SMLADs.
+ * 1 pixel: x0 = (x[k][p], x[k+1][p]) already widened, 8 MACs in 4 SMLADs. */
+#define DISTILLC_MK_PAIR_2PX(ext, ext_ror8, xv)                                       \
+    do {                                                                             \
+        const uint32_t xv_ = (xv);                                                   \
+        const int32_t x0 = (int32_t)ext(xv_), x1 = (int32_t)ext_ror8(xv_);           \
+        uint32_t wv = distillc_mk_load32(w);                                         \
+        int32_t wa = (int32_t)__sxtb16(wv), wb = (int32_t)distillc_mk_sxtb16_ror8(wv); \
+        s00 = __smlad(wa, x0, s00);                                                  \
+        s01 = __smlad(wa, x1, s01);                                                  \
+        s10 = __smlad(wb, x0, s10);                                                  \
+        s11 = __smlad(wb, x1, s11);                                                  \
+        wv = distillc_mk_load32(w + 4);                                              \
+        wa = (int32_t)__sxtb16(wv);                                                  \
+        wb = (int32_t)distillc_mk_sxtb16_ror8(wv);                                   \
+        s20 = __smlad(wa, x0, s20);                                                  \
+        s21 = __smlad(wa, x1, s21);                                                  \
+        s30 = __smlad(wb, x0, s30);                                                  \
+        s31 = __smlad(wb, x1, s31);                                                  \
+    } while (0)
+
+#define DISTILLC_MK_PAIR_1PX(x0v)                                                     \
+    do {                                                                             \
+        const int32_t x0 = (x0v);                                                    \
+        uint32_t wv = distillc_mk_load32(w);                                         \
+        s00 = __smlad((int32_t)__sxtb16(wv), x0, s00);                               \
+        s10 = __smlad((int32_t)distillc_mk_sxtb16_ror8(wv), x0, s10);                \
+        wv = distillc_mk_load32(w + 4);                                              \
+        s20 = __smlad((int32_t)__sxtb16(wv), x0, s20);                               \
+        s30 = __smlad((int32_t)distillc_mk_sxtb16_ror8(wv), x0, s30);                \
+    } while (0)
+
 #endif
 
 """
@@ -364,61 +398,22 @@ _MICRO_KERNEL_C = r"""DISTILLC_MK_INLINE void {name}(int32_t *a00, int32_t *a01,
     const int32_t pairs = k >> 1;
     if (n_px == 2) {{
         for (j = 0; j < pairs; ++j) {{
-            const uint32_t xv = distillc_mk_load16((const int8_t *)x) | (distillc_mk_load16((const int8_t *)x + hw) << 16);
-            const int32_t x0 = (int32_t){ext}(xv), x1 = (int32_t){ext_ror8}(xv);
-            uint32_t wv = distillc_mk_load32(w);
-            int32_t wa = (int32_t)__sxtb16(wv), wb = (int32_t)distillc_mk_sxtb16_ror8(wv);
-            s00 = __smlad(wa, x0, s00);
-            s01 = __smlad(wa, x1, s01);
-            s10 = __smlad(wb, x0, s10);
-            s11 = __smlad(wb, x1, s11);
-            wv = distillc_mk_load32(w + 4);
-            wa = (int32_t)__sxtb16(wv);
-            wb = (int32_t)distillc_mk_sxtb16_ror8(wv);
-            s20 = __smlad(wa, x0, s20);
-            s21 = __smlad(wa, x1, s21);
-            s30 = __smlad(wb, x0, s30);
-            s31 = __smlad(wb, x1, s31);
+            DISTILLC_MK_PAIR_2PX({ext}, {ext_ror8},
+                                 distillc_mk_load16((const int8_t *)x) | (distillc_mk_load16((const int8_t *)x + hw) << 16));
             x += 2 * hw;
             w += 8;
         }}
-        if (k & 1) {{
-            const uint32_t xv = distillc_mk_load16((const int8_t *)x);
-            const int32_t x0 = (int32_t){ext}(xv), x1 = (int32_t){ext_ror8}(xv);
-            uint32_t wv = distillc_mk_load32(w);
-            int32_t wa = (int32_t)__sxtb16(wv), wb = (int32_t)distillc_mk_sxtb16_ror8(wv);
-            s00 = __smlad(wa, x0, s00);
-            s01 = __smlad(wa, x1, s01);
-            s10 = __smlad(wb, x0, s10);
-            s11 = __smlad(wb, x1, s11);
-            wv = distillc_mk_load32(w + 4);
-            wa = (int32_t)__sxtb16(wv);
-            wb = (int32_t)distillc_mk_sxtb16_ror8(wv);
-            s20 = __smlad(wa, x0, s20);
-            s21 = __smlad(wa, x1, s21);
-            s30 = __smlad(wb, x0, s30);
-            s31 = __smlad(wb, x1, s31);
+        if (k & 1) {{ /* the last channel alone: its pair's second weight is the zero padding */
+            DISTILLC_MK_PAIR_2PX({ext}, {ext_ror8}, distillc_mk_load16((const int8_t *)x));
         }}
     }} else {{
         for (j = 0; j < pairs; ++j) {{
-            const int32_t x0 = (int32_t){ext}((uint32_t)(uint8_t)x[0] | ((uint32_t)(uint8_t)x[hw] << 16));
-            uint32_t wv = distillc_mk_load32(w);
-            s00 = __smlad((int32_t)__sxtb16(wv), x0, s00);
-            s10 = __smlad((int32_t)distillc_mk_sxtb16_ror8(wv), x0, s10);
-            wv = distillc_mk_load32(w + 4);
-            s20 = __smlad((int32_t)__sxtb16(wv), x0, s20);
-            s30 = __smlad((int32_t)distillc_mk_sxtb16_ror8(wv), x0, s30);
+            DISTILLC_MK_PAIR_1PX((int32_t){ext}((uint32_t)(uint8_t)x[0] | ((uint32_t)(uint8_t)x[hw] << 16)));
             x += 2 * hw;
             w += 8;
         }}
         if (k & 1) {{
-            const int32_t x0 = (int32_t){ext}((uint32_t)(uint8_t)x[0]);
-            uint32_t wv = distillc_mk_load32(w);
-            s00 = __smlad((int32_t)__sxtb16(wv), x0, s00);
-            s10 = __smlad((int32_t)distillc_mk_sxtb16_ror8(wv), x0, s10);
-            wv = distillc_mk_load32(w + 4);
-            s20 = __smlad((int32_t)__sxtb16(wv), x0, s20);
-            s30 = __smlad((int32_t)distillc_mk_sxtb16_ror8(wv), x0, s30);
+            DISTILLC_MK_PAIR_1PX((int32_t){ext}((uint32_t)(uint8_t)x[0]));
         }}
     }}
 #else
