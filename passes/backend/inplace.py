@@ -91,14 +91,7 @@ def _schedule(sch) -> None:
     if window and int(np.prod([int(sch.get(loop).extent) for loop in window])) <= 25:
         for loop in window:
             sch.unroll(loop)
-    if unpack:  # packed weights: the channel's window unpacked into locals once per channel
-        cache = sch.get_sblock(unpack)
-        sch.compute_at(cache, loops[1])
-        for loop in sch.get_loops(cache)[2:]:
-            if int(sch.get(loop).extent) > 1:
-                sch.unroll(loop)
-    else:
-        lowering._weights_per_channel(sch, block, stmt, loops[1])
+    lowering.channel_weights_in_locals(sch, block, stmt, loops[1], unpack)
 
 
 def shift_bytes(conv: dict, in_shape, out_shape, itemsize: int, align: int) -> int | None:

@@ -248,19 +248,26 @@ def _schedule(sch, blocked: bool) -> None:
         if keep and stmt.name_hint == "conv2d_nchw":  # packed weights: the channel's, unpacked once
             sch.compute_at(sch.get_sblock(unpack), loops[1])
         if DEPTHWISE_WEIGHTS_LOCAL and stmt.name_hint == "group_conv2d_nchw" and n_spatial == 4:
-            if keep:  # packed weights: unpack the channel's window into locals
-                cache = sch.get_sblock(unpack)
-                sch.compute_at(cache, loops[1])
-                for loop in sch.get_loops(cache)[2:]:
-                    if int(sch.get(loop).extent) > 1:
-                        sch.unroll(loop)
-            else:
-                _weights_per_channel(sch, block, stmt, loops[1])
+            channel_weights_in_locals(sch, block, stmt, loops[1], unpack if keep else None)
 
 
 #: Depthwise/grouped convs copy one channel's window weights into locals before its spatial loops
 #: (``False`` gives the previous kernels, which reload every weight for every pixel; tests compare).
 DEPTHWISE_WEIGHTS_LOCAL = True
+
+
+def channel_weights_in_locals(sch, block, stmt, channel_loop, unpack) -> None:
+    """A depthwise conv's window weights of one channel in locals, set once under ``channel_loop``:
+    packed weights (``unpack``, the name of their unpacking block) are unpacked there, unrolled;
+    8-bit ones are copied (:func:`_weights_per_channel`)."""
+    if unpack:
+        cache = sch.get_sblock(unpack)
+        sch.compute_at(cache, channel_loop)
+        for loop in sch.get_loops(cache)[2:]:
+            if int(sch.get(loop).extent) > 1:
+                sch.unroll(loop)
+    else:
+        _weights_per_channel(sch, block, stmt, channel_loop)
 
 
 def _weights_per_channel(sch, block, stmt, channel_loop) -> None:
