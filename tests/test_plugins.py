@@ -333,9 +333,10 @@ def test_installed_plugin_is_listed_with_its_origin(installed_fixture_plugin):
 
 
 def test_a_spec_using_the_plugins_pass_and_target_compiles(installed_fixture_plugin, write_spec):
-    # The plugin's target has no quantize.brevitas-qat step, so there is no QAT gate to turn off.
+    # The plugin's target has no quantize.brevitas-qat step, so there is no QAT gate to turn off; the
+    # probe's gate is (the tiny float student is collapsed on some CPUs, see tiny_spec_text).
     text = tiny_spec_text(target="tiny-host", extra_passes='[[passes]]\nuse = "prune.l1-channels"\namount = 0.5\n',
-                          qat_gate=True)
+                          qat_gate=True).replace('use = "eval.linear-probe"', 'use = "eval.linear-probe"\ngate = "off"')
     path = write_spec(text)
     result = _cli(["compile", str(path)], installed_fixture_plugin)
     assert result.returncode == 0, result.stdout + result.stderr
