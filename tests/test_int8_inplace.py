@@ -156,8 +156,8 @@ def test_a_depthwise_input_read_later_is_not_overwritten():
 
 
 def test_an_unknown_schedule_is_a_pass_error():
-    with pytest.raises(PassError, match="unknown memory schedule 'patch'; valid: layer, inplace, auto"):
-        plan_memory(_inverted_residuals(1), schedule="patch")
+    with pytest.raises(PassError, match="unknown memory schedule 'tiles'; valid: layer, inplace, patch, auto"):
+        plan_memory(_inverted_residuals(1), schedule="tiles")
 
 
 def _schedule_bundles(onnx_path, folder, schedules=("layer", "inplace", "auto")):
@@ -256,8 +256,8 @@ def test_random_nets_compute_the_same_outputs_under_every_schedule(seed, tmp_pat
 
 
 @pytest.mark.parametrize("value,wanted", [
-    ('"patch"', "'patch' (patch-based execution of the first stage) is not available yet; valid: layer, inplace, auto"),
-    ('"tiles"', "unknown schedule 'tiles'; valid: layer, inplace, auto"),
+    ('"tiles"', "unknown schedule 'tiles'; valid: layer, inplace, patch, auto"),
+    ('"Patch"', "unknown schedule 'Patch'; valid: layer, inplace, patch, auto"),
 ])
 def test_a_bad_schedule_is_one_error_naming_the_key(value, wanted, write_spec):
     from tests.conftest import tiny_spec_text

@@ -32,7 +32,7 @@ import numpy as np
 
 from distillc.errors import PassError
 
-from . import inplace
+from . import inplace, patch as patching
 from .memory import MemoryPlan, extra_instructions, plan_memory
 from .microkernels import micro_kernels_c
 from .program import ACTIVATION, CONST, INPUT, OUTPUT, Program, extract_program
@@ -207,12 +207,35 @@ def _scheduled_kernels(prog: Program, plan: MemoryPlan, pass_name: str) -> tuple
         if kernel not in signatures:
             source += "\n" + prog.variants[kernel]
             signatures[kernel] = list(signatures[step.kernel])
+    if plan.patch:
+        stage = prog.steps[:plan.patch["last"] + 1]
+        if len(plan.patch.get("kernels", {})) != len(stage) or any(
+                name not in prog.variants for name in plan.patch["kernels"].values()):
+            raise PassError(pass_name, "the plan runs the first stage in patches but the program has no tile "
+                                       "kernels for it (patch.attach_kernels; the plan-memory pass makes them)")
+        for step in stage:
+            kernel = plan.patch["kernels"][str(step.index)]
+            if kernel not in signatures:
+                source += "\n" + prog.variants[kernel]
+                signatures[kernel] = list(signatures[step.kernel])
+        called = {_step_kernel(step, plan) for step in prog.steps[len(stage):]}
+        for kernel in dict.fromkeys(step.kernel for step in stage):
+            if kernel not in called:  # a layer kernel only the patched steps had: not in the bundle
+                source = source.replace(_extract_function(source, kernel, pass_name), "", 1)
+                del signatures[kernel]
     return source, signatures
 
 
 def _step_kernel(step, plan: MemoryPlan) -> str:
     """The C kernel a step calls under the plan's schedule."""
+    if plan.patch and step.index <= plan.patch["last"]:
+        return plan.patch["kernels"][str(step.index)]
     return step.inplace_kernel if step.index in plan.inplace else step.kernel
+
+
+def _planned(prog: Program, plan: MemoryPlan) -> Program:
+    """The program as the plan's schedule runs it (its tensors are the plan's offsets' keys)."""
+    return patching.view(prog, plan.patch) if plan.patch else prog
 
 
 def _kernel_names(prog: Program) -> dict:
@@ -493,6 +516,8 @@ def _executor_file(prog: Program, plan: MemoryPlan, signatures: dict, weight_nam
             "} distillc_arena DISTILLC_ARENA_PLACEMENT;",
             "",
         ]
+    if plan.patch:
+        lines += [patching.FRAME_C]
     if share is not None:
         lines += ["/* For the bundle's extensions (see distillc_internal.h). */",
                   "uint8_t *distillc_arena_base(void)", "{", "    return distillc_arena.bytes;", "}", ""]
@@ -500,7 +525,11 @@ def _executor_file(prog: Program, plan: MemoryPlan, signatures: dict, weight_nam
     if plan.offsets:
         lines += ["    uint8_t *const arena = distillc_arena.bytes;", ""]
     lines += ["    if (input == NULL || output == NULL) {", "        return -1;", "    }"]
-    for step in prog.steps:
+    planned = _planned(prog, plan)
+    if plan.patch:
+        lines += patching.stage_lines(prog, planned, plan.patch, signatures,
+                                      lambda t: _pointer_expr(t, plan, weight_names))
+    for step in planned.steps[plan.patch["last"] + 1 if plan.patch else 0:]:
         c_name = _step_kernel(step, plan)
         types = signatures[c_name]
         in_shape = _first_activation_shape(prog, step)
@@ -598,13 +627,23 @@ int distillc_model_run_float(const float *input, float *output)
 # Manifest
 
 
+def _patch_entry(patch: dict) -> dict | None:
+    """The manifest's ``memory.patch``: which steps run in patches, how many, and what it costs."""
+    if not patch:
+        return None
+    return {"steps": list(range(patch["last"] + 1)), "tiles": list(patch["tiles"]), "tile": list(patch["tile"]),
+            "extra_macs": int(patch["extra_macs"]), "kernels": [patch["kernels"][k] for k in sorted(patch["kernels"], key=int)]}
+
+
 def manifest(prog: Program, plan: MemoryPlan, files=()) -> dict:
     """The bundle's manifest entries (the lead adds versions, spec hash and verification)."""
     layers = []
-    spans = prog.lifetimes()
-    for step in prog.steps:
+    planned = _planned(prog, plan)  # a patched stage's steps write tiles
+    spans = planned.lifetimes()
+    for step, run in zip(prog.steps, planned.steps):
         out_t = prog.tensor(step.out)
-        in_arena = out_t.kind == ACTIVATION and step.out in plan.offsets  # else the caller's output buffer
+        written = planned.tensor(run.out)
+        in_arena = written.kind == ACTIVATION and run.out in plan.offsets  # else the caller's output buffer
         layers.append({
             "name": step.name,
             "node": step.node,
@@ -618,16 +657,20 @@ def manifest(prog: Program, plan: MemoryPlan, files=()) -> dict:
             "kernel": _step_kernel(step, plan),
             # bytes the output starts below the input when the layer runs in place, else null
             "inplace_shift_bytes": int(plan.inplace[step.index]) if step.index in plan.inplace else None,
-            "arena_offset": int(plan.offsets[step.out]) if in_arena else None,
-            "arena_bytes": int(out_t.nbytes) if in_arena else 0,
+            "arena_offset": int(plan.offsets[run.out]) if in_arena else None,
+            "arena_bytes": int(written.nbytes) if in_arena else 0,
+            # the output tile's shape when the step runs in patches, else null
+            "patch_tile_shape": list(written.shape) if plan.patch and step.index <= plan.patch["last"] else None,
         })
     weights = sum(t.nbytes for t in prog.tensors if t.kind == CONST)
     extra = extra_instructions(prog, plan)
     basis = ("exact: the same kernels as the layer schedule, no copies" if extra == 0 else
+             f"not estimated: the first stage runs in patches, {plan.patch['extra_macs']} MACs of halo "
+             "recomputed, plus the tile copies (benchmarks/kernels.py measures them)" if plan.patch else
              "not estimated: in-place kernels differ from the layer kernels (verify.qemu's per-layer "
              "counts or benchmarks/kernels.py measure them)")
     # Bytes of the arena in use while each kernel runs (the timeline whose maximum is the floor).
-    live = [int(sum(prog.tensor(t).nbytes for t, (a, b) in spans.items() if a <= step.index <= b))
+    live = [int(sum(planned.tensor(t).nbytes for t, (a, b) in spans.items() if a <= step.index <= b))
             for step in prog.steps]
     return {
         "input": dict(prog.quant["input"]),
@@ -642,6 +685,7 @@ def manifest(prog: Program, plan: MemoryPlan, files=()) -> dict:
             "schedule": plan.schedule,
             "schedule_floor_bytes": int(plan.bound_bytes),
             "inplace_layers": sorted(int(i) for i in plan.inplace),
+            "patch": _patch_entry(plan.patch),
             "schedule_extra_instructions": extra,
             "schedule_extra_instructions_basis": basis,
         },

@@ -11,7 +11,9 @@ tensor in one place can use less.  Offsets come from a greedy best-fit placement
 Schedules (:data:`SCHEDULES`) go below that layer-by-layer floor by letting a kernel's output
 share its input's bytes: ``"inplace"`` runs depthwise convs whose input dies there in place
 (:mod:`.inplace`: output at ``shift`` bytes below the input), so the pair is planned as one
-block of ``shift + max(input, output)`` bytes; ``"auto"`` picks among the schedules.
+block of ``shift + max(input, output)`` bytes; ``"patch"`` runs the first stage tile by tile
+(:mod:`.patch`: its intermediate tensors shrink to tiles; the depthwise convs after it run in place
+as under ``"inplace"``); ``"auto"`` picks among the schedules.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .program import Program
 
 ABOVE_FLOOR_TOLERANCE = 1.05
 #: Memory schedules, in order of the extra instructions they may cost (``"auto"`` chooses).
-SCHEDULES = ("layer", "inplace")
+SCHEDULES = ("layer", "inplace", "patch")
 
 
 @dataclass
@@ -34,7 +36,9 @@ class MemoryPlan:
     ``floor_bytes`` is the layer-by-layer floor (the manifest's ``arena_floor_bytes``);
     ``schedule_floor_bytes`` the floor of ``schedule``, which is lower when kernels write over
     their inputs; ``inplace`` maps each step run in place to its shift (bytes the output starts
-    below the input; the step calls ``Step.inplace_kernel``).
+    below the input; the step calls ``Step.inplace_kernel``); ``patch`` describes the patched
+    stage of the ``"patch"`` schedule (:mod:`.patch`; empty otherwise), whose tile tensors have ids
+    after the program's (``patch.view``).
     """
 
     offsets: dict = field(default_factory=dict)
@@ -44,6 +48,7 @@ class MemoryPlan:
     schedule: str = "layer"
     inplace: dict = field(default_factory=dict)
     schedule_floor_bytes: int = 0
+    patch: dict = field(default_factory=dict)
 
     @property
     def bound_bytes(self) -> int:
@@ -63,6 +68,7 @@ class MemoryPlan:
             "schedule": self.schedule,
             "inplace": {str(k): v for k, v in sorted(self.inplace.items())},
             "schedule_floor_bytes": self.bound_bytes,
+            "patch": self.patch,
         }
 
     @classmethod
@@ -70,7 +76,7 @@ class MemoryPlan:
         return cls({int(k): int(v) for k, v in data["offsets"].items()}, int(data["arena_bytes"]),
                    int(data["floor_bytes"]), str(data.get("strategy", "")), str(data.get("schedule", "layer")),
                    {int(k): int(v) for k, v in data.get("inplace", {}).items()},
-                   int(data.get("schedule_floor_bytes", 0)))
+                   int(data.get("schedule_floor_bytes", 0)), dict(data.get("patch", {})))
 
 
 def alignment(dtype_size: int) -> int:
@@ -98,9 +104,11 @@ def plan_memory(prog: Program, *, schedule: str = "layer", ram_bytes: int | None
 
     ``"layer"``: every tensor on bytes of its own.  ``"inplace"``: the depthwise convs that can
     (:func:`inplace_candidates`) write over their inputs, each kept only if it does not raise the
-    floor.  ``"auto"``: of the schedules' plans, the first in order of extra instructions (those
+    floor.  ``"patch"``: the first stage in tiles (:mod:`.patch`), the depthwise convs after it in
+    place.  ``"auto"``: of the schedules' plans, the first in order of extra instructions (those
     that cost none count as equal, the smaller arena first) whose arena fits ``ram_bytes``; with
-    no ``ram_bytes``, or if none fits, the smallest arena.
+    no ``ram_bytes``, or if none fits, the smallest arena.  ``"patch"`` takes part only with a
+    ``ram_bytes`` (it costs the halos' instructions).
 
     Each plan: a greedy best-fit placement with three orderings; if that is above the floor, a
     depth-first search places tensors in execution order, trying each free gap's low and high
@@ -108,29 +116,70 @@ def plan_memory(prog: Program, *, schedule: str = "layer", ram_bytes: int | None
     placements per capacity).  The search is deterministic, so the bundle bytes are too.
     """
     if schedule == "auto":
+        from . import patch
+
+        # patches recompute halos: only for a RAM budget that the other schedules miss
+        names = [name for name in SCHEDULES if name != "patch" or (ram_bytes is not None and patch.candidates(prog))]
         plans = [plan_memory(prog, schedule=name, pass_name=pass_name, search_budget=search_budget)
-                 for name in SCHEDULES]
+                 for name in names]
         ranked = sorted(range(len(plans)), key=lambda i: (0 if extra_instructions(prog, plans[i]) == 0 else i,
                                                           plans[i].arena_bytes, i))
         fitting = [i for i in ranked if ram_bytes is not None and plans[i].arena_bytes <= ram_bytes]
         return plans[fitting[0] if fitting else min(ranked, key=lambda i: (plans[i].arena_bytes, i))]
     if schedule not in SCHEDULES:
         raise PassError(pass_name, f"unknown memory schedule {schedule!r}; valid: {', '.join(SCHEDULES)}, auto")
-    chosen: dict[int, int] = {}
-    if schedule == "inplace":
-        floor = arena_floor(prog)
-        for index, shift in inplace_candidates(prog).items():
-            trial = {**chosen, index: shift}
-            trial_floor = arena_floor(prog, trial)
-            if trial_floor <= floor:
-                chosen, floor = trial, trial_floor
-    spans, units, members = _units(prog, chosen)
-    unit_floor = _floor(prog, spans, units)
-    offsets, strategy = _place_units(spans, units, unit_floor, search_budget)
-    placed = {tid: offsets[root] + rel for root, parts in members.items() for tid, rel in parts}
-    best = MemoryPlan(placed, _extent(offsets, units), arena_floor(prog), strategy, schedule, chosen, unit_floor)
+    if schedule == "patch":
+        return _plan_patch(prog, pass_name, search_budget)
+    chosen = _inplace_steps(prog) if schedule == "inplace" else {}
+    best = _place_schedule(prog, prog, chosen, schedule, {}, search_budget)
     check_plan(prog, best, pass_name=pass_name)
     return best
+
+
+def _inplace_steps(prog: Program) -> dict:
+    """``{step: shift}`` of the in-place candidates kept, each only if it does not raise the floor."""
+    chosen: dict[int, int] = {}
+    floor = arena_floor(prog)
+    for index, shift in inplace_candidates(prog).items():
+        trial = {**chosen, index: shift}
+        trial_floor = arena_floor(prog, trial)
+        if trial_floor <= floor:
+            chosen, floor = trial, trial_floor
+    return chosen
+
+
+def _place_schedule(prog: Program, planned: Program, chosen: dict, schedule: str, patch: dict,
+                    search_budget: int) -> MemoryPlan:
+    """The plan of ``planned`` (``prog`` as the schedule runs it) with ``chosen`` steps in place."""
+    spans, units, members = _units(planned, chosen)
+    unit_floor = _floor(planned, spans, units)
+    offsets, strategy = _place_units(spans, units, unit_floor, search_budget)
+    placed = {tid: offsets[root] + rel for root, parts in members.items() for tid, rel in parts}
+    return MemoryPlan(placed, _extent(offsets, units), arena_floor(prog), strategy, schedule, chosen, unit_floor,
+                      patch)
+
+
+def _plan_patch(prog: Program, pass_name: str, search_budget: int) -> MemoryPlan:
+    """The ``"patch"`` plan: of :func:`patch.candidates`, the one with the smallest floor (then the
+    fewest extra MACs), the depthwise convs after the stage in place."""
+    from . import patch
+
+    options = patch.candidates(prog)
+    if not options:
+        raise PassError(pass_name, "the 'patch' schedule needs a first stage of convs on one-byte maps, read "
+                                   "from the model input as a chain (each layer read only by the next); this "
+                                   "model's first step is not one (use 'layer', 'inplace' or 'auto')")
+    best = None
+    for option in options:
+        planned = patch.view(prog, option)
+        chosen = _inplace_steps(planned)
+        key = (arena_floor(planned, chosen), option["extra_macs"], option["last"])
+        if best is None or key < best[0]:
+            best = (key, option, planned, chosen)
+    _, option, planned, chosen = best
+    plan = _place_schedule(prog, planned, chosen, "patch", option, search_budget)
+    check_plan(prog, plan, pass_name=pass_name)
+    return plan
 
 
 def _place_units(spans, tensors, floor: int, search_budget: int) -> tuple[dict, str]:
@@ -240,7 +289,10 @@ def arena_floor_of(prog: Program, chosen: dict) -> int:
 def extra_instructions(prog: Program, plan: MemoryPlan) -> int | None:
     """Instructions a plan's schedule adds to an inference over the layer schedule: 0 when every
     step it runs in place calls the layer's own kernel (same C: the in-place schedule copies
-    nothing), None when an in-place kernel differs (only a measurement tells)."""
+    nothing), None when an in-place kernel differs or a stage runs in patches (only a measurement
+    tells; the patch's halo MACs are ``plan.patch["extra_macs"]``)."""
+    if plan.patch:
+        return None
     if all(prog.steps[i].inplace_kernel == prog.steps[i].kernel for i in plan.inplace):
         return 0
     return None
@@ -338,7 +390,12 @@ def _itemsize(tensor) -> int:
 def check_plan(prog: Program, plan: MemoryPlan, *, pass_name: str = "plan-memory") -> None:
     """Raise PassError unless every activation is placed, aligned, inside the arena, and no two
     tensors live at the same step share a byte, but an in-place step's input and output, which
-    must lie exactly ``shift`` bytes apart, with ``shift`` at least what the step needs."""
+    must lie exactly ``shift`` bytes apart, with ``shift`` at least what the step needs.  A patch
+    plan is checked on the program as it runs it (``patch.view``)."""
+    if plan.patch:
+        from . import patch
+
+        prog = patch.view(prog, plan.patch)
     spans = prog.lifetimes()
     problems = []
     shared = set()  # (input, output) of the steps run in place

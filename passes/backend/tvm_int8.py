@@ -55,22 +55,27 @@ class TvmInt8(Pass):
                           {"kernels": layers, "macs": macs, "weights_bytes": weights, "float_fallback": len(fallback)})
 
 
-#: plan-memory's schedules; "patch" (MCUNetV2's patch-based first stage) is not implemented yet.
-MEMORY_SCHEDULES = ("layer", "inplace", "auto")
+#: plan-memory's schedules.
+MEMORY_SCHEDULES = ("layer", "inplace", "patch", "auto")
 
 
 class PlanMemory(Pass):
     name = "plan-memory"
-    description = "place every activation in one static arena (layer by layer, or depthwise convs in place)"
+    description = ("place every activation in one static arena (layer by layer, depthwise convs in place, or "
+                   "the first stage in patches)")
     takes = Int8Program
     makes = Int8Program
-    version = "2"  # 2: schedule = "layer" | "inplace" | "auto" (in-place depthwise convs)
+    version = "3"  # 2: schedule = "layer" | "inplace" | "auto" (in-place depthwise convs)
+    # 3: schedule = "patch" (the first stage in spatial tiles, its tile kernels in the program)
+    tools = ("apache-tvm", "onnx")
 
     class Config(PassConfig):
         schedule: str = Field("layer", description="'layer': every tensor on bytes of its own; 'inplace': "
                                                    "depthwise convs whose input dies there write over it; "
-                                                   "'auto': the schedule with the smallest arena, or the "
-                                                   "cheapest that fits ram_kb")
+                                                   "'patch': the first stage runs tile by tile (MCUNetV2), "
+                                                   "the depthwise convs after it in place; 'auto': the "
+                                                   "schedule with the smallest arena that costs no extra "
+                                                   "instructions, or the cheapest that fits ram_kb")
         ram_kb: int | None = Field(None, ge=1, description="the target's RAM for the arena (KiB), for 'auto'; "
                                                            "the target fills it in")
 
@@ -85,9 +90,6 @@ class PlanMemory(Pass):
         @field_validator("schedule")
         @classmethod
         def _known_schedule(cls, value: str) -> str:
-            if value == "patch":
-                raise ValueError("'patch' (patch-based execution of the first stage) is not available yet; "
-                                 f"valid: {', '.join(MEMORY_SCHEDULES)}")
             if value not in MEMORY_SCHEDULES:
                 raise ValueError(f"unknown schedule {value!r}; valid: {', '.join(MEMORY_SCHEDULES)}")
             return value
@@ -104,12 +106,23 @@ class PlanMemory(Pass):
         if plan.above_floor:
             ctx.log(f"arena {plan.arena_bytes} B is more than 5% above the floor {plan.bound_bytes} B "
                     f"of the {plan.schedule} schedule")
-        out = Int8Program(path=artifact.path, plan=plan.to_dict(), meta=dict(artifact.meta))
+        path = artifact.path
+        if plan.patch:  # the tile kernels join a copy of the program
+            from distillc.passes.backend.patch import attach_kernels
+
+            tiles = "x".join(str(n) for n in plan.patch["tiles"])
+            ctx.log(f"steps 0-{plan.patch['last']} run in {tiles} patches: generating their tile kernels")
+            attach_kernels(program, artifact.path / REFERENCE_ONNX, plan.patch, pass_name=self.name)
+            path = ctx.scratch / "program"
+            shutil.copytree(artifact.path, path)
+            program.save(path)
+        out = Int8Program(path=path, plan=plan.to_dict(), meta=dict(artifact.meta))
         ratio = plan.arena_bytes / plan.floor_bytes if plan.floor_bytes else 1.0
         return PassResult(out, {"arena_bytes": plan.arena_bytes, "arena_floor_bytes": plan.floor_bytes,
                                 "arena_over_floor": round(ratio, 4), "schedule": plan.schedule,
                                 "schedule_floor_bytes": plan.bound_bytes, "inplace_layers": len(plan.inplace),
-                                "schedule_extra_instructions": extra_instructions(program, plan)})
+                                "schedule_extra_instructions": extra_instructions(program, plan),
+                                "patch_extra_macs": int(plan.patch.get("extra_macs", 0))})
 
 
 def require_plan(artifact: Int8Program, pass_name: str) -> Any:
