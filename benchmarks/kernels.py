@@ -111,15 +111,20 @@ def compile_bundle(onnx_path: Path, bundle: Path, schedules: dict[str, Path] | N
     from distillc.passes.backend import import_onnx, lower_int8, plan_memory
     from distillc.passes.backend.codegen import build_program, emit_c
 
+    from distillc.passes.backend.patch import attach_kernels
+
     program = build_program(lower_int8(import_onnx(onnx_path)))
     for schedule, folder in (schedules or {}).items():
-        SCHEDULED[schedule] = emit_c(program, folder, name="kernels", plan=plan_memory(program, schedule=schedule))
+        plan = plan_memory(program, schedule=schedule)
+        if plan.patch:  # what the plan-memory pass does: the stage's tile kernels
+            attach_kernels(program, onnx_path, plan.patch)
+        SCHEDULED[schedule] = emit_c(program, folder, name="kernels", plan=plan)
     return emit_c(program, bundle, name="kernels", plan=plan_memory(program))
 
 
 #: schedule -> manifest of the bundles compile_bundle made for ``schedules``.
 SCHEDULED: dict[str, dict] = {}
-SCHEDULES = ("layer", "inplace", "auto")
+SCHEDULES = ("layer", "inplace", "patch", "auto")
 
 
 def by_type(layers: list[Layer], counts: list[float]) -> dict[str, tuple[int, int, float]]:
@@ -449,6 +454,13 @@ def main() -> None:
                   f"(ratio {memory['arena_bytes'] / memory['arena_floor_bytes']:.3f}), schedule floor "
                   f"{memory['schedule_floor_bytes']:,}, plan {memory['plan_strategy']}; extra instructions "
                   f"{extra:+,.0f} measured, {memory['schedule_extra_instructions']} in the manifest")
+            if memory["patch"]:
+                stage = memory["patch"]
+                steps = len(stage["steps"])
+                print(f"    steps {stage['steps'][0]}-{stage['steps'][-1]} in {stage['tiles'][0]}x{stage['tiles'][1]} "
+                      f"patches of {stage['tile'][0]}x{stage['tile'][1]} outputs, {stage['extra_macs']:,} MACs of halo; "
+                      f"live bytes over those steps at most {max(memory['live_bytes'][:steps]):,} "
+                      f"(layer schedule: {max(SCHEDULED['layer']['memory']['live_bytes'][:steps]):,})")
 
         print("\nflash per weight bit width (what each bundle's manifest records; model flash measured on "
               "mps2-an500, the bundle's objects at -O2)")
