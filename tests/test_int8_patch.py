@@ -219,3 +219,35 @@ def test_a_spec_runs_the_patch_schedule_through_plan_memory_and_verify(tmp_path)
     host = manifest["verification"]["host"]
     assert host["max_lsb"] <= 1 and host["images"] == 3
     assert result.report["metrics"]["plan-memory"]["patch_extra_macs"] == manifest["memory"]["patch"]["extra_macs"]
+
+
+#: (seed, weight bits): random nets whose first convs form a chain (testing.random_convnet):
+#: 1: 1x17x17, 3x3 convs at strides 1, 2, 2; 23: 3x9x9, depthwise stride 2 then 3x3 convs;
+#: 12: 3x12x12, two depthwise stride 2; 27: 4x15x15, 1x1 stride 2, depthwise stride 2, 1x1
+RANDOM_NETS = [(1, 8), (23, 4), (12, 2), (27, 8)]
+
+
+@pytest.mark.parametrize("seed,bits", RANDOM_NETS)
+def test_random_nets_in_patches_compute_the_layer_schedules_outputs(seed, bits, tmp_path):
+    """Packed 4- and 2-bit weights too: the tile kernels unpack them as the layer kernels do."""
+    from distillc.targets.runner import run_on_qemu
+
+    onnx_path = testing.random_qcdq(seed, tmp_path / "model.onnx", weight_bits=bits)
+    prog, plan, bundles = _bundles(onnx_path, tmp_path)
+    assert plan.patch["last"] >= 1
+    if bits < 8:
+        assert all(step.weights and step.weights["bits"] == bits for step in prog.steps[:plan.patch["last"] + 1])
+    inputs = testing.quantized_inputs(bundles["layer"][0], 4, seed=seed)
+    outputs = {}
+    for name, (entries, directory) in bundles.items():
+        exe = testing.build_host_driver(directory, tmp_path / name / "build")
+        outputs[name] = testing.bundle_outputs(exe, entries, inputs, tmp_path / name / "build")
+    assert np.array_equal(outputs["patch"], outputs["layer"])
+    assert np.abs(outputs["layer"] - testing.ort_reference(onnx_path, bundles["layer"][0], inputs)).max() <= 1
+    if bits == 4:
+        manifest, bundle = bundles["patch"]
+        rows = inputs.reshape(len(inputs), *manifest["input"]["shape"][1:])
+        for machine in ("mps2-an500", "mps2-an386"):
+            run = run_on_qemu(bundle, rows, tmp_path / "qemu", machine=machine)
+            got = run.outputs.reshape(outputs["layer"].shape).astype(np.int64) - int(manifest["output"]["zero_point"])
+            assert np.array_equal(got, outputs["layer"]), machine

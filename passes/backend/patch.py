@@ -173,9 +173,14 @@ def attach_kernels(prog: Program, onnx_path, patch: dict, *, pass_name: str = "p
     # intermediate tensor (a model output is converted to int8) as on the whole map.
     beyond = last + 1 < len(prog.steps)
     end = _quantized_output(model, prog.steps[last + 1], pass_name) if beyond else quantized[-1]
-    sub = _stage_model(model, patch, end, pass_name, beyond)
-    stage = build_program(lower_int8(import_onnx_model(sub, pass_name=pass_name), pass_name=pass_name),
-                          pass_name=pass_name)
+    stage_nodes = {step.node.rsplit(" (", 1)[0] for step in prog.steps[:last + 1]}
+    sub = _stage_model(model, patch, end, stage_nodes, pass_name, beyond)
+    try:
+        stage = build_program(lower_int8(import_onnx_model(sub, pass_name=pass_name), pass_name=pass_name),
+                              pass_name=pass_name)
+    except (RuntimeError, ValueError) as err:  # TVM's errors are RuntimeErrors
+        raise PassError(pass_name, f"the patch stage (steps 0-{last}) does not lower on tiles of "
+                                   f"{patch['tile'][0]}x{patch['tile'][1]} outputs: {str(err).splitlines()[0]}") from err
     if len(stage.steps) < last + 1 + beyond:
         raise PassError(pass_name, f"the patch stage (steps 0-{last}) lowered to {len(stage.steps)} kernels "
                                    f"on tiles, not {last + 1 + beyond}: it cannot run in patches")
@@ -237,8 +242,9 @@ def _zero_points(model) -> dict:
     return zero_points(model)
 
 
-def _stage_model(model, patch: dict, quantized: str, pass_name: str, beyond: bool):
-    """The QCDQ graph of the stage alone: the model input at its tile size, the convs unpadded,
+def _stage_model(model, patch: dict, quantized: str, stage_nodes: set, pass_name: str, beyond: bool):
+    """The QCDQ graph of the stage alone: the model input at its tile size, the stage's convs
+    (``stage_nodes``) unpadded,
     ``quantized`` dequantized as the graph output (the stage's output at the output tile size, or
     with ``beyond`` the next layer's, whose shape the importer infers)."""
     import onnx
@@ -263,7 +269,7 @@ def _stage_model(model, patch: dict, quantized: str, pass_name: str, beyond: boo
     del graph.node[:]
     graph.node.extend(kept)
     for node in graph.node:
-        if node.op_type == "Conv":
+        if node.op_type == "Conv" and node.name in stage_nodes:
             for attr in node.attribute:
                 if attr.name == "pads":
                     attr.ints[:] = [0] * len(attr.ints)
