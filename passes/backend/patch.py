@@ -26,7 +26,7 @@ outputs its neighbour stored, with the same values).
 The stage is a chain: step 0 reads the model input, each later step reads the one before it
 and nothing else does; every stage tensor holds one byte per element and every step is a conv
 (1x1, depthwise or dense).  ``plan-memory`` tries every chain prefix and 2x2 .. 4x4 tiles and
-keeps the smallest floor (:func:`choose`).
+keeps the smallest floor (``memory._plan_patch``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 
 from distillc.errors import PassError
 
-from .program import ACTIVATION, CONST, INPUT, Program
+from .program import ACTIVATION, CONST, Program
 
 #: Tiles per side that ``plan-memory`` tries.
 TILE_COUNTS = (2, 3, 4)
@@ -104,7 +104,7 @@ def geometry(prog: Program, last: int, tiles: int) -> dict:
 
 
 def candidates(prog: Program) -> list:
-    """Every patch description :func:`choose` weighs: stage ends 1 .. :func:`chain_end`, each
+    """Every patch description the planner weighs: stage ends 1 .. :func:`chain_end`, each
     with :data:`TILE_COUNTS` tiles per side (where the stage output has that many pixels)."""
     end = chain_end(prog)
     found = []
