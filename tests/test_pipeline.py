@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,26 @@ def compile_(path: Path, **kwargs):
     return compile_spec(path, progress=SilentProgress(), **kwargs)
 
 
-def test_first_compile_runs_every_pass_and_writes_report(write_spec):
-    path = write_spec(tiny_spec_text())
-    result = compile_(path)
+@pytest.fixture(scope="module")
+def compiled(module_folder):
+    """The tiny spec compiled once from an empty cache: ``(folder, result)``.  Tests that start from
+    a full cache copy the folder (spec, cache and build) with :func:`warm_spec`."""
+    path = module_folder / "compiled" / "spec.toml"
+    path.parent.mkdir()
+    path.write_text(tiny_spec_text())
+    return path.parent, compile_(path)
+
+
+@pytest.fixture
+def warm_spec(compiled, tmp_path):
+    """A copy of :func:`compiled`'s folder: its spec, with every step already in its cache."""
+    folder = shutil.copytree(compiled[0], tmp_path / "warm")
+    return folder / "spec.toml"
+
+
+def test_first_compile_runs_every_pass_and_writes_report(compiled):
+    folder, result = compiled
+    path = folder / "spec.toml"
     assert result.ran == ALL_STEPS
     report = json.loads((path.parent / "build" / "tiny" / "report.json").read_text())
     assert [row["id"] for row in report["plan"]] == ALL_STEPS
@@ -42,26 +60,23 @@ def test_first_compile_runs_every_pass_and_writes_report(write_spec):
     assert result.final_path == path.parent / "build" / "tiny" / "bundle"
 
 
-def test_unchanged_spec_runs_nothing_and_is_ten_times_faster(write_spec):
-    path = write_spec(tiny_spec_text())
-    first = compile_(path)
-    second = compile_(path)
+def test_unchanged_spec_runs_nothing_and_is_ten_times_faster(compiled, warm_spec):
+    first = compiled[1]
+    second = compile_(warm_spec)
     assert second.ran == []
     assert [row["status"] for row in second.report["plan"]] == ["cached"] * len(ALL_STEPS)
     assert second.report["total_seconds"] < first.report["total_seconds"] / 10
     assert second.report["metrics"] == first.report["metrics"]
 
 
-def test_changing_a_later_pass_reruns_only_it_and_what_follows(write_spec):
-    path = write_spec(tiny_spec_text())
-    compile_(path)
+def test_changing_a_later_pass_reruns_only_it_and_what_follows(warm_spec):
+    path = warm_spec
     path.write_text(tiny_spec_text(probe_c=0.5))
     assert compile_(path).ran == FROM_PROBE
 
 
-def test_changing_the_target_never_retrains(write_spec):
-    path = write_spec(tiny_spec_text())
-    compile_(path)
+def test_changing_the_target_never_retrains(warm_spec):
+    path = warm_spec
     path.write_text(tiny_spec_text(target="stm32h7", target_options="flash_kb = 1024"))
     ran = compile_(path).ran
     assert not {"teacher:vit", "student", "distill.feature"} & set(ran)
@@ -77,9 +92,9 @@ def test_until_stops_after_the_named_pass(write_spec):
     assert compile_(path).ran == FROM_PROBE
 
 
-def test_force_reruns_one_pass_and_everything_after_it(write_spec):
-    path = write_spec(tiny_spec_text())
-    compile_(path)
+def test_force_reruns_one_pass_and_everything_after_it(warm_spec):
+    path = warm_spec
+    assert compile_(path).ran == []
     assert compile_(path, force="eval.linear-probe").ran == FROM_PROBE
     assert compile_(path).ran == []
 
@@ -114,9 +129,8 @@ def test_plan_lists_target_backend_passes_and_cache_status(write_spec):
     assert [s.cached for s in plan.steps] == [True, True] + [False] * (len(ALL_STEPS) - 2)
 
 
-def test_cache_entries_carry_provenance(write_spec):
-    path = write_spec(tiny_spec_text())
-    result = compile_(path)
+def test_cache_entries_carry_provenance(warm_spec):
+    result = compile_(warm_spec)  # all cached: the records are the first compile's
     store = result.plan.store
     step = next(s for s in result.plan.steps if s.id == "distill.feature")
     record = store.record(step.key)
@@ -317,13 +331,14 @@ def test_a_checkpoint_that_cannot_be_resumed_is_one_error_naming_it(tmp_path, da
         train(module, lambda epoch: (0.5, 10))
 
 
-def test_specs_differing_only_in_name_each_get_their_own_bundle_name(write_spec):
+def test_specs_differing_only_in_name_each_get_their_own_bundle_name(warm_spec):
     """The spec's name enters codegen.c's config (so its key): a second spec in the same folder (one
     cache) that differs only in name re-runs codegen.c and what follows, never training, and each
     bundle carries its own name."""
-    first = write_spec(tiny_spec_text(), "first.toml")
-    second = write_spec(tiny_spec_text().replace('name = "tiny"', 'name = "tiny-two"'), "second.toml")
-    compile_(first)
+    first = warm_spec
+    second = first.parent / "second.toml"
+    second.write_text(tiny_spec_text().replace('name = "tiny"', 'name = "tiny-two"'))
+    assert compile_(first).ran == []
     assert compile_(second).ran == ["codegen.c", "verify.host"]
     for name in ("tiny", "tiny-two"):
         bundle = first.parent / "build" / name / "bundle"
