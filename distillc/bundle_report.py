@@ -105,7 +105,7 @@ def report_facts(manifest: dict[str, Any]) -> dict[str, Any]:
         "layers": rows,
         "arena": {"live_bytes": memory.get("live_bytes") if isinstance(memory.get("live_bytes"), list) else None,
                   "floor_bytes": memory.get("arena_floor_bytes"), "arena_bytes": memory.get("arena_bytes"),
-                  "strategy": memory.get("plan_strategy")},
+                  "strategy": memory.get("plan_strategy"), "schedule": _schedule(memory)},
         "quantization": {
             "accuracy": _fp32_vs_int8(metrics, order),
             "sqnr_images": host.get("sqnr_images"), "sqnr_reference": host.get("sqnr_reference"),
@@ -358,6 +358,21 @@ def _layers_section(facts: dict[str, Any]) -> str:
                               "MACs per layer, by op", _plot_layers(rows, measured))])
 
 
+def _schedule(memory: dict[str, Any]) -> str | None:
+    """One sentence on plan-memory's schedule, when it is not the layer-by-layer one."""
+    name = memory.get("schedule")
+    if not name or name == "layer":
+        return None
+    inplace = memory.get("inplace_layers") or []
+    text = f"Memory schedule {name}: {len(inplace)} layer(s) write their output over their input"
+    patch = memory.get("patch")
+    if isinstance(patch, dict) and patch.get("steps"):
+        steps, tiles, tile = patch["steps"], patch.get("tiles", ["?", "?"]), patch.get("tile", ["?", "?"])
+        text += (f"; steps {steps[0]}-{steps[-1]} run in {tiles[0]} x {tiles[1]} patches of {tile[0]} x {tile[1]} "
+                 f"outputs, recomputing {_n(patch.get('extra_macs', 0))} MACs of halo")
+    return f"{text}; its floor is {_n(memory.get('schedule_floor_bytes'))} B."
+
+
 def _arena_section(facts: dict[str, Any]) -> str:
     arena = facts["arena"]
     if not arena["live_bytes"]:
@@ -365,6 +380,8 @@ def _arena_section(facts: dict[str, Any]) -> str:
     text = (f"Planned arena {_n(arena['arena_bytes'])} B ({_e(arena['strategy'] or '')}); floor "
             f"{_n(arena['floor_bytes'])} B, the most bytes live at one step, which no plan that keeps each tensor "
             "in one place can go below.")
+    if arena.get("schedule"):
+        text += " " + _e(arena["schedule"])
     return "\n".join(["<h2>Arena</h2>", f"<p>{text}</p>",
                       _figure("arena", "Bytes live in the arena at each step", _plot_arena(arena))])
 

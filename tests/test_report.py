@@ -138,6 +138,16 @@ def test_a_matryoshka_model_gets_its_accuracy_per_dim(compiled, tmp_path):
     assert '<figure class="plot" id="fig-matryoshka"><svg' in render_html(manifest)
 
 
+def test_the_arena_section_names_a_schedule_other_than_layer_by_layer(compiled):
+    _, manifest = compiled
+    assert manifest["memory"]["schedule"] == "layer" and "Memory schedule" not in render_html(manifest)
+    memory = {**manifest["memory"], "schedule": "patch", "inplace_layers": [4, 7], "schedule_floor_bytes": 5120,
+              "patch": {"steps": [0, 1, 2], "tiles": [2, 2], "tile": [4, 4], "extra_macs": 12345, "kernels": []}}
+    page = render_html({**manifest, "memory": memory})
+    assert ("Memory schedule patch: 2 layer(s) write their output over their input; steps 0-2 run in 2 x 2 "
+            "patches of 4 x 4 outputs, recomputing 12,345 MACs of halo; its floor is 5,120 B.") in page
+
+
 def test_a_detection_bundle_gets_its_map_per_dim_and_decoder_check(compiled, tmp_path):
     """A bundle with distillc_detect (``manifest["detection"]``) and eval.detection metrics gets the
     table, the figure and the decoder's verification line, in the page and in inspect."""
