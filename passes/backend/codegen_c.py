@@ -26,13 +26,14 @@ from distillc.passes.backend.tvm_int8 import require_plan
 class CodegenC(Pass):
     name = "codegen.c"
     description = "emit the C bundle (AOT executor, const weights, static arena) and its manifest"
-    version = "8"  # 2: per-layer arena offsets, live bytes per step and the clock in the manifest;
+    version = "9"  # 2: per-layer arena offsets, live bytes per step and the clock in the manifest;
     # 3: the arena in its own linker section (DISTILLC_ARENA_SECTION), STM32 parts' linker scripts;
     # 4: layers[].weights (bits, values, bytes of each layer's stored weights);
     # 5: c_extension gets the output's quantization (output=), extensions may share the arena (distillc_detect)
     # 6: distillc_kernels.c ships the SIMD micro-kernel its kernels call; layers[].weights.layout
     # 7: plan-memory's schedule: in-place kernels, memory.schedule*, layers[].inplace_shift_bytes
     # 8: distillc_kernels.c ships the depthwise row micro-kernels its kernels call
+    # 9: plan-memory's patch schedule (the stage's tile loop, memory.patch, layers[].patch_tile_shape)
     takes = Int8Program
     makes = Bundle
     uses_data = True  # the bundle's example input is a validation image
