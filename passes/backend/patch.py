@@ -25,7 +25,7 @@ outputs its neighbour stored, with the same values).
 
 The stage is a chain: step 0 reads the model input, each later step reads the one before it
 and nothing else does; every stage tensor holds one byte per element and every step is a conv
-(1x1, depthwise or dense).  ``plan-memory`` tries every chain prefix and 2x2 .. 4x4 tiles and
+(any window, depthwise or not).  ``plan-memory`` tries every chain prefix and 2x2 .. 4x4 tiles and
 keeps the smallest floor (``memory._plan_patch``).
 """
 
@@ -163,18 +163,20 @@ def attach_kernels(prog: Program, onnx_path, patch: dict, *, pass_name: str = "p
     import onnx
 
     from . import lower_int8
-    from .codegen import build_program
+    from .codegen import _extract_function, build_program
+    from .onnx_graph import index, zero_points
     from .onnx_import import import_onnx_model
 
     last = patch["last"]
     model = onnx.load(str(onnx_path))
-    quantized = [_quantized_output(model, prog.steps[i], pass_name) for i in range(last + 1)]
+    graph_index = index(model.graph)  # (producer, consumers)
+    quantized = [_quantized_output(model, graph_index, prog.steps[i], pass_name) for i in range(last + 1)]
     # The graph goes on to the step after the stage, so that the stage's last kernel writes an
     # intermediate tensor (a model output is converted to int8) as on the whole map.
     beyond = last + 1 < len(prog.steps)
-    end = _quantized_output(model, prog.steps[last + 1], pass_name) if beyond else quantized[-1]
+    end = _quantized_output(model, graph_index, prog.steps[last + 1], pass_name) if beyond else quantized[-1]
     stage_nodes = {step.node.rsplit(" (", 1)[0] for step in prog.steps[:last + 1]}
-    sub = _stage_model(model, patch, end, stage_nodes, pass_name, beyond)
+    sub = _stage_model(model, graph_index, patch, end, stage_nodes, pass_name, beyond)
     try:
         stage = build_program(lower_int8(import_onnx_model(sub, pass_name=pass_name), pass_name=pass_name),
                               pass_name=pass_name)
@@ -193,29 +195,30 @@ def attach_kernels(prog: Program, onnx_path, patch: dict, *, pass_name: str = "p
             tiled_consts) and all(np.array_equal(prog.tensor(a).data, stage.tensor(b).data)
                                   and prog.tensor(a).dtype == stage.tensor(b).dtype
                                   for a, b in zip(consts, tiled_consts))
-        name = tiled.kernel.replace("distillc_k", KERNEL_PREFIX, 1)
         if not same or stage.signatures[tiled.kernel] != prog.signatures[step.kernel]:
             raise PassError(pass_name, f"step {step.index} ({step.name}) lowers on tiles to another kernel "
                                        "interface or other constants than on its map: it cannot run in patches")
-        kernels[str(step.index)] = name
+        kernels[str(step.index)] = _tile_name(tiled.kernel)
     source = stage.kernels_c
     for tiled in stage.steps:
-        source = source.replace(f"void {tiled.kernel}(", f"void {tiled.kernel.replace('distillc_k', KERNEL_PREFIX, 1)}(")
-    from .codegen import _extract_function
-
+        source = source.replace(f"void {tiled.kernel}(", f"void {_tile_name(tiled.kernel)}(")
     for name in sorted(set(kernels.values())):
         prog.variants[name] = _extract_function(source, name, pass_name)
-    zero_points = _zero_points(model)
-    pads = [int(prog.quant["input"]["zero_point"])] + [zero_points[q] for q in quantized]
+    points = zero_points(model)
+    pads = [int(prog.quant["input"]["zero_point"])] + [points[q] for q in quantized]
     patch["kernels"], patch["pads"] = kernels, [p & 0xFF for p in pads]
 
 
-def _quantized_output(model, step, pass_name: str) -> str:
-    """The quantized ONNX tensor a conv step writes: its node's output followed through
-    element-wise ops to the first QuantizeLinear (and a narrow-range Clip after it)."""
-    from .onnx_graph import index
+def _tile_name(kernel: str) -> str:
+    """A tile kernel's C name from the sub-program's layer kernel name (``distillc_kNN_*``)."""
+    return kernel.replace("distillc_k", KERNEL_PREFIX, 1)
 
-    producer, consumers = index(model.graph)
+
+def _quantized_output(model, graph_index, step, pass_name: str) -> str:
+    """The quantized ONNX tensor a conv step writes: its node's output followed through
+    element-wise ops to the first QuantizeLinear (and a narrow-range Clip after it);
+    ``graph_index`` is ``onnx_graph.index(model.graph)``."""
+    _, consumers = graph_index
     name = step.node.rsplit(" (", 1)[0]
     node = next((n for n in model.graph.node if n.name == name), None)
     if node is None:
@@ -236,13 +239,7 @@ def _quantized_output(model, step, pass_name: str) -> str:
                                f"{name!r}: it cannot run in patches")
 
 
-def _zero_points(model) -> dict:
-    from .onnx_graph import zero_points
-
-    return zero_points(model)
-
-
-def _stage_model(model, patch: dict, quantized: str, stage_nodes: set, pass_name: str, beyond: bool):
+def _stage_model(model, graph_index, patch: dict, quantized: str, stage_nodes: set, pass_name: str, beyond: bool):
     """The QCDQ graph of the stage alone: the model input at its tile size, the stage's convs
     (``stage_nodes``) unpadded,
     ``quantized`` dequantized as the graph output (the stage's output at the output tile size, or
@@ -250,9 +247,7 @@ def _stage_model(model, patch: dict, quantized: str, stage_nodes: set, pass_name
     import onnx
     from onnx import helper
 
-    from .onnx_graph import index
-
-    producer, consumers = index(model.graph)
+    producer, consumers = graph_index
     dequantize = next((n for n in consumers.get(quantized, []) if n.op_type == "DequantizeLinear"), None)
     if dequantize is None:
         raise PassError(pass_name, f"the patch stage's output {quantized!r} is not dequantized in the ONNX graph")
